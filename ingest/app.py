@@ -1,0 +1,185 @@
+"""create_app(): resources as cleanup contexts, routes, and the shutdown order.
+
+Cleanup contexts close in reverse order of registration, so the order below is the
+shutdown order read bottom-up: stop maintenance, final flush (every buffered ping is
+committed), publish what it committed, stop the pub/sub listener, close Redis, close
+PostgreSQL. WebSockets are closed (1001) earlier, in on_shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import WSCloseCode, web
+
+from . import ingest_api, maintenance, metrics, ops, read_api, ws
+from .auth import Verifier
+from .buffer import Buffer
+from .fanout import Fanout
+from .flush import Flusher
+from .live import Live
+from .ratelimit import RateLimiter
+from .settings import Settings
+from .typedefs import (
+    BUFFER,
+    DRAINING,
+    FANOUT,
+    FLUSHER,
+    LIVE,
+    POOL,
+    RATE_LIMITER,
+    SETTINGS,
+    VERIFIER,
+)  # fmt: skip
+
+log = logging.getLogger("ingest.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks")
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request latency by route and status; unexpected errors become a JSON 500."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    if route == "/api/v1/live":
+        return await handler(request)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except Exception:
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        log.exception("unhandled_error", extra={"request_id": request_id, "route": route})
+        from .responses import error
+
+        return error(500, "internal_error", f"request {request_id} failed")
+    finally:
+        metrics.REQUESTS.labels(route, str(status)).observe(time.perf_counter() - started)
+
+
+async def pg_context(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    # min_size=0: the pod starts (not ready) even while PostgreSQL is away.
+    pool = await asyncpg.create_pool(
+        s.database_url, min_size=0, max_size=s.db_pool_max, command_timeout=s.flush_timeout_s,
+        max_inactive_connection_lifetime=60,
+    )  # fmt: skip
+    app[POOL] = pool
+    yield
+    await pool.close()
+
+
+async def redis_context(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    client = aioredis.from_url(
+        s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
+    )
+    live = Live(client, s.redis_prefix, s.latest_ttl_s)
+    app[LIVE] = live
+    task = asyncio.create_task(live.run(), name="live-publisher")
+    yield
+    # The flusher has finished: publish what its last flushes committed, briefly.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(live.drain(), 5.0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await client.aclose()
+
+
+async def fanout_context(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    fanout = Fanout(app[LIVE].redis, s.ws_send_buffer_bytes)
+    app[FANOUT] = fanout
+    task = asyncio.create_task(fanout.run(), name="pubsub-listener")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def flusher_context(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    buffer = Buffer(s.buffer_max_rows, s.flush_max_rows, s.flush_interval_ms / 1000)
+    metrics.BUFFER_LIMIT.set(s.buffer_max_rows)
+    flusher = Flusher(s, buffer, app[POOL], app[LIVE].committed)
+    app[BUFFER], app[FLUSHER] = buffer, flusher
+    task = asyncio.create_task(flusher.run(), name="flusher")
+    yield
+    # Final flush: stop taking pings, commit everything buffered, within the time allowed.
+    buffer.close()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), s.shutdown_timeout_s)
+        log.info("drained", extra={"rows_left": buffer.depth})
+    except TimeoutError:
+        task.cancel()
+        log.error("drain_timeout", extra={"rows_not_committed": buffer.depth})
+
+
+async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(
+        maintenance.run_forever(app[POOL], app[SETTINGS]), name="maintenance"
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def on_shutdown(app: web.Application) -> None:
+    """Runs after the listening sockets closed, before in-flight requests are awaited."""
+    app[DRAINING][0] = True  # /readyz turns false; new WebSockets are refused
+    if BUFFER in app:
+        app[BUFFER].close()  # new pings get 503; in-flight ones are flushed at once
+    sockets = list(app[ws.SOCKETS])
+    if sockets:
+        closing = [
+            s.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for s in sockets
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 5.0)
+        log.info("websockets_closed", extra={"count": len(sockets)})
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe])
+    app[SETTINGS] = settings
+    app[DRAINING] = [False]
+    app[VERIFIER] = Verifier(settings)
+    app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app[ws.SOCKETS] = set()
+    app.cleanup_ctx.append(pg_context)
+    app.cleanup_ctx.append(redis_context)
+    if settings.runs_live:
+        app.cleanup_ctx.append(fanout_context)
+    if settings.runs_ingest:
+        app.cleanup_ctx.append(flusher_context)
+        app.cleanup_ctx.append(maintenance_context)
+    app.on_shutdown.append(on_shutdown)
+
+    r = app.router
+    if settings.runs_ingest:
+        r.add_post("/api/v1/tracking/ping", ingest_api.post_ping)
+    r.add_get("/api/v1/tracking/trips/{tripId}/latest", read_api.latest)
+    r.add_get("/api/v1/tracking/trips/{tripId}/locations", read_api.history)
+    if settings.runs_live:
+        r.add_get("/api/v1/live", ws.live_socket)
+    r.add_get("/healthz", ops.healthz)
+    r.add_get("/readyz", ops.readyz)
+    r.add_get("/metrics", ops.metrics_view)
+    r.add_get("/openapi.json", ops.openapi)
+    return app

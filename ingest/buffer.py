@@ -1,0 +1,121 @@
+"""Bounded in-memory buffer of validated pings, and the group-commit futures (no I/O here).
+
+Requests append their records and, in durable mode, await a future that the flusher
+resolves once the flush holding those records has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .validate import Record
+
+
+class BufferFull(Exception):
+    """More rows are held than BUFFER_MAX_ROWS allows: answer 503."""
+
+
+class Closed(Exception):
+    """The buffer stopped taking work (shutdown): answer 503."""
+
+
+class Pending:
+    """One request's share of a flush: its slice of rows and, once committed, its counts."""
+
+    __slots__ = ("accepted", "batch_id", "count", "driver_id", "duplicates", "future", "start")
+
+    def __init__(
+        self, driver_id: str, batch_id: str | None, start: int, count: int,
+        future: asyncio.Future[None] | None,
+    ) -> None:  # fmt: skip
+        self.driver_id = driver_id
+        self.batch_id = batch_id
+        self.start = start
+        self.count = count
+        self.future = future
+        self.accepted = 0
+        self.duplicates = 0
+
+
+class FlushBatch:
+    """What one flush commits: rows in arrival order and the requests they belong to."""
+
+    __slots__ = ("pending", "rows")
+
+    def __init__(self, rows: list[Record], pending: list[Pending]) -> None:
+        self.rows = rows
+        self.pending = pending
+
+
+class Buffer:
+    def __init__(self, max_rows: int, flush_max_rows: int, flush_interval_s: float) -> None:
+        self.max_rows = max_rows
+        self.flush_max_rows = flush_max_rows
+        self.flush_interval_s = flush_interval_s
+        self.rows: list[Record] = []
+        self.pending: list[Pending] = []
+        self.in_flight = 0  # rows taken by a flush that has not finished
+        self.closed = False
+        self._oldest = 0.0
+        self._wakeup = asyncio.Event()
+
+    @property
+    def depth(self) -> int:
+        """Rows held in memory: waiting plus being flushed."""
+        return len(self.rows) + self.in_flight
+
+    def add(
+        self, records: list[Record], driver_id: str, batch_id: str | None, durable: bool
+    ) -> Pending:
+        if self.closed:
+            raise Closed
+        n = len(records)
+        if self.depth + n > self.max_rows:
+            raise BufferFull
+        rows = self.rows
+        was_empty = not rows
+        future = asyncio.get_running_loop().create_future() if durable else None
+        pending = Pending(driver_id, batch_id, len(rows), n, future)
+        rows.extend(records)
+        self.pending.append(pending)
+        if was_empty:
+            self._oldest = asyncio.get_running_loop().time()
+            self._wakeup.set()
+        elif len(rows) >= self.flush_max_rows:
+            self._wakeup.set()
+        return pending
+
+    def close(self) -> None:
+        """Stop taking work; the flusher drains what is left and returns."""
+        self.closed = True
+        self._wakeup.set()
+
+    def take(self) -> FlushBatch:
+        batch = FlushBatch(self.rows, self.pending)
+        self.in_flight += len(self.rows)
+        self.rows, self.pending = [], []
+        return batch
+
+    def done(self, batch: FlushBatch) -> None:
+        self.in_flight -= len(batch.rows)
+
+    async def next_batch(self) -> FlushBatch | None:
+        """Wait until a flush is due (FLUSH_MAX_ROWS waiting, or the oldest row waited
+        FLUSH_INTERVAL_MS) and take it; None once closed and empty."""
+        loop = asyncio.get_running_loop()
+        while not self.rows:
+            if self.closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        deadline = self._oldest + self.flush_interval_s
+        while len(self.rows) < self.flush_max_rows and not self.closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        return self.take()

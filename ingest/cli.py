@@ -1,0 +1,118 @@
+"""The commands behind ``python -m ingest``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+
+from . import log as logsetup
+from . import maintenance
+from . import migrate as migrations
+from . import partitions as parts
+from .app import create_app
+from .auth import issue_token
+from .settings import Settings
+
+log = logging.getLogger("ingest")
+
+
+def serve(settings: Settings) -> int:
+    logsetup.setup(settings.log_level)
+    if settings.auth_disabled:
+        banner = "AUTH_DISABLED=true: every request is accepted without a token. Development only!"
+        print(f"\n{'!' * 80}\n{banner}\n{'!' * 80}\n", file=sys.stderr, flush=True)
+        log.warning("auth_disabled", extra={"detail": banner})
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is not built for this platform
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(settings))
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.port
+    log.info(
+        "listening", extra={"port": port, "role": settings.role, "ack_mode": settings.ack_mode}
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Shutdown, in order: close the listening socket; mark not ready, refuse new pings and
+    # close WebSockets with 1001 (on_shutdown); wait for in-flight requests, whose pings the
+    # still-running flusher commits; then the cleanup contexts run the final flush, publish
+    # it, and close Redis and PostgreSQL. Each step has its own timeout.
+    log.info("shutting_down")
+    await runner.cleanup()
+    log.info("stopped")
+
+
+async def migrate(settings: Settings) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrations.migrate(conn, Path(settings.sql_dir))
+        for name in applied:
+            print(f"applied {name}")
+        if not applied:
+            print("nothing to apply: schema is up to date")
+        done = await maintenance.run_once(conn, settings)
+        for name in done["created"]:  # type: ignore[attr-defined]
+            print(f"created partition {name}")
+    finally:
+        await conn.close()
+    return 0
+
+
+async def partitions(settings: Settings, maintain: bool) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        if maintain:
+            done = await maintenance.run_once(conn, settings)
+            for name in done["created"]:  # type: ignore[attr-defined]
+                print(f"created {name}")
+            for name in done["dropped"]:  # type: ignore[attr-defined]
+                print(f"dropped {name}")
+        rows = await parts.list_partitions(conn)
+    finally:
+        await conn.close()
+    print(f"{'partition':<24} {'month':<8} {'rows (est.)':>12} {'size':>10}")
+    for p in rows:
+        print(f"{p.name:<24} {p.month:<8} {p.rows_estimate:>12} {_size(p.size_bytes):>10}")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def token(settings: Settings, args: argparse.Namespace) -> int:
+    key = Path(args.private_key).read_text() if args.private_key else None
+    try:
+        print(issue_token(settings, args.sub, args.role, args.org, args.ttl, key=key))
+    except Exception as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,171 @@
+"""After each commit: move each trip's latest location forward in Redis (never backwards)
+and publish the new pings of each trip once, as a ready-to-send WebSocket message.
+
+Both happen in one Lua script call per flush, so a flush costs one Redis round trip
+whatever the number of trips; it runs in its own task, off the ack path, with a bounded
+backlog: a slow or absent Redis delays live data, never ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from datetime import UTC
+
+import msgspec
+import redis.asyncio as aioredis
+
+from . import metrics
+from .constants import FLEET_KEY, LATEST_KEY, LIVE_CHANNEL
+from .schema import LatestLocation, LiveLocations, StoredLocation
+from .validate import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
+
+log = logging.getLogger("ingest.live")
+
+_BACKLOG_FLUSHES = 256
+_MSGPACK = msgspec.msgpack.Encoder()
+_JSON = msgspec.json.Encoder()
+
+# ARGV[1]: msgpack list of [latest key, ts ms, latest JSON, channel, message, fleet key, trip]
+# ARGV[2]: TTL seconds. Returns {updated, skipped}.
+_UPDATE_AND_PUBLISH = """
+local items = cmsgpack.unpack(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local updated, skipped = 0, 0
+for _, it in ipairs(items) do
+  local cur = redis.call('HGET', it[1], 'ts')
+  if (not cur) or tonumber(cur) < it[2] then
+    redis.call('HSET', it[1], 'ts', it[2], 'v', it[3])
+    redis.call('EXPIRE', it[1], ttl)
+    redis.call('ZADD', it[6], 'GT', it[2], it[7])
+    redis.call('EXPIRE', it[6], ttl)
+    updated = updated + 1
+  else
+    skipped = skipped + 1
+  end
+  redis.call('PUBLISH', it[4], it[5])
+end
+return {updated, skipped}
+"""
+
+
+def latest_key(prefix: str, org: str | None, trip: str) -> str:
+    return f"{prefix}{LATEST_KEY}{org or ''}:{trip}"
+
+
+def fleet_key(prefix: str, org: str | None) -> str:
+    return f"{prefix}{FLEET_KEY}{org or ''}"
+
+
+def trip_channel(prefix: str, org: str | None, trip: str) -> str:
+    return f"{prefix}{LIVE_CHANNEL}{org or ''}:{trip}"
+
+
+def fleet_pattern(prefix: str, org: str) -> str:
+    """Glob matching every trip channel of ``org``; glob characters in names are escaped."""
+    return glob_escape(f"{prefix}{LIVE_CHANNEL}{org}:") + "*"
+
+
+def glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+def stored_location(r: Record) -> StoredLocation:
+    ts = r[TS]
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    return StoredLocation(r[LAT], r[LON], ts, r[ACC], r[SPEED], r[HEADING], r[ALT])
+
+
+def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[object]]:
+    """One item per (org, trip): its latest location and its live message, each encoded once."""
+    by_trip: dict[tuple[str | None, str], list[Record]] = collections.defaultdict(list)
+    for r in rows:
+        by_trip[(r[ORG], r[TRIP])].append(r)
+    items: list[list[object]] = []
+    for (org, trip), recs in by_trip.items():
+        recs.sort(key=lambda r: r[TS])
+        locs = [stored_location(r) for r in recs]
+        newest, driver = recs[-1], recs[-1][DRIVER]
+        ts_ms = int(newest[TS].timestamp() * 1000)
+        message = _JSON.encode(LiveLocations(now_ms, trip, driver, locs))
+        latest = _JSON.encode(LatestLocation(trip, driver, locs[-1]))
+        items.append([
+            latest_key(prefix, org, trip), ts_ms, latest,
+            trip_channel(prefix, org, trip), message, fleet_key(prefix, org), trip,
+        ])  # fmt: skip
+    return items
+
+
+class Live:
+    """Owns the Redis client used for latest locations and publishing."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, latest_ttl_s: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl = latest_ttl_s
+        self._script = redis.register_script(_UPDATE_AND_PUBLISH)
+        self._backlog: collections.deque[list[Record]] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self.redis_ok = True
+
+    def committed(self, rows: list[Record]) -> None:
+        """Called by the flusher after each commit; never blocks it."""
+        if len(self._backlog) >= _BACKLOG_FLUSHES:
+            dropped = self._backlog.popleft()
+            metrics.PUBLISH_DROPPED.inc(len({(r[ORG], r[TRIP]) for r in dropped}))
+        self._backlog.append(rows)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Publish committed rows until cancelled; on shutdown, call drain() first."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self.drain()
+
+    async def drain(self) -> None:
+        while self._backlog:
+            rows = self._backlog.popleft()
+            # Merge what piled up while Redis was slow: still one message per trip per call.
+            while self._backlog and len(rows) < 50_000:
+                rows = rows + self._backlog.popleft()
+            await self.publish(rows)
+
+    async def publish(self, rows: list[Record]) -> None:
+        items = build_items(rows, self.prefix, int(time.time() * 1000))
+        try:
+            updated, skipped = await self._script(args=[_MSGPACK.encode(items), self.ttl])
+        except Exception as exc:
+            self.redis_ok = False
+            metrics.REDIS_ERRORS.labels("publish").inc()
+            metrics.PUBLISH_DROPPED.inc(len(items))
+            log.warning("publish_failed", extra={"error": repr(exc), "trips": len(items)})
+            return
+        self.redis_ok = True
+        metrics.PUBLISHED.inc(len(items))
+        metrics.LATEST_UPDATED.inc(updated)
+        if skipped:
+            metrics.LATEST_SKIPPED.inc(skipped)
+
+    async def latest(self, org: str, trip: str) -> bytes | None:
+        """The stored latest location JSON of ``trip`` in ``org``; raises on Redis errors."""
+        value: bytes | None = await self.redis.hget(latest_key(self.prefix, org, trip), "v")
+        return value
+
+    async def latest_many(self, org: str, trips: list[str]) -> list[bytes | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for trip in trips:
+                pipe.hget(latest_key(self.prefix, org, trip), "v")
+            result: list[bytes | None] = await pipe.execute()
+        return result
+
+    async def fleet_trips(self, org: str, limit: int) -> list[str]:
+        """Trips of ``org`` with a latest location younger than the TTL, newest first."""
+        min_ms = int((time.time() - self.ttl) * 1000)
+        key = fleet_key(self.prefix, org)
+        raw = await self.redis.zrange(key, "+inf", min_ms, desc=True, byscore=True, offset=0,
+                                      num=limit)  # fmt: skip
+        return [t.decode() for t in raw]

@@ -1,0 +1,65 @@
+"""Prometheus metrics, defined once. Labels stay low-cardinality: never a trip or driver id."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
+
+PINGS_RECEIVED = Counter("ingest_pings_received_total", "Pings in well-formed batches")
+PINGS_STORED = Counter("ingest_pings_stored_total", "Pings newly committed to PostgreSQL")
+PINGS_DUPLICATE = Counter(
+    "ingest_pings_duplicate_total", "Pings already stored before (replays, resends)"
+)
+PINGS_REJECTED = Counter("ingest_pings_rejected_total", "Pings dropped by a range rule", ["reason"])
+BATCHES = Counter("ingest_batches_total", "Ping batches by outcome", ["outcome"])
+REQUESTS = Histogram(
+    "ingest_http_request_duration_seconds",
+    "HTTP request latency by route and status",
+    ["route", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+ACK_SECONDS = Histogram(
+    "ingest_ack_latency_seconds",
+    "From a batch entering the buffer to its durable ack",
+    buckets=_LATENCY_BUCKETS,
+)
+FLUSH_SECONDS = Histogram(
+    "ingest_flush_duration_seconds", "Duration of a successful flush", buckets=_LATENCY_BUCKETS
+)
+FLUSH_ROWS = Histogram(
+    "ingest_flush_rows",
+    "Rows per flush",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
+)
+BUFFER_ROWS = Gauge("ingest_buffer_rows", "Rows held in memory (waiting plus being flushed)")
+BUFFER_LIMIT = Gauge("ingest_buffer_limit_rows", "BUFFER_MAX_ROWS")
+DB_ERRORS = Counter("ingest_db_errors_total", "PostgreSQL errors by operation", ["operation"])
+REDIS_ERRORS = Counter("ingest_redis_errors_total", "Redis errors by operation", ["operation"])
+LATEST_UPDATED = Counter("ingest_latest_updated_total", "Latest locations moved forward")
+LATEST_SKIPPED = Counter(
+    "ingest_latest_skipped_older_total", "Latest-location updates skipped as older than stored"
+)
+PUBLISHED = Counter("ingest_live_published_total", "Live messages published to Redis")
+PUBLISH_DROPPED = Counter(
+    "ingest_live_publish_dropped_total", "Live messages not published (Redis down or backlog)"
+)
+WS_CONNECTIONS = Gauge("ingest_ws_connections", "Open WebSocket connections")
+WS_SUBSCRIPTIONS = Gauge("ingest_ws_subscriptions", "Trip and fleet subscriptions held")
+WS_SENT = Counter("ingest_ws_messages_sent_total", "Messages written to WebSockets")
+WS_DROPPED = Counter("ingest_ws_messages_dropped_total", "Messages not delivered to a socket")
+WS_SLOW_CLOSED = Counter("ingest_ws_slow_consumer_closed_total", "Sockets closed as too slow")
+FANOUT_SECONDS = Histogram(
+    "ingest_live_publish_to_send_seconds",
+    "From publish (in the flushing pod) to written to every local socket",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+PARTITIONS = Gauge("ingest_partitions", "Partitions of TripLocation present")
+OLDEST_PARTITION_AGE = Gauge(
+    "ingest_oldest_partition_age_seconds", "Age of the start of the oldest partition's month"
+)
+NEWEST_PARTITION_AHEAD = Gauge(
+    "ingest_newest_partition_ahead_seconds",
+    "Time from now to the end of the newest partition's month",
+)
+RATE_LIMITED = Counter("ingest_rate_limited_total", "Requests answered 429")

@@ -1,0 +1,148 @@
+"""Read API: a trip's latest location (Redis, PostgreSQL fallback) and its history (keyset pages)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+from aiohttp import web
+
+from . import metrics
+from .auth import AuthError, Principal
+from .ingest_api import authenticate, unauthorized
+from .responses import error, json_response
+from .schema import LatestLocation, LocationPage, StoredLocation, encoder
+from .typedefs import LIVE, POOL
+
+log = logging.getLogger("ingest.read")
+
+DEFAULT_PAGE = 500
+MAX_PAGE = 5000
+_NO_STORE = {"Cache-Control": "no-store"}
+_LOC_COLS = '"latitude", "longitude", "timestamp", "accuracy", "speed", "heading", "altitude"'
+_LATEST_SQL = f"""
+SELECT "driverId", {_LOC_COLS} FROM "TripLocation"
+WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3)
+ORDER BY "timestamp" DESC LIMIT 1
+"""
+_PAGE_SQL = f"""
+SELECT {_LOC_COLS} FROM "TripLocation"
+WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3)
+  AND "timestamp" >= $4 AND "timestamp" < $5 AND "timestamp" > $6
+ORDER BY "timestamp" LIMIT $7
+"""
+_EXISTS_SQL = """
+SELECT 1 FROM "TripLocation"
+WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3) LIMIT 1
+"""
+# Open ends of a range, inside PostgreSQL's timestamptz range.
+_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX = datetime(9999, 1, 1, tzinfo=UTC)
+_latest_decoder = msgspec.json.Decoder(LatestLocation)
+
+
+class BadQuery(ValueError):
+    pass
+
+
+def _reader(request: web.Request) -> Principal | web.Response:
+    try:
+        return authenticate(request)
+    except AuthError as exc:
+        return unauthorized(exc)
+
+
+def _driver_filter(p: Principal) -> str | None:
+    """Dispatchers see every trip of their org; a driver only the trips they drove."""
+    return p.sub if p.role == "driver" else None
+
+
+def _not_found(trip: str) -> web.Response:
+    return error(404, "not_found", f"no trip {trip!r}", headers=_NO_STORE)
+
+
+async def latest(request: web.Request) -> web.Response:
+    p = _reader(request)
+    if isinstance(p, web.Response):
+        return p
+    trip = request.match_info["tripId"]
+    try:
+        value = await request.app[LIVE].latest(p.org, trip)
+    except Exception as exc:
+        metrics.REDIS_ERRORS.labels("latest").inc()
+        log.warning("latest_redis_failed", extra={"error": repr(exc)})
+        value = None
+    if value is not None:
+        driver = _driver_filter(p)
+        if driver is None or _latest_decoder.decode(value).driverId == driver:
+            return web.Response(body=value, content_type="application/json", headers=_NO_STORE)
+    row = await request.app[POOL].fetchrow(_LATEST_SQL, trip, p.org, _driver_filter(p))
+    if row is None:
+        return _not_found(trip)
+    loc = StoredLocation(*row[1:])
+    return json_response(LatestLocation(trip, row[0], loc), headers=_NO_STORE)
+
+
+def parse_time(value: str, name: str) -> datetime:
+    """RFC 3339 with an offset, or epoch milliseconds."""
+    if value.lstrip("-").isdigit():
+        try:
+            return _MIN + timedelta(milliseconds=int(value))
+        except OverflowError:
+            raise BadQuery(f"{name}: epoch milliseconds out of range") from None
+    try:
+        ts = msgspec.json.decode(encoder.encode(value), type=datetime)
+    except msgspec.ValidationError:
+        raise BadQuery(f"{name}: expected RFC 3339 time with offset or epoch ms") from None
+    if ts.tzinfo is None:
+        raise BadQuery(f"{name}: the time needs an offset, e.g. Z")
+    return ts
+
+
+def encode_cursor(ts: datetime) -> str:
+    us = (ts - _MIN) // timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"v1:{us}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> datetime:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, us = raw.split(":")
+        if version != "v1":
+            raise ValueError(version)
+        return _MIN + timedelta(microseconds=int(us))
+    except (ValueError, UnicodeDecodeError, OverflowError):
+        raise BadQuery("cursor: not a cursor this service issued") from None
+
+
+async def history(request: web.Request) -> web.Response:
+    p = _reader(request)
+    if isinstance(p, web.Response):
+        return p
+    trip = request.match_info["tripId"]
+    q = request.query
+    try:
+        start = parse_time(q["from"], "from") if q.get("from") else _MIN
+        end = parse_time(q["to"], "to") if q.get("to") else _MAX
+        after = decode_cursor(q["cursor"]) if q.get("cursor") else _MIN - timedelta(days=1)
+        limit = int(q.get("limit", DEFAULT_PAGE))
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadQuery(f"limit: must be between 1 and {MAX_PAGE}")
+    except ValueError as exc:  # BadQuery, or int() of a non-number
+        detail = str(exc) if isinstance(exc, BadQuery) else "limit: must be an integer"
+        return error(400, "invalid_query", detail)
+    pool, driver = request.app[POOL], _driver_filter(p)
+    rows = await pool.fetch(_PAGE_SQL, trip, p.org, driver, start, end, after, limit + 1)
+    if (
+        not rows
+        and "cursor" not in q
+        and await pool.fetchval(_EXISTS_SQL, trip, p.org, driver) is None
+    ):
+        return _not_found(trip)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    locs = [StoredLocation(*r) for r in rows]
+    cursor = encode_cursor(rows[-1]["timestamp"]) if more else None
+    return json_response(LocationPage(trip, locs, cursor), headers=_NO_STORE)

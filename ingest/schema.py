@@ -1,0 +1,128 @@
+"""The wire schema: msgspec types of requests and responses, coders built once."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+# 1-64 characters, no control characters.
+Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)] | int
+
+
+class Location(msgspec.Struct, omit_defaults=True):
+    latitude: float
+    longitude: float
+    # RFC 3339 with an offset, or epoch milliseconds.
+    timestamp: Timestamp
+    accuracy: float | None = None
+    speed: float | None = None
+    heading: float | None = None
+    altitude: float | None = None
+    # The old app sends the batch id on every location.
+    batchId: Ident | None = None
+
+
+class PingBatch(msgspec.Struct):
+    tripId: Ident
+    driverId: Ident
+    locations: Annotated[list[Location], msgspec.Meta(min_length=1)]
+    batchId: Ident | None = None
+
+
+class Rejected(msgspec.Struct):
+    index: int
+    reason: str
+
+
+class PingAck(msgspec.Struct):
+    """200: accepted = newly stored, duplicates = already stored before."""
+
+    batchId: str | None
+    accepted: int
+    duplicates: int
+    rejected: list[Rejected]
+
+
+class PingQueued(msgspec.Struct):
+    """202 in ACK_MODE=buffered: the batch is in memory and will be committed."""
+
+    batchId: str | None
+    queued: int
+    rejected: list[Rejected]
+
+
+class Error(msgspec.Struct, omit_defaults=True):
+    error: str
+    detail: str | None = None
+    rejected: list[Rejected] | None = None
+
+
+class StoredLocation(msgspec.Struct, omit_defaults=True):
+    """A committed location as the read API and live messages carry it."""
+
+    latitude: float
+    longitude: float
+    timestamp: datetime
+    accuracy: float | None = None
+    speed: float | None = None
+    heading: float | None = None
+    altitude: float | None = None
+
+
+class LatestLocation(msgspec.Struct):
+    tripId: str
+    driverId: str
+    location: StoredLocation
+
+
+class LocationPage(msgspec.Struct):
+    tripId: str
+    locations: list[StoredLocation]
+    nextCursor: str | None
+
+
+class LiveLocations(msgspec.Struct, tag="locations", tag_field="type"):
+    # First after the tag so a pod can read it without decoding the message.
+    publishedAt: int  # epoch ms
+    tripId: str
+    driverId: str
+    locations: list[StoredLocation]
+
+
+class LiveSnapshot(msgspec.Struct, tag="snapshot", tag_field="type"):
+    tripId: str
+    driverId: str
+    location: StoredLocation
+
+
+class LiveError(msgspec.Struct, tag="error", tag_field="type"):
+    error: str
+    detail: str
+
+
+class LiveSubscribed(msgspec.Struct, tag="subscribed", tag_field="type"):
+    trips: list[str]
+    fleet: bool
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", tag_field="type"):
+    trips: list[Ident] = []
+    fleet: bool = False
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="type"):
+    trips: list[Ident] = []
+    fleet: bool = False
+
+
+ClientMessage = Subscribe | Unsubscribe
+
+json_batch_decoder = msgspec.json.Decoder(PingBatch)
+msgpack_batch_decoder = msgspec.msgpack.Decoder(PingBatch)
+client_message_decoder = msgspec.json.Decoder(ClientMessage)
+encoder = msgspec.json.Encoder()
+
+RoleName = Literal["driver", "dispatcher"]

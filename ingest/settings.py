@@ -1,0 +1,129 @@
+"""Settings: one frozen struct read from the environment and validated at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+DEFAULT_SQL_DIR = str(Path(__file__).resolve().parent.parent / "sql")
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
+    """Every field is read from the environment variable of the same name, upper-cased."""
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "0.0.0.0"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    role: Literal["all", "ingest", "live"] = "all"
+    ack_mode: Literal["durable", "buffered"] = "durable"
+    # Group commit: a flush starts when FLUSH_MAX_ROWS are waiting or the oldest waited this long.
+    flush_interval_ms: PositiveInt = 50
+    flush_max_rows: PositiveInt = 5000
+    # Rows held in memory (buffered plus being flushed) above which ingest answers 503.
+    buffer_max_rows: PositiveInt = 100_000
+    # /readyz turns false above this fraction of BUFFER_MAX_ROWS.
+    buffer_high_water: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    max_pings_per_batch: PositiveInt = 1000
+    max_body_bytes: PositiveInt = 1_048_576  # 1 MiB, applies to the decompressed body too
+    # A durable-ack request that waits longer than this for its commit gets 503 + Retry-After.
+    ack_timeout_ms: PositiveInt = 10_000
+    # Accepted time window for a ping's timestamp, relative to the server clock.
+    max_clock_skew_s: NonNegInt = 300  # 5 min into the future
+    max_ping_age_days: PositiveInt = 31
+    # Flusher retry backoff when PostgreSQL fails (doubles up to the max).
+    flush_retry_min_ms: PositiveInt = 100
+    flush_retry_max_ms: PositiveInt = 5_000
+    flush_timeout_s: PositiveFloat = 30.0
+    db_pool_max: Annotated[int, msgspec.Meta(ge=2)] = 8
+    # Batch ids are remembered this long for replay detection; pings stay deduplicated by
+    # (tripId, timestamp) forever.
+    batch_id_ttl_hours: PositiveInt = 72
+    partitions_ahead_months: NonNegInt = 2
+    retention_months: NonNegInt = 0  # 0 keeps every partition
+    maintenance_interval_s: PositiveFloat = 3600.0
+    # Live locations.
+    redis_prefix: str = "ingest:"
+    latest_ttl_s: PositiveInt = 86_400  # 1 day
+    ws_max_subscriptions: PositiveInt = 1000
+    ws_max_messages_per_s: PositiveFloat = 20.0
+    ws_send_buffer_bytes: PositiveInt = 1_048_576  # per socket; above it the socket is closed
+    ws_heartbeat_s: PositiveFloat = 30.0
+    # Auth.
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_s: NonNegInt = 30
+    auth_disabled: bool = False
+    # Per-driver rate limit on ingest requests (token bucket).
+    rate_limit_per_s: PositiveFloat = 20.0
+    rate_limit_burst: PositiveInt = 40
+    # Shutdown: time allowed for the final flush and closing sockets.
+    shutdown_timeout_s: PositiveFloat = 20.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    sql_dir: str = DEFAULT_SQL_DIR
+
+    @property
+    def runs_ingest(self) -> bool:
+        return self.role in ("all", "ingest")
+
+    @property
+    def runs_live(self) -> bool:
+        return self.role in ("all", "live")
+
+    @property
+    def jwt_algorithms(self) -> list[str]:
+        return ["RS256", "ES256"] if self.jwt_public_key else ["HS256"]
+
+    @property
+    def jwt_verify_key(self) -> str | None:
+        return self.jwt_public_key or self.jwt_secret
+
+
+ENV_NAMES = tuple(f.encode_name for f in msgspec.structs.fields(Settings))
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``env`` (default ``os.environ``); raise SettingsError naming the variable."""
+    env = os.environ if env is None else env
+    raw: dict[str, object] = {name: env[name] for name in ENV_NAMES if env.get(name, "") != ""}
+    raw.update({k.upper(): v for k, v in overrides.items()})
+    if "LOG_LEVEL" in raw and isinstance(raw["LOG_LEVEL"], str):
+        raw["LOG_LEVEL"] = raw["LOG_LEVEL"].upper()
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        name = msg.rsplit("$.", 1)[-1].strip("`") if "$." in msg else "?"
+        raise SettingsError(f"invalid setting {name}: {msg.split(' - at ')[0]}") from None
+    if settings.jwt_secret and settings.jwt_public_key:
+        raise SettingsError(
+            "invalid setting JWT_SECRET: set JWT_SECRET or JWT_PUBLIC_KEY, not both"
+        )
+    if not settings.auth_disabled and not settings.jwt_verify_key:
+        raise SettingsError(
+            "invalid setting JWT_SECRET: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256),"
+            " or AUTH_DISABLED=true for development"
+        )
+    if settings.flush_max_rows > settings.buffer_max_rows:
+        raise SettingsError("invalid setting FLUSH_MAX_ROWS: must not exceed BUFFER_MAX_ROWS")
+    for name, url, schemes in (
+        ("DATABASE_URL", settings.database_url, ("postgres://", "postgresql://")),
+        ("REDIS_URL", settings.redis_url, ("redis://", "rediss://", "unix://")),
+    ):
+        if not url.startswith(schemes):
+            raise SettingsError(f"invalid setting {name}: must start with {' or '.join(schemes)}")
+    return settings

@@ -1,0 +1,27 @@
+"""Typed application state keys, declared in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import asyncpg
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .auth import Verifier
+    from .buffer import Buffer
+    from .fanout import Fanout
+    from .flush import Flusher
+    from .live import Live
+    from .ratelimit import RateLimiter
+    from .settings import Settings
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
+BUFFER: web.AppKey[Buffer] = web.AppKey("buffer")
+FLUSHER: web.AppKey[Flusher] = web.AppKey("flusher")
+LIVE: web.AppKey[Live] = web.AppKey("live")
+FANOUT: web.AppKey[Fanout] = web.AppKey("fanout")
+VERIFIER: web.AppKey[Verifier] = web.AppKey("verifier")
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
+DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")
