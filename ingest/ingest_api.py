@@ -14,7 +14,14 @@ from . import metrics
 from .auth import AuthError, Principal, may_post_as
 from .buffer import BufferFull, Closed
 from .responses import error, json_response, retry_later
-from .schema import PingAck, PingBatch, PingQueued, json_batch_decoder, msgpack_batch_decoder
+from .schema import (
+    PingAck,
+    PingBatch,
+    PingQueued,
+    Rejected,
+    json_batch_decoder,
+    msgpack_batch_decoder,
+)
 from .typedefs import BUFFER, RATE_LIMITER, SETTINGS, VERIFIER
 from .validate import BatchError, batch_id_of, to_records
 
@@ -88,6 +95,48 @@ async def post_ping(request: web.Request) -> web.Response:
     except BatchError as exc:
         return error(400, "invalid_payload", str(exc))
 
+    result = await submit(app, principal, batch, batch_id)
+    return result.response()
+
+
+class Submitted:
+    """What became of a batch handed to the pipeline; each endpoint renders it its own way."""
+
+    __slots__ = ("accepted", "batch_id", "duplicates", "error", "queued", "rejected", "status")
+
+    def __init__(
+        self, status: int, batch_id: str | None, rejected: list[Rejected], *,
+        accepted: int = 0, duplicates: int = 0, queued: int = 0,
+        error: tuple[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.status = status
+        self.batch_id = batch_id
+        self.rejected = rejected
+        self.accepted = accepted
+        self.duplicates = duplicates
+        self.queued = queued
+        self.error = error
+
+    def response(self) -> web.Response:
+        """The native endpoint's answer (API.md)."""
+        if self.status == 200:
+            return json_response(
+                PingAck(self.batch_id, self.accepted, self.duplicates, self.rejected)
+            )
+        if self.status == 202:
+            return json_response(PingQueued(self.batch_id, self.queued, self.rejected), 202)
+        code, detail = self.error or ("internal_error", "")
+        if self.status == 503:
+            return retry_later(code, detail)
+        return error(self.status, code, detail, rejected=self.rejected or None)
+
+
+async def submit(
+    app: web.Application, principal: Principal, batch: PingBatch, batch_id: str | None
+) -> Submitted:
+    """Validate the pings of an authorised, well-formed batch, buffer them, and (durable ack)
+    wait for their commit. Shared by the native and the phone-app endpoints."""
+    settings = app[SETTINGS]
     labels: list[str] = []
     records, rejected = to_records(
         batch, principal.org, batch_id, datetime.now(UTC),
@@ -98,32 +147,42 @@ async def post_ping(request: web.Request) -> web.Response:
         metrics.PINGS_REJECTED.labels(label).inc()
     if not records:
         metrics.BATCHES.labels("rejected").inc()
-        return error(422, "no_valid_pings", "every ping broke a range rule", rejected=rejected)
+        return Submitted(
+            422, batch_id, rejected, error=("no_valid_pings", "every ping broke a range rule")
+        )
 
-    durable = settings.ack_mode == "durable"
     buffer = app[BUFFER]
     try:
-        pending = buffer.add(records, batch.driverId, batch_id, durable)
+        pending = buffer.add(records, batch.driverId, batch_id, settings.ack_mode == "durable")
     except BufferFull:
         metrics.BATCHES.labels("overloaded").inc()
-        return retry_later("overloaded", "ingest buffer is full, retry later")
+        return Submitted(503, batch_id, rejected, error=("overloaded", "ingest buffer is full"))
     except Closed:
         metrics.BATCHES.labels("overloaded").inc()
-        return retry_later("shutting_down", "this instance is shutting down, retry")
+        return Submitted(
+            503, batch_id, rejected, error=("shutting_down", "this instance is shutting down")
+        )
     metrics.BUFFER_ROWS.set(buffer.depth)
     if pending.future is None:
         metrics.BATCHES.labels("queued").inc()
-        return json_response(PingQueued(batch_id, len(records), rejected), 202)
+        return Submitted(202, batch_id, rejected, queued=len(records))
 
     started = time.perf_counter()
     try:
         await asyncio.wait_for(asyncio.shield(pending.future), settings.ack_timeout_ms / 1000)
     except TimeoutError:
         metrics.BATCHES.labels("timeout").inc()
-        return retry_later("storage_unavailable", "not committed in time; retry the same batch")
+        return Submitted(
+            503, batch_id, rejected,
+            error=("storage_unavailable", "not committed in time; retry the same batch"),
+        )  # fmt: skip
     except Exception:
         metrics.BATCHES.labels("failed").inc()
-        return error(500, "storage_error", "the batch could not be stored")
+        return Submitted(
+            500, batch_id, rejected, error=("storage_error", "the batch could not be stored")
+        )
     metrics.ACK_SECONDS.observe(time.perf_counter() - started)
     metrics.BATCHES.labels("committed").inc()
-    return json_response(PingAck(batch_id, pending.accepted, pending.duplicates, rejected))
+    return Submitted(
+        200, batch_id, rejected, accepted=pending.accepted, duplicates=pending.duplicates
+    )

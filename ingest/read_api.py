@@ -1,4 +1,4 @@
-"""Read API: a trip's latest location (Redis, PostgreSQL fallback) and its history (keyset pages)."""
+"""Read API: a trip's latest location (Redis, else PostgreSQL) and its history (keyset pages)."""
 
 from __future__ import annotations
 

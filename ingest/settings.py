@@ -97,7 +97,7 @@ ENV_NAMES = tuple(f.encode_name for f in msgspec.structs.fields(Settings))
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-    """Build settings from ``env`` (default ``os.environ``); raise SettingsError naming the variable."""
+    """Settings from ``env`` (default ``os.environ``); SettingsError names the bad variable."""
     env = os.environ if env is None else env
     raw: dict[str, object] = {name: env[name] for name in ENV_NAMES if env.get(name, "") != ""}
     raw.update({k.upper(): v for k, v in overrides.items()})
