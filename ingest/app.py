@@ -71,6 +71,20 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics.REQUESTS.labels(route, str(status)).observe(time.perf_counter() - started)
 
 
+async def stop_task(task: asyncio.Task[None], timeout: float = 0.0) -> None:
+    """Let ``task`` finish within ``timeout``, then cancel it; never wait forever, since a
+    library may swallow a cancellation that lands inside its own code."""
+    if timeout:
+        await asyncio.wait([task], timeout=timeout)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=2.0)
+    if not task.done():
+        log.error("task_stuck", extra={"task": task.get_name()})
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("task_failed", extra={"task": task.get_name(), "error": repr(task.exception())})
+
+
 async def pg_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     # min_size=0: the pod starts (not ready) even while PostgreSQL is away.
@@ -93,11 +107,8 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(live.run(), name="live-publisher")
     yield
     # The flusher has finished: publish what its last flushes committed, briefly.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(live.drain(), 5.0)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    live.stop()
+    await stop_task(task, timeout=5.0)
     await client.aclose()
 
 
@@ -107,9 +118,7 @@ async def fanout_context(app: web.Application) -> AsyncIterator[None]:
     app[FANOUT] = fanout
     task = asyncio.create_task(fanout.run(), name="pubsub-listener")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
 
 
 async def flusher_context(app: web.Application) -> AsyncIterator[None]:
@@ -135,9 +144,7 @@ async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
         maintenance.run_forever(app[POOL], app[SETTINGS]), name="maintenance"
     )
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
 
 
 async def on_shutdown(app: web.Application) -> None:

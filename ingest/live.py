@@ -90,8 +90,9 @@ def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[objec
         locs = [stored_location(r) for r in recs]
         newest, driver = recs[-1], recs[-1][DRIVER]
         ts_ms = int(newest[TS].timestamp() * 1000)
-        message = _JSON.encode(LiveLocations(now_ms, trip, driver, locs))
-        latest = _JSON.encode(LatestLocation(trip, driver, locs[-1]))
+        # As str: Redis's Lua cmsgpack cannot read msgpack's bin type.
+        message = _JSON.encode(LiveLocations(now_ms, trip, driver, locs)).decode()
+        latest = _JSON.encode(LatestLocation(trip, driver, locs[-1])).decode()
         items.append([
             latest_key(prefix, org, trip), ts_ms, latest,
             trip_channel(prefix, org, trip), message, fleet_key(prefix, org), trip,
@@ -109,6 +110,7 @@ class Live:
         self._script = redis.register_script(_UPDATE_AND_PUBLISH)
         self._backlog: collections.deque[list[Record]] = collections.deque()
         self._wakeup = asyncio.Event()
+        self._stopping = False
         self.redis_ok = True
 
     def committed(self, rows: list[Record]) -> None:
@@ -120,11 +122,19 @@ class Live:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Publish committed rows until cancelled; on shutdown, call drain() first."""
-        while True:
+        """Publish committed rows until stop(): then publish what is left and return.
+
+        Stopped by a flag, not by cancellation: redis-py may swallow a CancelledError
+        that lands inside a command, which would leave the task waiting forever.
+        """
+        while not self._stopping:
             await self._wakeup.wait()
             self._wakeup.clear()
             await self.drain()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
 
     async def drain(self) -> None:
         while self._backlog:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import msgspec
 
-from .conftest import ClientFactory, auth, batch, iso, now_ms
+from .conftest import auth, batch, iso, now_ms
 
 PING = "/api/v1/tracking/ping"
 
