@@ -169,6 +169,7 @@ def create_app(settings: Settings) -> web.Application:
     app[VERIFIER] = Verifier(settings)
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app[ws.SOCKETS] = set()
+    app[ops._DB_CHECK] = [0.0, False]  # readiness cache: [checked at, reachable]
     app.cleanup_ctx.append(pg_context)
     app.cleanup_ctx.append(redis_context)
     if settings.runs_live:

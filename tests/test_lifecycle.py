@@ -1,0 +1,118 @@
+"""The service as a process: settings checked at start, migrations, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+
+import aiohttp
+import asyncpg
+import pytest
+
+from .conftest import PG_URL, REDIS_URL, ROOT, SECRET, auth, batch, db_url
+from .service import Service
+
+PING = "/api/v1/tracking/ping"
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ingest", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "JWT_SECRET": SECRET, **env}, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"FLUSH_INTERVAL_MS": "soon"}, "FLUSH_INTERVAL_MS"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"ACK_MODE": "eventually"}, "ACK_MODE"),
+        ({"ROLE": "everything"}, "ROLE"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"JWT_SECRET": ""}, "JWT_SECRET"),
+        ({"BUFFER_MAX_ROWS": "0"}, "BUFFER_MAX_ROWS"),
+    ],
+)
+def test_a_bad_setting_stops_the_process_with_one_line_naming_it(env, name):
+    result = run_cli("serve", **env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0], result.stderr
+
+
+@pytest.fixture
+async def empty_database():
+    name = f"ingest_e_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    yield db_url(name)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+async def test_migrate_applies_each_file_once_and_says_so(empty_database):
+    first = await asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database)
+    assert first.returncode == 0, first.stderr
+    assert "applied 001_trip_location.sql" in first.stdout
+    assert "applied 002_ingest_batch.sql" in first.stdout
+    assert "created partition TripLocation_" in first.stdout
+    second = await asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database)
+    assert second.returncode == 0 and "nothing to apply" in second.stdout
+
+
+async def test_concurrent_migrations_are_serialised(empty_database):
+    results = await asyncio.gather(
+        *(asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database) for _ in range(4))
+    )
+    assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
+    applied = sum(r.stdout.count("applied 0") for r in results)
+    assert applied == 2  # each file once, whichever pod got there first
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval('SELECT count(*) FROM "_ingest_migrations"') == 2
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("ack_mode", ["durable", "buffered"])
+async def test_sigterm_commits_everything_buffered_and_exits_0(database, redis_prefix, ack_mode):
+    service = Service({
+        "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
+        "JWT_SECRET": SECRET, "ACK_MODE": ack_mode, "LOG_LEVEL": "INFO",
+        # A long interval: at SIGTERM, pings are still waiting in the buffer.
+        "FLUSH_INTERVAL_MS": "3000", "RATE_LIMIT_PER_S": "1000",
+    })  # fmt: skip
+    await service.start()
+    bodies = [batch(10, trip=f"trip_{i}") for i in range(20)]
+    try:
+        async with aiohttp.ClientSession(service.url) as s:
+
+            async def post(b):
+                async with s.post(PING, json=b, headers=auth()) as r:
+                    return r.status, await r.json()
+
+            tasks = [asyncio.ensure_future(post(b)) for b in bodies]
+            await asyncio.sleep(0.5)  # requests are in the buffer, not yet flushed
+            started = asyncio.get_running_loop().time()
+            code, out, err = await service.stop()
+            elapsed = asyncio.get_running_loop().time() - started
+            answers = await asyncio.gather(*tasks)
+    finally:
+        await service.kill()
+    assert code == 0, err
+    assert elapsed < 3.0  # the final flush ran at once, not after the interval
+    ok = 200 if ack_mode == "durable" else 202
+    assert [status for status, _ in answers] == [ok] * 20
+    conn = await asyncpg.connect(database)
+    try:
+        stored = await conn.fetchval('SELECT count(*) FROM "TripLocation"')
+    finally:
+        await conn.close()
+    assert stored == 200
+    if ack_mode == "durable":
+        assert sum(a["accepted"] for _, a in answers) == 200
+    assert '"event":"drained"' in out
