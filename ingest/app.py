@@ -18,6 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, web
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ingest_api, maintenance, metrics, ops, read_api, ws
 from .auth import Verifier
@@ -99,9 +103,12 @@ async def pg_context(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
+    # Retries let the first command after a Redis restart reconnect instead of failing.
     client = aioredis.from_url(
-        s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
-    )
+        s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )  # fmt: skip
     live = Live(client, s.redis_prefix, s.latest_ttl_s)
     app[LIVE] = live
     task = asyncio.create_task(live.run(), name="live-publisher")

@@ -1,0 +1,388 @@
+"""Live locations: latest in Redis, history pages, and the WebSocket fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import pytest
+
+from ingest import live as live_module
+from ingest.typedefs import FANOUT, LIVE
+
+from .conftest import REDIS_URL, SECRET, auth, batch, iso, now_ms, token
+from .service import Service, free_port
+
+PING = "/api/v1/tracking/ping"
+
+
+def dispatcher(org: str = "org_1") -> dict[str, str]:
+    return auth("dispatcher", "disp_1", org)
+
+
+async def ping(client, body, sub="drv_1", org="org_1"):
+    resp = await client.post(PING, json=body, headers=auth("driver", sub, org))
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def connect(client_or_url, org: str = "org_1"):
+    tok = token("dispatcher", "disp_1", org)
+    if isinstance(client_or_url, str):
+        session = aiohttp.ClientSession()
+        ws = await session.ws_connect(f"{client_or_url}/api/v1/live?access_token={tok}")
+        ws._test_session = session  # type: ignore[attr-defined]
+        return ws
+    return await client_or_url.ws_connect(f"/api/v1/live?access_token={tok}")
+
+
+async def subscribe(ws, trips=(), fleet=False) -> list[dict]:
+    """Subscribe; return the messages up to and including the 'subscribed' ack, plus snapshots
+    that follow it within a short wait."""
+    await ws.send_json({"type": "subscribe", "trips": list(trips), "fleet": fleet})
+    got = []
+    while True:
+        msg = json.loads((await ws.receive(timeout=5)).data)
+        got.append(msg)
+        if msg["type"] == "subscribed":
+            break
+    while True:
+        try:
+            got.append(json.loads((await ws.receive(timeout=0.3)).data))
+        except TimeoutError:
+            return got
+
+
+async def receive_locations(ws, n: int, timeout: float = 5.0) -> list[dict]:
+    out = []
+    while len(out) < n:
+        msg = json.loads((await ws.receive(timeout=timeout)).data)
+        if msg["type"] == "locations":
+            out.append(msg)
+    return out
+
+
+async def published(client, trip: str, org: str = "org_1") -> None:
+    """Wait until the publisher (which runs after the ack) has written the trip's latest."""
+    live = client.server.app[LIVE]
+    for _ in range(100):
+        if await live.latest(org, trip) is not None:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{trip} never published")
+
+
+async def nothing_more(ws, wait: float = 0.5) -> bool:
+    try:
+        msg = await ws.receive(timeout=wait)
+    except TimeoutError:
+        return True
+    raise AssertionError(f"unexpected message {msg.data!r}")
+
+
+# -- latest ------------------------------------------------------------------------------
+
+
+async def test_latest_never_moves_backwards(client):
+    newer = batch(3, start_ms=now_ms(-60))
+    older = batch(3, start_ms=now_ms(-3600))  # an offline phone uploading late
+    await ping(client, newer)
+    await ping(client, older)
+    resp = await client.get("/api/v1/tracking/trips/trip_1/latest", headers=dispatcher())
+    assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+    body = await resp.json()
+    assert body["tripId"] == "trip_1" and body["driverId"] == "drv_1"
+    newest = newer["locations"][-1]
+    assert datetime.fromisoformat(body["location"]["timestamp"]) == datetime.fromisoformat(
+        newest["timestamp"]
+    )
+    assert body["location"]["latitude"] == newest["latitude"]
+
+
+async def test_latest_falls_back_to_postgres_and_404s_unknown(client, redis, redis_prefix):
+    await ping(client, batch(2))
+    from_redis = await (
+        await client.get("/api/v1/tracking/trips/trip_1/latest", headers=dispatcher())
+    ).json()
+    await asyncio.sleep(0.1)
+    deleted = await redis.delete(live_module.latest_key(redis_prefix, "org_1", "trip_1"))
+    assert deleted == 1
+    resp = await client.get("/api/v1/tracking/trips/trip_1/latest", headers=dispatcher())
+    assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+    from_pg = await resp.json()
+    assert from_pg["location"]["latitude"] == from_redis["location"]["latitude"]
+    assert datetime.fromisoformat(from_pg["location"]["timestamp"]) == datetime.fromisoformat(
+        from_redis["location"]["timestamp"]
+    )
+    missing = await client.get("/api/v1/tracking/trips/nope/latest", headers=dispatcher())
+    assert missing.status == 404 and (await missing.json())["error"] == "not_found"
+
+
+# -- history -----------------------------------------------------------------------------
+
+
+def month_boundary() -> datetime:
+    now = datetime.now(UTC)
+    return datetime(now.year, now.month, 1, tzinfo=UTC)
+
+
+async def test_history_pages_across_a_month_boundary(client):
+    b = month_boundary()
+    start = int(b.timestamp() * 1000) - 2500
+    await ping(client, batch(5, start_ms=start, step_ms=1000))  # 3 pings before, 2 after
+    url = "/api/v1/tracking/trips/trip_1/locations"
+    got, cursor, pages = [], None, 0
+    while True:
+        q = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        resp = await client.get(url, params=q, headers=dispatcher())
+        assert resp.status == 200
+        page = await resp.json()
+        got += page["locations"]
+        pages += 1
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    stamps = [datetime.fromisoformat(p["timestamp"]) for p in got]
+    assert stamps == sorted(stamps) and len(stamps) == 5
+    assert stamps[2] < b <= stamps[3]
+    ranged = await client.get(
+        url, params={"from": iso(start + 1000), "to": str(start + 3000)}, headers=dispatcher()
+    )
+    assert len((await ranged.json())["locations"]) == 2  # from inclusive, to exclusive
+    bad = await client.get(url, params={"from": "yesterday"}, headers=dispatcher())
+    assert bad.status == 400 and "from" in (await bad.json())["detail"]
+    unknown = await client.get("/api/v1/tracking/trips/nope/locations", headers=dispatcher())
+    assert unknown.status == 404
+
+
+async def test_history_reads_only_the_partitions_of_the_range(db):
+    from ingest.read_api import _PAGE_SQL
+
+    b = month_boundary()
+    start, end = b + timedelta(days=1), b + timedelta(days=2)
+    this_month = f"TripLocation_{b.year:04d}_{b.month:02d}"
+    await db.execute(
+        "PREPARE page(text, text, text, timestamptz, timestamptz, timestamptz, bigint) AS "
+        + _PAGE_SQL
+    )
+    args = f"'t', 'o', NULL, '{start.isoformat()}', '{end.isoformat()}', '-infinity', 100"
+    for mode in ("force_custom_plan", "force_generic_plan"):  # planner and executor pruning
+        await db.execute(f"SET plan_cache_mode = {mode}")
+        plan = "\n".join(
+            r[0] for r in await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE page({args})")
+        )
+        touched = {
+            word.strip('"(),')
+            for word in plan.split()
+            if word.strip('"(').startswith("TripLocation_2")
+        }
+        assert touched, plan
+        assert all(t.startswith(this_month) for t in touched), plan
+
+
+# -- WebSocket ---------------------------------------------------------------------------
+
+
+async def test_subscriber_gets_exactly_the_committed_pings_of_its_trips(client):
+    ws = await connect(client)
+    first = batch(2, trip="trip_a")
+    await ping(client, first)
+    await published(client, "trip_a")
+    hello = await subscribe(ws, ["trip_a"])
+    assert hello[0] == {"type": "subscribed", "trips": ["trip_a"], "fleet": False}
+    snap = hello[1]
+    assert snap["type"] == "snapshot" and snap["tripId"] == "trip_a"
+    assert snap["location"]["latitude"] == first["locations"][-1]["latitude"]
+
+    a = batch(3, trip="trip_a", start_ms=now_ms(-100))
+    await ping(client, batch(3, trip="trip_b"))  # not subscribed
+    await ping(client, a)
+    (msg,) = await receive_locations(ws, 1)
+    assert msg["tripId"] == "trip_a" and msg["driverId"] == "drv_1"
+    assert [loc["latitude"] for loc in msg["locations"]] == [
+        loc["latitude"] for loc in a["locations"]
+    ]
+    await ping(client, a)  # a replay stores nothing, so publishes nothing
+    assert await nothing_more(ws)
+    await ws.send_json({"type": "unsubscribe", "trips": ["trip_a"]})
+    await asyncio.sleep(0.1)
+    await ping(client, batch(2, trip="trip_a", start_ms=now_ms(-10)))
+    assert await nothing_more(ws)
+    await ws.close()
+
+
+async def test_fleet_subscriber_sees_only_its_org(client):
+    ws = await connect(client, org="org_1")
+    await subscribe(ws, fleet=True)
+    await ping(client, batch(2, trip="other_org_trip", driver="drv_9"), sub="drv_9", org="org_2")
+    await ping(client, batch(2, trip="mine"))
+    (msg,) = await receive_locations(ws, 1)
+    assert msg["tripId"] == "mine"
+    assert await nothing_more(ws)
+    # The same trip id in another org is another trip.
+    await ws.send_json({"type": "subscribe", "trips": ["other_org_trip"]})
+    await ping(client, batch(2, trip="other_org_trip", driver="drv_9", start_ms=now_ms(-5)),
+               sub="drv_9", org="org_2")  # fmt: skip
+    msgs = []
+    while True:
+        try:
+            msgs.append(json.loads((await ws.receive(timeout=0.5)).data))
+        except TimeoutError:
+            break
+    assert [m["type"] for m in msgs] == ["subscribed"]
+    await ws.close()
+
+
+async def test_fleet_and_trip_subscription_deliver_once(client):
+    ws = await connect(client)
+    await subscribe(ws, ["trip_1"], fleet=True)
+    await ping(client, batch(2))
+    (msg,) = await receive_locations(ws, 1)
+    assert msg["tripId"] == "trip_1"
+    assert await nothing_more(ws)
+
+
+async def test_message_is_encoded_once_whatever_the_subscribers(client, monkeypatch):
+    calls = []
+    real = live_module._JSON
+
+    class Counting:
+        def encode(self, obj):
+            calls.append(type(obj).__name__)
+            return real.encode(obj)
+
+    monkeypatch.setattr(live_module, "_JSON", Counting())
+    sockets = [await connect(client) for _ in range(25)]
+    for ws in sockets:
+        await subscribe(ws, ["trip_1"])
+    fanout = client.server.app[FANOUT]
+    frames_before = fanout.frames_built
+    await ping(client, batch(4))
+    received = [await receive_locations(ws, 1) for ws in sockets]
+    assert calls.count("LiveLocations") == 1
+    assert fanout.frames_built - frames_before == 1
+    assert len({json.dumps(r[0], sort_keys=True) for r in received}) == 1
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_a_subscriber_that_never_reads_does_not_block_the_others(make_client):
+    client = await make_client(ws_send_buffer_bytes=32_768, max_pings_per_batch=1000)
+    tok = token("dispatcher", "disp_1", "org_1")
+    # A raw client with a tiny receive window that never reads after the handshake.
+    port = client.server.port
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    raw.sendall(
+        f"GET /api/v1/live?access_token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    sub = json.dumps({"type": "subscribe", "trips": ["trip_1"]}).encode()
+    mask = b"\x00\x00\x00\x00"
+    raw.sendall(bytes([0x81, 0x80 | len(sub)]) + mask + sub)
+    fast = await connect(client)
+    await subscribe(fast, ["trip_1"])
+    await asyncio.sleep(0.3)
+    from ingest import metrics
+
+    closed_before = metrics.WS_SLOW_CLOSED._value.get()
+    for i in range(40):
+        await ping(client, batch(1000, start_ms=now_ms(-3000 - i * 1000), step_ms=1))
+        got = await receive_locations(fast, 1)
+        assert len(got[0]["locations"]) == 1000
+    assert metrics.WS_SLOW_CLOSED._value.get() > closed_before
+    raw.close()
+    await fast.close()
+
+
+async def test_two_processes_share_live_data_through_redis(client, database, redis_prefix):
+    """A ping posted to an ingest-only process reaches a subscriber of another process."""
+    ingest = Service({
+        "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
+        "JWT_SECRET": SECRET, "ROLE": "ingest", "FLUSH_INTERVAL_MS": "20",
+    })  # fmt: skip
+    await ingest.start()
+    try:
+        ws = await connect(client)
+        await subscribe(ws, ["trip_1"])
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{ingest.url}{PING}", json=batch(3), headers=auth()) as r:
+                assert r.status == 200
+            async with s.get(f"{ingest.url}/api/v1/live") as r:
+                assert r.status == 404  # ROLE=ingest serves no WebSockets
+        (msg,) = await receive_locations(ws, 1)
+        assert len(msg["locations"]) == 3
+        await ws.close()
+    finally:
+        code, _, err = await ingest.stop()
+        assert code == 0, err
+
+
+@pytest.fixture
+async def private_redis():
+    """A Redis of this test's own, so it can be stopped and restarted."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed on PATH for this test"
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                return proc
+            except OSError:
+                import time
+
+                time.sleep(0.05)
+        raise RuntimeError("private redis did not start")
+
+    state = {"proc": start()}
+
+    class Handle:
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def stop(self) -> None:
+            state["proc"].kill()
+            state["proc"].wait()
+
+        def restart(self) -> None:
+            state["proc"] = start()
+
+    yield Handle()
+    state["proc"].kill()
+    state["proc"].wait()
+
+
+async def test_redis_outage_ingest_goes_on_and_live_resumes(make_client, db, private_redis):
+    client = await make_client(redis_url=private_redis.url)
+    ws = await connect(client)
+    await subscribe(ws, ["trip_1"])
+    await ping(client, batch(2, start_ms=now_ms(-500)))
+    await receive_locations(ws, 1)
+
+    private_redis.stop()
+    await ping(client, batch(2, start_ms=now_ms(-400)))  # PostgreSQL still commits
+    resp = await client.get("/api/v1/tracking/trips/trip_1/latest", headers=dispatcher())
+    assert resp.status == 200  # served from PostgreSQL
+    private_redis.restart()
+    fanout = client.server.app[FANOUT]
+    for _ in range(100):
+        if fanout.connected.is_set() and (await client.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert fanout.connected.is_set()
+    await ping(client, batch(2, start_ms=now_ms(-300)))
+    msgs = await receive_locations(ws, 1, timeout=10)
+    assert msgs[-1]["tripId"] == "trip_1"
+    assert await db.fetchval('SELECT count(*) FROM "TripLocation"') == 6
+    await ws.close()
