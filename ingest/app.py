@@ -159,7 +159,7 @@ async def on_shutdown(app: web.Application) -> None:
     app[DRAINING][0] = True  # /readyz turns false; new WebSockets are refused
     if BUFFER in app:
         app[BUFFER].close()  # new pings get 503; in-flight ones are flushed at once
-    sockets = list(app[ws.SOCKETS])
+    sockets = app[ws.SOCKETS].copy()
     if sockets:
         closing = [
             s.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for s in sockets

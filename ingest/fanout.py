@@ -171,7 +171,7 @@ class Fanout:
                     if not waiter.done():
                         waiter.set_result(None)
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

@@ -25,7 +25,7 @@ from .schema import (
 from .typedefs import BUFFER, RATE_LIMITER, SETTINGS, VERIFIER
 from .validate import BatchError, batch_id_of, to_records
 
-_DECODERS = {
+_DECODERS: dict[str, msgspec.json.Decoder[PingBatch] | msgspec.msgpack.Decoder[PingBatch]] = {
     "application/json": json_batch_decoder,
     "application/msgpack": msgpack_batch_decoder,
     "application/x-msgpack": msgpack_batch_decoder,

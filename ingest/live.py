@@ -162,8 +162,8 @@ class Live:
 
     async def latest(self, org: str, trip: str) -> bytes | None:
         """The stored latest location JSON of ``trip`` in ``org``; raises on Redis errors."""
-        value: bytes | None = await self.redis.hget(latest_key(self.prefix, org, trip), "v")
-        return value
+        value = await self.redis.hget(latest_key(self.prefix, org, trip), "v")
+        return value.encode() if isinstance(value, str) else value
 
     async def latest_many(self, org: str, trips: list[str]) -> list[bytes | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -178,4 +178,4 @@ class Live:
         key = fleet_key(self.prefix, org)
         raw = await self.redis.zrange(key, "+inf", min_ms, desc=True, byscore=True, offset=0,
                                       num=limit)  # fmt: skip
-        return [t.decode() for t in raw]
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in raw]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 from .schema import Location, PingBatch, Rejected
 
@@ -26,7 +27,17 @@ COLUMNS = (
     "batchId",
 )
 # Indexes into a record, for the stages downstream.
-TRIP, DRIVER, ORG, LAT, LON, ACC, SPEED, HEADING, ALT, TS, BATCH = range(len(COLUMNS))
+TRIP: Final = 0
+DRIVER: Final = 1
+ORG: Final = 2
+LAT: Final = 3
+LON: Final = 4
+ACC: Final = 5
+SPEED: Final = 6
+HEADING: Final = 7
+ALT: Final = 8
+TS: Final = 9
+BATCH: Final = 10
 
 Record = tuple[
     str, str, str | None, float, float, float | None, float | None, float | None, float | None,

@@ -161,7 +161,7 @@ async def live_socket(request: web.Request) -> web.StreamResponse:
             # Whatever is queued may never drain: drop the connection if close hangs.
             asyncio.get_running_loop().call_later(5.0, transport.abort)
 
-    sub = Subscriber(transport, principal.org, close_slow)  # type: ignore[arg-type]
+    sub = Subscriber(transport, principal.org, close_slow)
     session = Session(ws, sub, settings, app[FANOUT], app[LIVE])
     app[SOCKETS].add(ws)
     metrics.WS_CONNECTIONS.inc()
