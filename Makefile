@@ -7,10 +7,11 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: install run test test-fast lint format mypy bench bench-quick all clean
 
 # The same install the Dockerfile runs (pinned runtime deps, then the package), plus dev tools.
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock $(wildcard .ci/install-*-tools)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	for tool in .ci/install-*-tools; do VENV=$(VENV) $$tool || exit 1; done
 	touch $@
 
 install: $(VENV)/.installed
