@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import asyncpg
 
@@ -44,6 +43,9 @@ class Flusher:
         while (batch := await self.buffer.next_batch()) is not None:
             try:
                 await self._commit_with_retry(batch)
+            except Exception as exc:  # a bug, not an outage: fail these requests, keep flushing
+                log.exception("flush_crashed", extra={"rows": len(batch.rows)})
+                _fail(batch.pending, exc)
             finally:
                 self.buffer.done(batch)
 
@@ -58,9 +60,18 @@ class Flusher:
             except store.MissingPartition as exc:
                 await self._create_partitions(exc.rows)
                 continue
-            except _POISON:
-                log.exception("flush_poison", extra={"rows": len(batch.rows)})
-                await self._commit_one_by_one(batch)
+            except _POISON as exc:
+                # PostgreSQL refuses some row for good: find the request it belongs to by
+                # committing each request alone; only that one fails (500).
+                log.exception("flush_refused", extra={"rows": len(batch.rows)})
+                metrics.DB_ERRORS.labels("flush_refused").inc()
+                if len(batch.pending) == 1:
+                    _fail(batch.pending, exc)
+                    return
+                for p in batch.pending:
+                    single = FlushBatch(batch.rows[p.start : p.start + p.count], [p])
+                    p.start = 0
+                    await self._commit_with_retry(single)
                 return
             except Exception as exc:
                 self.db_ok = False
@@ -90,27 +101,13 @@ class Flusher:
             created = await partitions.ensure(conn, months)
         log.info("partitions_created", extra={"partitions": created})
 
-    async def _commit_one_by_one(self, batch: FlushBatch) -> None:
-        """Isolate the request whose rows PostgreSQL refuses; commit the others."""
-        for p in batch.pending:
-            single = FlushBatch(batch.rows[p.start : p.start + p.count], [p])
-            p.start = 0
-            try:
-                await self._commit_with_retry_single(single)
-            except _POISON as exc:
-                if p.future is not None and not p.future.done():
-                    p.future.set_exception(exc)
 
-    async def _commit_with_retry_single(self, batch: FlushBatch) -> None:
-        async with self.pool.acquire() as conn:
-            stored = await store.commit(conn, batch)
-        _resolve(batch.pending)
-        if stored:
-            metrics.PINGS_STORED.inc(len(stored))
-            self.on_committed(stored)
-
-    def now(self) -> datetime:
-        return datetime.now(UTC)
+def _fail(pending: list[Pending], exc: BaseException) -> None:
+    for p in pending:
+        f = p.future
+        if f is not None and not f.done():
+            f.set_exception(exc)
+            f.exception()  # retrieved here: the request may have timed out already
 
 
 def _resolve(pending: list[Pending]) -> None:

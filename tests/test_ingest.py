@@ -212,3 +212,19 @@ async def test_batch_id_records_are_scoped_per_driver(client, db):
         PING, json=batch(2, trip="trip_2", driver="drv_2", batch_id=bid), headers=auth(sub="drv_2")
     )
     assert (await a.json())["accepted"] == 2 and (await b.json())["accepted"] == 2
+
+
+async def test_rows_postgres_refuses_fail_only_their_request(make_client, db):
+    await db.execute(
+        'ALTER TABLE "TripLocation" ADD CONSTRAINT no_evil CHECK ("tripId" <> \'evil\')'
+    )
+    client = await make_client(flush_interval_ms=300)  # both requests in one flush
+    good, evil = batch(3, trip="good"), batch(3, trip="evil")
+    rg, re_ = await asyncio.gather(
+        client.post(PING, json=good, headers=auth()), client.post(PING, json=evil, headers=auth())
+    )
+    assert rg.status == 200 and (await rg.json())["accepted"] == 3
+    assert re_.status == 500 and (await re_.json())["error"] == "storage_error"
+    assert await count(db, "good") == 3 and await count(db, "evil") == 0
+    again = await client.post(PING, json=batch(2, trip="good2"), headers=auth())
+    assert again.status == 200  # the flusher is still alive
