@@ -23,7 +23,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import ingest_api, maintenance, metrics, ops, read_api, ws
+from . import ingest_api, maintenance, metrics, ops, phone_apps, read_api, ws
 from .auth import Verifier
 from .buffer import Buffer
 from .fanout import Fanout
@@ -189,6 +189,7 @@ def create_app(settings: Settings) -> web.Application:
     r = app.router
     if settings.runs_ingest:
         r.add_post("/api/v1/tracking/ping", ingest_api.post_ping)
+        phone_apps.add_routes(r)
     r.add_get("/api/v1/tracking/trips/{tripId}/latest", read_api.latest)
     r.add_get("/api/v1/tracking/trips/{tripId}/locations", read_api.history)
     if settings.runs_live:

@@ -1,0 +1,296 @@
+"""What the phone-app endpoints share: credentials, identity, units, timestamps, submitting.
+
+Each app module maps its own wire format onto schema.PingBatch and hands it to
+ingest_api.submit(), so validation, buffering, COPY, dedup, the durable ack, latest and
+live publishing are exactly those of the native endpoint. Only the answers differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+
+from ..auth import DEV_PRINCIPAL, AuthError, Principal
+from ..ingest_api import Submitted, submit
+from ..responses import error, retry_later
+from ..schema import Location, PingBatch, Rejected
+from ..typedefs import RATE_LIMITER, SETTINGS, VERIFIER
+
+log = logging.getLogger("ingest.phone_apps")
+
+# Units: the native (stored) ones are metres, degrees, m/s and epoch milliseconds.
+KNOT = 1852 / 3600  # m/s in one knot (one nautical mile, 1852 m, per hour)
+KMH = 1 / 3.6  # m/s in one km/h
+# Traccar's rule for epoch numbers: below 2^31 - 1 it is seconds, otherwise milliseconds.
+_INT32_MAX = 2_147_483_647
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENCODINGS = {"", "identity", "gzip", "x-gzip", "deflate"}
+
+BEARER = "Bearer"
+BASIC = 'Basic realm="ingest", charset="UTF-8"'
+
+
+class FormatError(ValueError):
+    """The app's request is malformed: 400, the message names the field."""
+
+
+def invalid(exc: Exception) -> web.Response:
+    return error(400, "invalid_payload", str(exc))
+
+
+# -- who is calling ----------------------------------------------------------------------------
+
+
+def token_of(request: web.Request) -> str | None:
+    """The JWT: a Bearer header, the password of a Basic header, or ?token= / ?access_token=.
+
+    Raises AuthError for an Authorization header of another kind.
+    """
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        if scheme.lower() == "basic":
+            if password := _basic_password(value):
+                return password
+        else:
+            raise AuthError(
+                "Authorization must be 'Bearer <token>', or Basic with the token as password"
+            )
+    return request.query.get("token") or request.query.get("access_token") or None
+
+
+def _basic_password(value: str) -> str:
+    """The password of Basic credentials (base64 of "user:password"); the user is ignored."""
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise AuthError("malformed Basic credentials") from None
+    _, colon, password = decoded.partition(":")
+    if not colon:
+        raise AuthError("malformed Basic credentials")
+    return password
+
+
+def authorize(request: web.Request, challenge: str) -> Principal | web.Response:
+    """The calling driver, or the 401/403 answer."""
+    try:
+        principal = request.app[VERIFIER].verify(token_of(request))
+    except AuthError as exc:
+        return error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": challenge})
+    if principal is not DEV_PRINCIPAL and principal.role != "driver":
+        return error(403, "forbidden", "only driver tokens may post pings")
+    return principal
+
+
+def rate_wait(request: web.Request, principal: Principal) -> float:
+    """Spend one request of the driver's rate limit: 0, or the seconds until one is free.
+    Keyed by (org, sub): driver ids are unique only within an org."""
+    return request.app[RATE_LIMITER].take((principal.org, principal.sub))
+
+
+def rate_limited(wait: float) -> web.Response:
+    return error(
+        429, "rate_limited", "too many requests for this driver",
+        headers={"Retry-After": str(math.ceil(wait))},
+    )  # fmt: skip
+
+
+def ident(value: str, field: str) -> str:
+    value = value.strip()
+    if not 1 <= len(value) <= 64 or _CONTROL.search(value):
+        raise FormatError(f"{field}: must be 1-64 characters, without control characters")
+    return value
+
+
+def identity(principal: Principal, device: str | None, field: str) -> tuple[str, str]:
+    """(tripId, driverId): the device id names the trip, the token's subject is the driver.
+
+    Without a device id the trip is the driver's own id. With AUTH_DISABLED and no token
+    (development) there is no subject, so the device id is the driver too.
+    """
+    trip = ident(device, field) if device is not None and device.strip() else None
+    if principal is DEV_PRINCIPAL:
+        driver = trip or "dev"
+    else:
+        driver = ident(principal.sub, "the token's subject (sub)")
+    return trip or driver, driver
+
+
+# -- units and times ---------------------------------------------------------------------------
+
+
+def unknown_if_negative(value: float | None) -> float | None:
+    """Phones report -1 for a speed or course they do not know."""
+    return None if value is None or value < 0 else value
+
+
+def course(value: float | None) -> float | None:
+    """A heading in [0, 360): -1 means unknown, and 360 (a rounded 359.6) is north."""
+    value = unknown_if_negative(value)
+    return 0.0 if value == 360.0 else value
+
+
+def epoch_ms(value: float, field: str) -> int:
+    """Epoch seconds (below 2^31) or milliseconds, as integer milliseconds."""
+    if isinstance(value, bool) or not math.isfinite(value):
+        raise FormatError(f"{field}: must be a finite number")
+    if abs(value) < _INT32_MAX:
+        return round(value * 1000)
+    return value if isinstance(value, int) else round(value)
+
+
+def datetime_ms(value: datetime) -> int:
+    if value.tzinfo is None:  # no offset given: UTC
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MS  # whole milliseconds, as the native endpoint stores them
+
+
+def time_ms(text: str, field: str) -> int:
+    """Epoch seconds, epoch milliseconds or ISO 8601 (any offset form; none means UTC)."""
+    text = text.strip()
+    try:
+        whole = int(text)
+    except ValueError:
+        pass
+    else:
+        return epoch_ms(whole, field)
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        return epoch_ms(number, field)
+    try:
+        return datetime_ms(datetime.fromisoformat(text))
+    except ValueError:
+        raise FormatError(
+            f"{field}: expected epoch seconds, epoch milliseconds or an ISO 8601 time,"
+            f" got {text[:40]!r}"
+        ) from None
+
+
+def number(text: str, field: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise FormatError(f"{field}: expected a number, got {text[:40]!r}") from None
+    if not math.isfinite(value):
+        raise FormatError(f"{field}: must be a finite number")
+    return value
+
+
+# -- the request body --------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request) -> bytes | web.Response:
+    """The (decompressed) body, or the 413/415 answer, as the native endpoint gives them."""
+    if request.headers.get("Content-Encoding", "").lower() not in _ENCODINGS:
+        return error(415, "unsupported_media_type", "Content-Encoding must be gzip or identity")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        return error(413, "payload_too_large", f"body larger than {limit} bytes")
+
+
+# -- into the pipeline -------------------------------------------------------------------------
+
+
+class Outcome:
+    """What became of every ping of one app request, however many batches it took."""
+
+    __slots__ = ("accepted", "duplicates", "error", "queued", "rejected", "status")
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.accepted = 0
+        self.duplicates = 0
+        self.queued = 0
+        self.rejected: list[Rejected] = []  # pings dropped by a range rule (batch indexes)
+        self.error: tuple[str, str] = ("", "")
+
+    @property
+    def done(self) -> bool:
+        """Every ping is committed (or queued, in ACK_MODE=buffered) or was dropped for good."""
+        return self.status in (200, 202)
+
+    def headers(self, ignored: int = 0) -> dict[str, str]:
+        """Counts for people debugging with curl; the apps ignore them."""
+        out = {
+            "X-Ingest-Accepted": str(self.accepted),
+            "X-Ingest-Duplicates": str(self.duplicates),
+            "X-Ingest-Rejected": str(len(self.rejected)),
+        }
+        if self.queued:
+            out["X-Ingest-Queued"] = str(self.queued)
+        if ignored:
+            out["X-Ingest-Ignored"] = str(ignored)
+        return out
+
+
+def failure(out: Outcome) -> web.Response:
+    """The native error answer of an Outcome that is not stored: 503 + Retry-After, or 500."""
+    code, detail = out.error
+    if out.status == 503:
+        return retry_later(code, detail)
+    return error(out.status, code, detail)
+
+
+def batches(groups: dict[tuple[str, str], list[Location]], max_pings: int) -> Iterable[PingBatch]:
+    """One PingBatch per (trip, driver), split to at most MAX_PINGS_PER_BATCH pings each.
+
+    No batchId: these apps send none, and every ping is deduplicated by (tripId, timestamp)
+    anyway (see docs/phone_apps.md).
+    """
+    for (trip, driver), locations in groups.items():
+        for start in range(0, len(locations), max_pings):
+            yield PingBatch(trip, driver, locations[start : start + max_pings])
+
+
+async def submit_all(
+    app: web.Application, principal: Principal, parts: Iterable[PingBatch], source: str
+) -> Outcome:
+    """Submit every batch at once and fold the results into one Outcome."""
+    results = await asyncio.gather(*(submit(app, principal, b, None) for b in parts))
+    return fold(results, source)
+
+
+def fold(results: Iterable[Submitted], source: str) -> Outcome:
+    """One Outcome for all the batches of a request.
+
+    A batch whose every ping broke a range rule (422 natively) counts as done: those pings
+    can never be stored, and an error would make the app resend them forever, holding up
+    everything queued behind them on the phone. They are logged and counted in metrics.
+    """
+    out = Outcome()
+    any_queued = False
+    for r in results:
+        if r.status in (200, 202, 422):
+            out.accepted += r.accepted
+            out.duplicates += r.duplicates
+            out.queued += r.queued
+            out.rejected.extend(r.rejected)
+            any_queued = any_queued or r.status == 202
+        elif out.status not in (500, 503) or r.status == 503:  # retry-later wins over 500
+            out.status = r.status
+            out.error = r.error or ("internal_error", "")
+    if any_queued and out.status == 200:
+        out.status = 202
+    if out.rejected:
+        log.info(
+            "phone_app_pings_dropped",
+            extra={"app": source, "count": len(out.rejected), "reason": out.rejected[0].reason},
+        )
+    return out
