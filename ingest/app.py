@@ -23,7 +23,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import ingest_api, maintenance, metrics, ops, phone_apps, read_api, ws
+from . import dashboard, ingest_api, maintenance, metrics, ops, phone_apps, read_api, ws
 from .auth import Verifier
 from .buffer import Buffer
 from .fanout import Fanout
@@ -46,7 +46,10 @@ from .typedefs import (
 log = logging.getLogger("ingest.app")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks")
+# The shutdown deadline (loop time), set at SIGTERM; every drain step fits before it.
+DEADLINE: web.AppKey[list[float]] = web.AppKey("deadline")
+# Share of SHUTDOWN_TIMEOUT_S after which requests still waiting for a commit get 503.
+HANDLER_SHARE = 0.5
 
 
 @web.middleware
@@ -98,7 +101,10 @@ async def pg_context(app: web.Application) -> AsyncIterator[None]:
     )  # fmt: skip
     app[POOL] = pool
     yield
-    await pool.close()
+    try:
+        await asyncio.wait_for(pool.close(), 2.0)
+    except TimeoutError:
+        pool.terminate()
 
 
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
@@ -109,7 +115,7 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )  # fmt: skip
-    live = Live(client, s.redis_prefix, s.latest_ttl_s)
+    live = Live(client, s.redis_prefix, s.latest_ttl_s, app[POOL])
     app[LIVE] = live
     task = asyncio.create_task(live.run(), name="live-publisher")
     yield
@@ -136,14 +142,15 @@ async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     app[BUFFER], app[FLUSHER] = buffer, flusher
     task = asyncio.create_task(flusher.run(), name="flusher")
     yield
-    # Final flush: stop taking pings, commit everything buffered, within the time allowed.
+    # Final flush: stop taking pings, commit everything buffered, until the shutdown deadline.
     buffer.close()
-    try:
-        await asyncio.wait_for(asyncio.shield(task), s.shutdown_timeout_s)
+    remaining = app[DEADLINE][0] - asyncio.get_running_loop().time() if app[DEADLINE] else 0.0
+    await asyncio.wait([task], timeout=max(remaining, 0.5))
+    if task.done():
         log.info("drained", extra={"rows_left": buffer.depth})
-    except TimeoutError:
-        task.cancel()
+    else:
         log.error("drain_timeout", extra={"rows_not_committed": buffer.depth})
+        await stop_task(task)
 
 
 async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
@@ -156,9 +163,15 @@ async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
 
 async def on_shutdown(app: web.Application) -> None:
     """Runs after the listening sockets closed, before in-flight requests are awaited."""
+    settings = app[SETTINGS]
+    loop = asyncio.get_running_loop()
     app[DRAINING][0] = True  # /readyz turns false; new WebSockets are refused
+    app[DEADLINE][:] = [loop.time() + settings.shutdown_timeout_s]
     if BUFFER in app:
         app[BUFFER].close()  # new pings get 503; in-flight ones are flushed at once
+        # Requests still waiting at half the time allowed get 503 (retry elsewhere) instead
+        # of a dropped connection; their rows stay buffered for the final flush.
+        loop.call_later(settings.shutdown_timeout_s * HANDLER_SHARE, app[FLUSHER].abandon_waiters)
     sockets = app[ws.SOCKETS].copy()
     if sockets:
         closing = [
@@ -173,6 +186,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe])
     app[SETTINGS] = settings
     app[DRAINING] = [False]
+    app[DEADLINE] = []
     app[VERIFIER] = Verifier(settings)
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app[ws.SOCKETS] = set()
@@ -198,4 +212,6 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/readyz", ops.readyz)
     r.add_get("/metrics", ops.metrics_view)
     r.add_get("/openapi.json", ops.openapi)
+    r.add_get("/", dashboard.index)
+    r.add_get("/static/{name}", dashboard.asset)
     return app

@@ -27,6 +27,10 @@ _POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 OnCommitted = Callable[[list[Record]], None]
 
 
+class ShuttingDown(Exception):
+    """The pod is leaving before this commit could happen: retry elsewhere (503)."""
+
+
 class Flusher:
     def __init__(
         self, settings: Settings, buffer: Buffer, pool: asyncpg.Pool, on_committed: OnCommitted
@@ -36,18 +40,25 @@ class Flusher:
         self.pool = pool
         self.on_committed = on_committed
         self.db_ok = True  # false from a failed flush until the next successful one
-        self.lost_on_shutdown = 0
+        self._current: FlushBatch | None = None
 
     async def run(self) -> None:
         """Flush until the buffer is closed and drained."""
         while (batch := await self.buffer.next_batch()) is not None:
+            self._current = batch
             try:
                 await self._commit_with_retry(batch)
             except Exception as exc:  # a bug, not an outage: fail these requests, keep flushing
                 log.exception("flush_crashed", extra={"rows": len(batch.rows)})
                 _fail(batch.pending, exc)
             finally:
+                self._current = None
                 self.buffer.done(batch)
+
+    def abandon_waiters(self) -> None:
+        """Shutdown: answer every request still waiting for a commit (503), keep the rows."""
+        pending = self.buffer.pending + (self._current.pending if self._current else [])
+        _fail(pending, ShuttingDown())
 
     async def _commit_with_retry(self, batch: FlushBatch) -> None:
         s = self.settings

@@ -13,6 +13,7 @@ from aiohttp import web
 from . import metrics
 from .auth import AuthError, Principal, may_post_as
 from .buffer import BufferFull, Closed
+from .flush import ShuttingDown
 from .responses import error, json_response, retry_later
 from .schema import (
     PingAck,
@@ -175,6 +176,12 @@ async def submit(
         return Submitted(
             503, batch_id, rejected,
             error=("storage_unavailable", "not committed in time; retry the same batch"),
+        )  # fmt: skip
+    except ShuttingDown:
+        metrics.BATCHES.labels("timeout").inc()
+        return Submitted(
+            503, batch_id, rejected,
+            error=("shutting_down", "this instance is shutting down; retry the same batch"),
         )  # fmt: skip
     except Exception:
         metrics.BATCHES.labels("failed").inc()

