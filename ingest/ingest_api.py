@@ -76,6 +76,12 @@ async def post_ping(request: web.Request) -> web.Response:
         )  # fmt: skip
     if request.headers.get("Content-Encoding", "").lower() not in _ENCODINGS:
         return error(415, "unsupported_media_type", "Content-Encoding must be gzip or identity")
+    buffer = app[BUFFER]  # shed load before reading or decoding anything
+    if buffer.closed:
+        return retry_later("shutting_down", "this instance is shutting down, retry")
+    if buffer.depth >= buffer.max_rows:
+        metrics.BATCHES.labels("overloaded").inc()
+        return retry_later("overloaded", "ingest buffer is full, retry later")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:

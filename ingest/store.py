@@ -64,7 +64,11 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch) -> list[Record]:
     """Commit one flush; fill each Pending's accepted/duplicates; return the rows newly stored."""
     rows, pending = batch.rows, batch.pending
     async with conn.transaction():
-        keyed = [p for p in pending if p.batch_id is not None]
+        # Sorted, so two pods claiming the same ids lock them in the same order (no deadlock).
+        keyed = sorted(
+            (p for p in pending if p.batch_id is not None),
+            key=lambda p: (p.driver_id, p.batch_id or ""),
+        )
         if keyed:
             claimed = await conn.fetch(
                 _CLAIM_BATCHES, [p.driver_id for p in keyed], [p.batch_id for p in keyed]
