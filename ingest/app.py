@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -52,6 +53,10 @@ DEADLINE: web.AppKey[list[float]] = web.AppKey("deadline")
 HANDLER_SHARE = 0.5
 
 
+# Label lookups cost more than the observation: keep the children (routes x statuses, bounded).
+_REQUEST_CHILDREN: dict[tuple[str, int], Any] = {}
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request latency by route and status; unexpected errors become a JSON 500."""
@@ -75,7 +80,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
         return error(500, "internal_error", f"request {request_id} failed")
     finally:
-        metrics.REQUESTS.labels(route, str(status)).observe(time.perf_counter() - started)
+        child = _REQUEST_CHILDREN.get((route, status))
+        if child is None:
+            child = _REQUEST_CHILDREN[(route, status)] = metrics.REQUESTS.labels(route, str(status))
+        child.observe(time.perf_counter() - started)
 
 
 async def stop_task(task: asyncio.Task[None], timeout: float = 0.0) -> None:

@@ -22,12 +22,15 @@ class Closed(Exception):
 class Pending:
     """One request's share of a flush: its slice of rows and, once committed, its counts."""
 
-    __slots__ = ("accepted", "batch_id", "count", "driver_id", "duplicates", "future", "start")
+    __slots__ = (
+        "accepted", "arrived", "batch_id", "count", "driver_id", "duplicates", "future", "start",
+    )  # fmt: skip
 
     def __init__(
         self, driver_id: str, batch_id: str | None, start: int, count: int,
-        future: asyncio.Future[None] | None,
+        future: asyncio.Future[None] | None, arrived: float,
     ) -> None:  # fmt: skip
+        self.arrived = arrived  # loop time
         self.driver_id = driver_id
         self.batch_id = batch_id
         self.start = start
@@ -55,14 +58,20 @@ class Buffer:
         self.rows: list[Record] = []
         self.pending: list[Pending] = []
         self.in_flight = 0  # rows taken by a flush that has not finished
+        self._flights: list[FlushBatch] = []
         self.closed = False
-        self._oldest = 0.0
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
 
     @property
     def depth(self) -> int:
         """Rows held in memory: waiting plus being flushed."""
         return len(self.rows) + self.in_flight
+
+    def waited(self) -> float:
+        """Seconds the oldest row held (waiting or being flushed) has been here (0 if none)."""
+        oldest = self._flights[0].pending if self._flights else self.pending
+        return self._loop.time() - oldest[0].arrived if oldest else 0.0
 
     def add(
         self, records: list[Record], driver_id: str, batch_id: str | None, durable: bool
@@ -74,14 +83,12 @@ class Buffer:
             raise BufferFull
         rows = self.rows
         was_empty = not rows
-        future = asyncio.get_running_loop().create_future() if durable else None
-        pending = Pending(driver_id, batch_id, len(rows), n, future)
+        loop = self._loop
+        future = loop.create_future() if durable else None
+        pending = Pending(driver_id, batch_id, len(rows), n, future, loop.time())
         rows.extend(records)
         self.pending.append(pending)
-        if was_empty:
-            self._oldest = asyncio.get_running_loop().time()
-            self._wakeup.set()
-        elif len(rows) >= self.flush_max_rows:
+        if was_empty or len(rows) >= self.flush_max_rows:
             self._wakeup.set()
         return pending
 
@@ -91,24 +98,43 @@ class Buffer:
         self._wakeup.set()
 
     def take(self) -> FlushBatch:
-        batch = FlushBatch(self.rows, self.pending)
-        self.in_flight += len(self.rows)
-        self.rows, self.pending = [], []
+        """Whole requests, up to FLUSH_MAX_ROWS rows (at least one request): a backlog is
+        committed in bounded flushes rather than one that grows with the backlog."""
+        rows, pending = self.rows, self.pending
+        cut, total = 0, 0
+        if len(rows) > self.flush_max_rows:
+            for p in pending:
+                if cut and total + p.count > self.flush_max_rows:
+                    break
+                total += p.count
+                cut += 1
+        if cut in (0, len(pending)):
+            self.rows, self.pending = [], []
+            batch = FlushBatch(rows, pending)
+        else:
+            split = total
+            batch = FlushBatch(rows[:split], pending[:cut])
+            self.rows, self.pending = rows[split:], pending[cut:]
+            for p in self.pending:
+                p.start -= split
+        self.in_flight += len(batch.rows)
+        self._flights.append(batch)
         return batch
 
     def done(self, batch: FlushBatch) -> None:
         self.in_flight -= len(batch.rows)
+        self._flights.remove(batch)
 
     async def next_batch(self) -> FlushBatch | None:
         """Wait until a flush is due (FLUSH_MAX_ROWS waiting, or the oldest row waited
         FLUSH_INTERVAL_MS) and take it; None once closed and empty."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while not self.rows:
             if self.closed:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
-        deadline = self._oldest + self.flush_interval_s
+        deadline = self.pending[0].arrived + self.flush_interval_s
         while len(self.rows) < self.flush_max_rows and not self.closed:
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -87,6 +87,9 @@ class Flusher:
             except Exception as exc:
                 self.db_ok = False
                 metrics.DB_ERRORS.labels("flush").inc()
+                # After a failover or a silent network, no pooled connection can be trusted:
+                # replace them all rather than time out on each in turn.
+                await self.pool.expire_connections()
                 log.warning(
                     "flush_failed",
                     extra={"error": repr(exc), "rows": len(batch.rows), "retry_in_s": delay},

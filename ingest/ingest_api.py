@@ -79,7 +79,7 @@ async def post_ping(request: web.Request) -> web.Response:
     buffer = app[BUFFER]  # shed load before reading or decoding anything
     if buffer.closed:
         return retry_later("shutting_down", "this instance is shutting down, retry")
-    if buffer.depth >= buffer.max_rows:
+    if buffer.depth >= buffer.max_rows or buffer.waited() * 1000 > settings.buffer_max_wait_ms:
         metrics.BATCHES.labels("overloaded").inc()
         return retry_later("overloaded", "ingest buffer is full, retry later")
     try:
@@ -176,7 +176,9 @@ async def submit(
 
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(asyncio.shield(pending.future), settings.ack_timeout_ms / 1000)
+        # On timeout the future is cancelled; the flusher skips done futures, rows stay.
+        async with asyncio.timeout(settings.ack_timeout_ms / 1000):
+            await pending.future
     except TimeoutError:
         metrics.BATCHES.labels("timeout").inc()
         return Submitted(

@@ -12,7 +12,8 @@ Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)] | int
 
 
-class Location(msgspec.Struct, omit_defaults=True):
+# gc=False: these hold only scalars, never cycles, so the garbage collector can skip them.
+class Location(msgspec.Struct, omit_defaults=True, gc=False):
     latitude: float
     longitude: float
     # RFC 3339 with an offset, or epoch milliseconds.
@@ -60,7 +61,7 @@ class Error(msgspec.Struct, omit_defaults=True):
     rejected: list[Rejected] | None = None
 
 
-class StoredLocation(msgspec.Struct, omit_defaults=True):
+class StoredLocation(msgspec.Struct, omit_defaults=True, gc=False):
     """A committed location as the read API and live messages carry it."""
 
     latitude: float

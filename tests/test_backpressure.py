@@ -102,3 +102,24 @@ async def test_database_outage_loses_nothing_acknowledged(make_client, database)
             break
         await asyncio.sleep(0.1)
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_stalled_buffer_sheds_new_batches_before_it_fills(make_client, database):
+    client = await make_client(buffer_max_rows=10_000, buffer_max_wait_ms=300, ack_timeout_ms=3000)
+    locker = await asyncpg.connect(database)
+    tx = locker.transaction()
+    await tx.start()
+    await locker.execute('LOCK TABLE "TripLocation" IN ACCESS EXCLUSIVE MODE')
+    try:
+        waiting = asyncio.ensure_future(client.post(PING, json=batch(5), headers=auth()))
+        await asyncio.sleep(0.6)  # the oldest row has now waited longer than 300 ms
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        resp = await client.post(PING, json=batch(5, trip="late"), headers=auth())
+        assert resp.status == 503 and (await resp.json())["error"] == "overloaded"
+        assert loop.time() - started < 0.5  # answered at once, not after the ack timeout
+        assert "Retry-After" in resp.headers
+    finally:
+        await tx.rollback()
+        await locker.close()
+    assert (await waiting).status == 200  # the stalled batch commits once the lock goes

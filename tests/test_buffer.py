@@ -1,0 +1,68 @@
+"""The buffer alone (no I/O): bounded, flushes in whole requests of at most FLUSH_MAX_ROWS."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ingest.buffer import Buffer, BufferFull, Closed
+
+
+def rows(n: int, tag: str) -> list:
+    return [(tag, i) for i in range(n)]  # stand-ins for records: the buffer never looks inside
+
+
+async def test_take_cuts_at_whole_requests_up_to_flush_max_rows():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=1)
+    for tag, n in (("a", 4), ("b", 4), ("c", 4), ("d", 30)):
+        buf.add(rows(n, tag), "drv", None, durable=True)
+    first = buf.take()
+    assert [p.count for p in first.pending] == [4, 4]  # "c" would overshoot 10
+    assert first.rows == rows(4, "a") + rows(4, "b")
+    second = buf.take()
+    assert [p.count for p in second.pending] == [4]
+    assert second.pending[0].start == 0 and second.rows == rows(4, "c")
+    third = buf.take()  # one request larger than FLUSH_MAX_ROWS goes alone, whole
+    assert third.rows == rows(30, "d") and third.pending[0].start == 0
+    assert buf.depth == 42  # all in flight until done()
+    for b in (first, second, third):
+        buf.done(b)
+    assert buf.depth == 0
+
+
+async def test_the_limit_counts_rows_being_flushed():
+    buf = Buffer(max_rows=10, flush_max_rows=5, flush_interval_s=1)
+    buf.add(rows(5, "a"), "drv", None, durable=False)
+    batch = buf.take()
+    buf.add(rows(5, "b"), "drv", None, durable=False)
+    with pytest.raises(BufferFull):
+        buf.add(rows(1, "c"), "drv", None, durable=False)
+    buf.done(batch)
+    buf.add(rows(1, "c"), "drv", None, durable=False)
+    buf.close()
+    with pytest.raises(Closed):
+        buf.add(rows(1, "d"), "drv", None, durable=False)
+
+
+async def test_a_flush_is_due_at_max_rows_or_after_the_interval():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=0.2)
+    loop = asyncio.get_running_loop()
+    buf.add(rows(3, "a"), "drv", None, durable=False)
+    started = loop.time()
+    batch = await buf.next_batch()
+    assert batch is not None and len(batch.rows) == 3
+    assert loop.time() - started >= 0.15  # waited for the interval
+    buf.done(batch)
+    waiter = asyncio.ensure_future(buf.next_batch())
+    buf.add(rows(3, "b"), "drv", None, durable=False)
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    buf.add(rows(7, "c"), "drv", None, durable=False)  # 10 waiting: due now
+    batch = await asyncio.wait_for(waiter, 0.1)
+    assert len(batch.rows) == 10
+    assert buf.waited() > 0  # being flushed still counts
+    buf.done(batch)
+    assert buf.waited() == 0.0
+    buf.close()
+    assert await buf.next_batch() is None
