@@ -37,9 +37,11 @@ mypy: install
 	$(BIN)/mypy
 
 bench: install
+	VENV=$(VENV) bench/install.sh
 	$(BIN)/python -m bench
 
 bench-quick: install
+	VENV=$(VENV) bench/install.sh
 	$(BIN)/python -m bench --quick
 
 all: lint mypy test

@@ -1,0 +1,6 @@
+"""Benchmarks of the ingest service against a naive reference and its own limits.
+
+Run with ``python -m bench`` (about 4-5 minutes on 2 cores) or ``python -m bench --quick``
+(under a minute). Everything runs on loopback; results go to ``bench/results/``.
+See docs/bench.md.
+"""

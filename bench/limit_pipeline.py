@@ -1,0 +1,113 @@
+"""LIMIT: the bare group-commit pipeline. Decode, append the rows to a list, and await the
+flush: one COPY commits everything appended, then every waiting request is answered. A
+flush starts when the oldest waiting row has waited FLUSH_INTERVAL_MS or FLUSH_MAX_ROWS
+rows are waiting: the service's flush policy, so the two differ only by what the service
+adds. Nothing else: no auth, validation, dedup, Redis, metrics or backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import msgspec
+from aiohttp import web
+
+from ingest.schema import json_batch_decoder
+
+from .httpserve import serve
+
+COLUMNS = ("tripId", "driverId", "orgId", "latitude", "longitude", "accuracy", "speed",
+           "heading", "altitude", "timestamp", "batchId")  # fmt: skip
+INTERVAL_S = int(os.environ.get("FLUSH_INTERVAL_MS", "50")) / 1000
+MAX_ROWS = int(os.environ.get("FLUSH_MAX_ROWS", "5000"))  # the service's default
+
+
+class Pipeline:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.rows: list[tuple[object, ...]] = []
+        self.waiters: list[asyncio.Future[None]] = []
+        self.first = 0.0  # when the oldest waiting row arrived
+        self.wakeup = asyncio.Event()
+        self.flushes, self.flushed_rows, self.flush_s = 0, 0, 0.0  # for GET /stats
+
+    def add(self, rows: Sequence[tuple[object, ...]]) -> asyncio.Future[None]:
+        if not self.rows:
+            self.first = asyncio.get_running_loop().time()
+            self.wakeup.set()
+        self.rows.extend(rows)
+        if len(self.rows) >= MAX_ROWS:
+            self.wakeup.set()
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        return waiter
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.rows:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+            while len(self.rows) < MAX_ROWS and (left := self.first + INTERVAL_S - loop.time()) > 0:
+                self.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), left)
+            rows, waiters = self.rows, self.waiters
+            self.rows, self.waiters = [], []
+            started = loop.time()
+            async with self.pool.acquire() as conn:
+                await conn.copy_records_to_table("TripLocation", records=rows, columns=COLUMNS)
+            for w in waiters:
+                w.set_result(None)
+            self.flushes += 1
+            self.flushed_rows += len(rows)
+            self.flush_s += loop.time() - started
+
+
+PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
+
+
+async def post_ping(request: web.Request) -> web.Response:
+    try:
+        b = json_batch_decoder.decode(await request.read())
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return web.json_response({"error": "invalid_payload", "detail": str(exc)}, status=400)
+    rows = [
+        (b.tripId, b.driverId, None, p.latitude, p.longitude, p.accuracy, p.speed, p.heading,
+         p.altitude, p.timestamp, b.batchId)
+        for p in b.locations
+    ]  # fmt: skip
+    await request.app[PIPELINE].add(rows)
+    return web.Response(body=b'{"accepted":%d}' % len(rows), content_type="application/json")
+
+
+async def stats(request: web.Request) -> web.Response:
+    p = request.app[PIPELINE]
+    n = p.flushes or 1
+    return web.json_response({"flushes": p.flushes, "mean_flush_ms": round(p.flush_s / n * 1000, 2),
+                              "mean_rows_per_flush": round(p.flushed_rows / n)})  # fmt: skip
+
+
+async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=2)
+    app[PIPELINE] = Pipeline(pool)
+    task = asyncio.create_task(app[PIPELINE].run())
+    yield
+    task.cancel()
+    await pool.close()
+
+
+def create_app() -> web.Application:
+    app = web.Application(client_max_size=1 << 20)
+    app.cleanup_ctx.append(pipeline_ctx)
+    app.router.add_post("/api/v1/tracking/ping", post_ping)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+if __name__ == "__main__":
+    serve(create_app())

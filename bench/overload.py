@@ -1,0 +1,144 @@
+"""Paced load on the service: ack latency at half the sustainable rate, and 3x overload.
+
+Both use the open-loop generator (bench/openloop.py) at batch 20 with durable acks. The
+sustainable rate is the service's stored pings/s at batch 20 and 256 connections measured
+earlier in the same run. Overload: 3x that for OVERLOAD seconds, the service's RSS sampled
+every second; then closed-loop wrk at 256 connections shows whether it is back to full rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from . import openloop
+from .contenders import SERVICE
+from .context import Context
+from .load import run_wrk
+from .metrics import flush_summary, scrape
+from .procs import Server, machine_busy_s
+
+BATCH = 20
+MAX_INFLIGHT = 4096  # requests the overload generator keeps outstanding at most
+FLUSH_INTERVAL_MS = 50
+
+
+async def half_rate(ctx: Context, sustainable_pps: float, duration_s: float) -> dict[str, Any]:
+    rate = sustainable_pps / 2 / BATCH
+    await ctx.db.reset()
+    server = ctx.server("service-half-rate", SERVICE.argv(), SERVICE.ready_path)
+    await server.start()
+    try:
+        busy0, cpu0 = machine_busy_s(), sum(server.cpu().values())
+        r = await openloop.run(
+            server.url, str(ctx.json_drivers), rate, BATCH, duration_s, ctx.tag(), workers=1,
+            max_inflight=1024,
+        )  # fmt: skip
+        # Includes the generator's one-second start-up: a slight underestimate of busy cores.
+        wall = duration_s + 1.0
+        busy = (machine_busy_s() - busy0) / wall
+        service = (sum(server.cpu().values()) - cpu0) / wall
+        inside = flush_summary(await scrape(server.url))
+    finally:
+        await server.stop()
+    target = FLUSH_INTERVAL_MS + 50
+    p99 = r["latency_ms"]["p99"]  # type: ignore[index]
+    return {
+        "rate_pings_s": round(rate * BATCH), "rate_req_s": round(rate, 1), "batch": BATCH,
+        "duration_s": duration_s, "totals": r["totals"], "latency_ms": r["latency_ms"],
+        "loadgen_cpu_s": r["loadgen_cpu_s"], "target_p99_ms": target,
+        "service_cpu_util": round(service, 3), "machine_busy_cores": round(busy, 2),
+        "service_metrics": inside,
+        "met": p99 is not None and p99 <= target,
+    }  # fmt: skip
+
+
+async def _sample_rss(server: Server, out: list[dict[str, float]], t0: float) -> None:
+    while True:
+        out.append({"t": round(time.time() - t0, 1), "rss_mib": round(server.rss_mib(), 1)})
+        await asyncio.sleep(1.0)
+
+
+async def _closed_loop(ctx: Context, server: Server, seconds: float) -> dict[str, Any]:
+    """wrk at b20 c256 on the running service: stored pings/s (after a short warm-up), the
+    answers, and the service's flushes over just this stretch."""
+    m0 = await scrape(server.url)
+    t0, busy0 = time.time(), machine_busy_s()
+    w = await asyncio.to_thread(
+        run_wrk, server.url, ctx.lua_drivers, BATCH, 256, seconds, ctx.tag(),
+        int(time.time() * 1000) - 600_000,
+    )  # fmt: skip
+    t1 = time.time()
+    busy = (machine_busy_s() - busy0) / (t1 - t0)
+    m1 = await scrape(server.url)
+    warm = min(1.0, seconds / 4)
+    stored = await ctx.db.count_between(t0 + warm, t1)
+    return {
+        "stored_pps": round(stored / (t1 - t0 - warm)), "statuses": w.statuses,
+        "latency_ms": w.latency_ms, "machine_busy_cores": round(busy, 2),
+        "service_metrics": flush_summary({k: v - m0.get(k, 0.0) for k, v in m1.items()}),
+        "table_rows": await ctx.db.count(),
+    }  # fmt: skip
+
+
+async def overload(
+    ctx: Context, sustainable_pps: float, duration_s: float, recovery_s: float
+) -> dict[str, Any]:
+    """Before (closed loop), 3x open-loop overload, after (closed loop): one service process
+    and one table throughout, so "after" is compared with "before" on the same state."""
+    rate = 3 * sustainable_pps / BATCH
+    await ctx.db.reset()
+    server = ctx.server("service-overload", SERVICE.argv(), SERVICE.ready_path)
+    await server.start()
+    rss: list[dict[str, float]] = []
+    try:
+        ctx.say("overload: before, closed loop (wrk b20 c256)")
+        before = await _closed_loop(ctx, server, recovery_s)
+        t0 = time.time() + 1.0  # the generator starts one second after it is spawned
+        sampler = asyncio.create_task(_sample_rss(server, rss, t0))
+        progress = asyncio.create_task(_progress(ctx, rss, duration_s))
+        m0, cpu0, busy0 = await scrape(server.url), server.cpu(), machine_busy_s()
+        r = await openloop.run(
+            server.url, str(ctx.json_drivers), rate, BATCH, duration_s, ctx.tag(), workers=2,
+            max_inflight=MAX_INFLIGHT,
+        )  # fmt: skip
+        cpu = sum(server.cpu().values()) - sum(cpu0.values())
+        busy = (machine_busy_s() - busy0) / (duration_s + 1.0)
+        m1 = await scrape(server.url)
+        progress.cancel()
+        await asyncio.sleep(1.0)  # let the last answers and flushes finish
+        ctx.say("overload: after, closed loop (wrk b20 c256)")
+        after = await _closed_loop(ctx, server, recovery_s)
+        sampler.cancel()
+        hwm = server.hwm_mib()
+    finally:
+        await server.stop()
+    during = [s for s in rss if s["t"] <= duration_s]
+    tail = [s["rss_mib"] for s in during if s["t"] >= duration_s - min(30.0, duration_s / 2)]
+    after["of_before"] = (
+        round(after["stored_pps"] / before["stored_pps"], 3) if before["stored_pps"] else None
+    )
+    after["of_sustainable"] = round(after["stored_pps"] / sustainable_pps, 3)
+    return {
+        "rate_pings_s": round(rate * BATCH), "rate_req_s": round(rate), "batch": BATCH,
+        "duration_s": duration_s, "max_inflight": MAX_INFLIGHT, "totals": r["totals"],
+        "by_second": r["by_second"], "latency_ms": r["latency_ms"],
+        "loadgen_cpu_s": r["loadgen_cpu_s"], "server_cpu_util": round(cpu / duration_s, 3),
+        "machine_busy_cores": round(busy, 2),
+        "service_metrics": flush_summary({k: v - m0.get(k, 0.0) for k, v in m1.items()}),
+        "rss": rss, "peak_rss_mib": round(hwm, 1),
+        "tail_rss_min_mib": min(tail) if tail else None, "tail_rss_max_mib": max(tail) if tail else None,
+        "tail_window_s": min(30.0, duration_s / 2),
+        "before": before, "recovery": after,
+    }  # fmt: skip
+
+
+async def _progress(ctx: Context, rss: list[dict[str, float]], duration_s: float) -> None:
+    await asyncio.sleep(1.0)
+    while True:
+        await asyncio.sleep(10.0)
+        if rss:
+            ctx.say(
+                f"overload: t={rss[-1]['t']:.0f}/{duration_s:.0f} s, service RSS {rss[-1]['rss_mib']} MiB"
+            )

@@ -1,0 +1,55 @@
+"""What each mode measures, and for how long. The default samples the matrix to stay under
+5 minutes on 2 cores; --full runs all of it; --quick the headline only, briefly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .throughput import Cell
+
+HEADLINE = (20, 256)  # batch, connections: the cell the targets are stated for
+LIMITS = ("pipeline", "decode", "copy")
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    cells: tuple[Cell, ...]
+    duration_s: int  # each throughput cell (wrk takes whole seconds)
+    warm_s: float  # skipped before the measurement window
+    half_rate_s: float
+    fanout_sizes: tuple[int, ...]
+    fanout_phase_s: float
+    fanout_modes: tuple[str, ...]  # of the contender fan-out server
+    overload_s: float
+    recovery_s: float
+    profile_s: float = 5.0
+
+
+def _headline() -> list[Cell]:
+    b, c = HEADLINE
+    return [Cell(k, b, c) for k in ("service", "naive", "pipeline", "decode", "copy")]
+
+
+def quick() -> Plan:
+    return Plan("quick", tuple(_headline()), 3, 0.75, 2.0, (1000,), 1.0, ("frame", "encode"),
+                10.0, 2)  # fmt: skip
+
+
+def default() -> Plan:
+    cells = [*_headline(), Cell("service", 20, 256, "buffered")]
+    for b, c in ((1, 64), (200, 64)):
+        cells += [Cell(k, b, c) for k in ("service", "naive", "pipeline")]
+    return Plan("default", tuple(cells), 6, 1.5, 8.0, (1000, 10_000), 2.0,
+                ("frame", "encode"), 60.0, 6.0)  # fmt: skip
+
+
+def full() -> Plan:
+    cells: list[Cell] = []
+    for b in (1, 20, 200):
+        for c in (64, 256):
+            cells += [Cell(k, b, c) for k in ("service", "naive", "pipeline", "decode")]
+            cells.append(Cell("service", b, c, "buffered"))
+        cells.append(Cell("copy", b, 1))
+    return Plan("full", tuple(cells), 10, 2.0, 10.0, (1000, 10_000), 4.0,
+                ("frame", "send_str", "encode"), 60.0, 10.0)  # fmt: skip

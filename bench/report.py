@@ -1,0 +1,300 @@
+"""Targets, ratios and the Markdown report, from the results of one run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .plan import HEADLINE
+
+
+def loadavg() -> list[str]:
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    pg = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cores": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version(), "postgres_client": pg or "?",
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "loadavg_start": loadavg()}  # fmt: skip
+
+
+def _find(
+    rows: list[dict[str, Any]], contender: str, batch: int, conns: int, ack: str = "durable"
+) -> dict[str, Any] | None:
+    for r in rows:
+        if (
+            r["contender"] == contender
+            and r["batch"] == batch
+            and r["ack"] == ack
+            and (r["conns"] == conns or contender == "copy")
+        ):
+            return r
+    return None
+
+
+def _ratio(a: float | None, row: dict[str, Any] | None, key: str) -> float | None:
+    b = row.get(key) if row else None
+    return round(a / b, 3) if a and b else None
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's pings/s and CPU per 100k pings as ratios to the naive reference and the
+    limits measured at the same batch size and connections."""
+    for r in rows:
+        b, c = r["batch"], r["conns"]
+        naive, pipe, dec = (
+            _find(rows, "naive", b, c),
+            _find(rows, "pipeline", b, c),
+            _find(rows, "decode", b, c),
+        )
+        copy = _find(rows, "copy", b, 1) or next(
+            (x for x in rows if x["contender"] == "copy"), None
+        )
+        r["x_naive"] = _ratio(r["stored_pps"], naive, "stored_pps")
+        r["of_pipeline"] = _ratio(r["stored_pps"], pipe, "stored_pps")
+        r["of_decode"] = _ratio(r["stored_pps"] or r["acked_pps"], dec, "acked_pps")
+        r["of_copy"] = _ratio(r["stored_pps"], copy, "stored_pps")
+        r["cpu_x_naive"] = _ratio(r["server_cpu_per_100k"], naive, "server_cpu_per_100k")
+        r["cpu_x_pipeline"] = _ratio(r["server_cpu_per_100k"], pipe, "server_cpu_per_100k")
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, target: str, measured: Any, met: bool | None) -> None:
+        out.append({"target": name, "wanted": target, "measured": measured, "met": met})
+
+    b, c = HEADLINE
+    svc = _find(res.get("ingest", []), "service", b, c)
+    if svc:
+        x = svc.get("x_naive")
+        add(
+            f"ingest b{b} c{c} durable vs naive",
+            ">= 3x naive",
+            f"{x}x" if x else None,
+            x is not None and x >= 3,
+        )
+        p = svc.get("of_pipeline")
+        add(
+            f"ingest b{b} c{c} durable vs bare pipeline",
+            ">= 80% of pipeline",
+            f"{p:.0%}" if p else None,
+            p is not None and p >= 0.8,
+        )
+    if hr := res.get("half_rate"):
+        p99 = hr["latency_ms"]["p99"]
+        add(
+            f"ack p99 at half rate ({hr['rate_pings_s']:,} pings/s)",
+            f"<= {hr['target_p99_ms']} ms",
+            f"{p99} ms",
+            hr["met"],
+        )
+    fan = res.get("fanout", [])
+    for svc_row in (r for r in fan if r["mode"] == "service"):
+        floor = next(
+            (
+                r
+                for r in fan
+                if r["mode"] == "frame"
+                and r["subscribers"] == svc_row["subscribers"]
+                and r["pattern"] == svc_row["pattern"]
+            ),
+            None,
+        )
+        if floor and floor["us_per_delivery"] and svc_row["us_per_delivery"] is not None:
+            x = svc_row["us_per_delivery"] / floor["us_per_delivery"]
+            svc_row["x_floor"] = round(x, 2)
+            add(
+                f"fan-out {svc_row['subscribers']} {svc_row['pattern']}: time per subscriber per message",
+                "<= 1.5x floor",
+                f"{svc_row['us_per_delivery']} us = {x:.2f}x floor ({floor['us_per_delivery']} us)",
+                x <= 1.5,
+            )
+        if svc_row["subscribers"] == 1000 and svc_row["pattern"] == "hot":
+            p99 = svc_row["latency_ms"]["p99"]
+            add(
+                "fan-out 1000 hot: received by all, p99",
+                "100%, p99 < 100 ms",
+                f"{svc_row['received_by_all']:.0%}, p99 {p99} ms",
+                svc_row["received_by_all"] == 1 and p99 is not None and p99 < 100,
+            )
+    for r in fan:
+        if r["mode"] != "service":
+            floor = next(
+                (
+                    f
+                    for f in fan
+                    if f["mode"] == "frame"
+                    and f["subscribers"] == r["subscribers"]
+                    and f["pattern"] == r["pattern"]
+                ),
+                None,
+            )
+            if floor and floor["us_per_delivery"] and r["us_per_delivery"]:
+                r["x_floor"] = round(r["us_per_delivery"] / floor["us_per_delivery"], 2)
+    if ov := res.get("overload"):
+        flat = ov["tail_rss_max_mib"] is not None and ov["tail_rss_max_mib"] - ov[
+            "tail_rss_min_mib"
+        ] <= max(16.0, 0.1 * ov["tail_rss_max_mib"])
+        ov["tail_flat"] = flat
+        add(
+            "overload 3x: peak RSS",
+            "< 512 MiB",
+            f"{ov['peak_rss_mib']} MiB",
+            ov["peak_rss_mib"] < 512,
+        )
+        add(
+            f"overload 3x: RSS flat over last {ov['tail_window_s']:.0f} s",
+            "max - min <= max(16 MiB, 10%)",
+            f"{ov['tail_rss_min_mib']}-{ov['tail_rss_max_mib']} MiB",
+            flat,
+        )
+        n503 = ov["totals"].get("503", 0)
+        add("overload 3x: answers 503 (Retry-After)", "> 0", n503, n503 > 0)
+        rec = ov["recovery"].get("of_before")
+        if rec is not None:
+            add(
+                "overload 3x: recovers to full rate",
+                ">= 90% of before (same process, same table)",
+                f"{rec:.0%}",
+                rec >= 0.9,
+            )
+        else:  # results of a run before the "before" measurement existed
+            rec = ov["recovery"]["of_sustainable"]
+            add(
+                "overload 3x: recovers to full rate",
+                ">= 90% of sustainable",
+                f"{rec:.0%}",
+                rec >= 0.9,
+            )
+    return out
+
+
+def _f(v: Any, fmt: str = "{:,}") -> str:
+    if v is None:
+        return "-"
+    return fmt.format(v)
+
+
+def _closed_loop_line(when: str, c: dict[str, Any]) -> str:
+    """One sentence on a closed-loop stretch of the overload stage."""
+    parts = [f"{when}, closed loop b20 c256: {c['stored_pps']:,} stored pings/s"]
+    if c.get("of_before") is not None:
+        parts.append(f"{c['of_before']:.0%} of before")
+    parts.append(f"answers {c['statuses']}, p50 {c['latency_ms']['p50']} ms")
+    parts.append(f"machine busy {c.get('machine_busy_cores', '-')} cores")
+    if inside := c.get("service_metrics"):
+        parts.append(
+            f"{inside['flushes']} flushes of {inside['mean_rows_per_flush']} rows, {inside['mean_flush_ms']} ms each"
+        )
+    if "table_rows" in c:
+        parts.append(f"table at {c['table_rows']:,} rows after it")
+    return "; ".join(parts) + "."
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    L = [f"# ingest benchmark ({res['plan']})", "",
+         f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']},"
+         f" {m['postgres_client']}; PostgreSQL, Redis, load generators and contenders all on this host, loopback."
+         f" Load average {' '.join(m['loadavg_start'])} at start, {' '.join(res.get('loadavg_end', []))} at the end;"
+         f" 'other busy cores' is CPU used during a window by processes not under test (the machine was shared).",
+         f"Run took {res['elapsed_s']} s.", ""]  # fmt: skip
+    L += ["## Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    for t in res["targets"]:
+        L.append(
+            f"| {t['target']} | {t['wanted']} | {_f(t['measured'], '{}')} | {'yes' if t['met'] else 'NO'} |"
+        )
+    if rows := res.get("ingest"):
+        L += ["", "## Ingest (closed loop, wrk)", "",
+              "Stored pings/s counted in PostgreSQL over the measurement window; CPU is seconds per 100k stored pings.", "",
+              "| cell | contender | stored pings/s | acked pings/s | p50 ms | p99 ms | CPU s/100k | PG CPU s/100k | peak RSS MiB | x naive | of pipeline | of decode | of COPY | wrk CPU | other busy cores |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+        for r in rows:
+            lat = r["latency_ms"] or {}
+            L.append(
+                f"| b{r['batch']} c{r['conns']} {r['ack']} | {r['label']} | {_f(r['stored_pps'])} | {_f(r['acked_pps'])}"
+                f" | {_f(lat.get('p50'), '{}')} | {_f(lat.get('p99'), '{}')} | {_f(r['server_cpu_per_100k'], '{}')}"
+                f" | {_f(r['pg_cpu_per_100k'], '{}')} | {r['peak_rss_mib']} | {_f(r.get('x_naive'), '{}x')}"
+                f" | {_f(r.get('of_pipeline'), '{:.0%}')} | {_f(r.get('of_decode'), '{:.0%}')} | {_f(r.get('of_copy'), '{:.0%}')}"
+                f" | {_f(r['loadgen_cpu_util'], '{:.0%}')} | {r['other_busy_cores']} |"
+            )
+        flushing = [r for r in rows if r.get("flushes")]
+        if flushing:
+            L += ["", "Group commit as seen from inside (the service's /metrics, the pipeline's /stats; whole run incl. warm-up):", "",
+                  "| cell | contender | flushes | rows per flush | flush ms | ack wait ms |", "|---|---|--:|--:|--:|--:|"]  # fmt: skip
+            for r in flushing:
+                f = r["flushes"]
+                L.append(f"| b{r['batch']} c{r['conns']} {r['ack']} | {r['label']} | {f['flushes']} | {_f(f['mean_rows_per_flush'])}"
+                         f" | {_f(f['mean_flush_ms'], '{}')} | {_f(f.get('mean_ack_wait_ms'), '{}')} |")  # fmt: skip
+    if hr := res.get("half_rate"):
+        lat = hr["latency_ms"]
+        L += ["", "## Ack latency at half the sustainable rate (open loop, durable, batch 20)", "",
+              f"{hr['rate_pings_s']:,} pings/s ({hr['rate_req_s']} req/s) for {hr['duration_s']} s: p50 {lat['p50']} ms,"
+              f" p90 {lat['p90']} ms, p99 {lat['p99']} ms, max {lat['max']} ms (from each request's scheduled send time);"
+              f" answers {hr['totals']}; generator CPU {hr['loadgen_cpu_s']} s; service CPU {hr['service_cpu_util']:.0%} of a core;"
+              f" machine busy {hr['machine_busy_cores']} of {res['machine']['cores']} cores."]  # fmt: skip
+        if inside := hr.get("service_metrics"):
+            L += ["", f"Inside the service: {inside['flushes']} flushes of {inside['mean_rows_per_flush']} rows on average,"
+                  f" {inside['mean_flush_ms']} ms each; its own ack wait (buffer to commit) {inside['mean_ack_wait_ms']} ms on"
+                  f" average, p99 <= {inside['ack_wait_p99_le_ms']} ms (histogram bucket)."]  # fmt: skip
+    if fan := res.get("fanout"):
+        L += ["", "## Fan-out (WebSocket subscribers in 2 other processes)", "",
+              "Server CPU time per subscriber per message; the service's is net of a baseline that posts the same pings with nobody subscribed.", "",
+              "| server | pattern | subscribers | us/sub/msg | x floor | p50 ms | p99 ms | max ms | deliveries/s | received by all | machine busy cores |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+        names = {
+            "service": "ingest (this service)",
+            "frame": "floor: pre-built frame",
+            "send_str": "aiohttp send_str (encode once)",
+            "encode": "per-subscriber encode",
+        }
+        for r in fan:
+            lat = r["latency_ms"]
+            L.append(
+                f"| {names.get(r['mode'], r['mode'])} | {r['pattern']} ({r['trips']} trips) | {r['subscribers']:,} | {_f(r['us_per_delivery'], '{}')}"
+                f" | {_f(r.get('x_floor'), '{}x')} | {_f(lat['p50'], '{}')} | {_f(lat['p99'], '{}')} | {_f(lat['max'], '{}')}"
+                f" | {_f(r['deliveries_per_s'])} | {r['received_by_all']:.0%} | {r['machine_busy_cores']} |"
+            )
+    if ov := res.get("overload"):
+        t, lat = ov["totals"], ov["latency_ms"]
+        L += ["", "## Overload (open loop, 3x the sustainable rate, durable, batch 20)", "",
+              f"Offered {ov['rate_pings_s']:,} pings/s ({ov['rate_req_s']:,} req/s) for {ov['duration_s']:.0f} s, at most"
+              f" {ov['max_inflight']} requests in flight (beyond that the generator sheds). Answers: {t}."
+              f" 2xx latency p50 {lat['p50']} ms, p99 {lat['p99']} ms. Service CPU {ov['server_cpu_util']:.0%} of a core"
+              f" (machine busy {ov['machine_busy_cores']} of {res['machine']['cores']} cores);"
+              f" generator CPU {ov['loadgen_cpu_s']} s. Peak RSS {ov['peak_rss_mib']} MiB; last {ov['tail_window_s']:.0f} s"
+              f" {ov['tail_rss_min_mib']}-{ov['tail_rss_max_mib']} MiB."]  # fmt: skip
+        if inside := ov.get("service_metrics"):
+            L += ["", f"Inside the service during the overload: batches by outcome {inside['batches']};"
+                  f" {inside['flushes']} flushes of {inside['mean_rows_per_flush']} rows, {inside['mean_flush_ms']} ms each;"
+                  f" ack wait (buffer to commit) {inside['mean_ack_wait_ms']} ms on average. The rest of a client's"
+                  " latency was spent before the handler ran."]  # fmt: skip
+        for name in ("before", "recovery"):
+            if (c := ov.get(name)) is not None:
+                L += ["", _closed_loop_line("Before" if name == "before" else "After", c)]
+    if pr := res.get("profile"):
+        L += ["", "## Profile of the service (py-spy, headline load)", ""]
+        if "error" in pr:
+            L.append(f"py-spy failed: {pr['error']}")
+        else:
+            note = f" {pr['note']}" if pr.get("note") else ""
+            L += [f"{pr['samples']} samples (py-spy --native, 100 Hz) over {pr['duration_s']} s at b{pr['batch']} c{pr['conns']};"
+                  f" raw stacks in `{pr['raw']}`.{note}", "",
+                  "| by package (leaf frame) | % |", "|---|--:|"]  # fmt: skip
+            L += [f"| {k} | {v} |" for k, v in pr["by_package_pct"]]
+            L += ["", "| function (inclusive) | % |", "|---|--:|"]
+            L += [f"| `{k}` | {v} |" for k, v in pr["inclusive_pct"]]
+            L += ["", "| function (self) | % |", "|---|--:|"]
+            L += [f"| `{k}` | {v} |" for k, v in pr["self_pct"]]
+    return "\n".join(L) + "\n"
