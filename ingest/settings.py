@@ -49,7 +49,7 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Flusher retry backoff when PostgreSQL fails (doubles up to the max).
     flush_retry_min_ms: PositiveInt = 100
     flush_retry_max_ms: PositiveInt = 5_000
-    flush_timeout_s: PositiveFloat = 30.0
+    flush_timeout_s: PositiveFloat = 10.0  # a flush normally takes tens of ms
     db_pool_max: Annotated[int, msgspec.Meta(ge=2)] = 8
     # Batch ids are remembered this long for replay detection; pings stay deduplicated by
     # (tripId, timestamp) forever.
