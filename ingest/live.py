@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
+import operator
 import time
 from datetime import UTC
 
@@ -97,22 +99,28 @@ def glob_escape(s: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
-def stored_location(r: Record) -> StoredLocation:
-    ts = r[TS]
-    if ts.tzinfo is not UTC:
-        ts = ts.astimezone(UTC)
-    return StoredLocation(r[LAT], r[LON], ts, r[ACC], r[SPEED], r[HEADING], r[ALT])
+_TRIP_OF = operator.itemgetter(ORG, TRIP)
+_TS_OF = operator.itemgetter(TS)
 
 
 def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[object]]:
-    """One item per (org, trip): its latest location and its live message, each encoded once."""
-    by_trip: dict[tuple[str | None, str], list[Record]] = collections.defaultdict(list)
-    for r in rows:
-        by_trip[(r[ORG], r[TRIP])].append(r)
+    """One item per (org, trip): its latest location and its live message, each encoded once.
+
+    Per row this is one StoredLocation and nothing else: rows arrive in runs of one request
+    (grouped in C by groupby), timestamps are already UTC (validate.py), sorting is by itemgetter.
+    """
+    by_trip: dict[tuple[str | None, str], list[Record]] = {}
+    for key, run in itertools.groupby(rows, _TRIP_OF):
+        got = by_trip.get(key)
+        if got is None:
+            by_trip[key] = list(run)
+        else:
+            got.extend(run)
     items: list[list[object]] = []
+    loc = StoredLocation
     for (org, trip), recs in by_trip.items():
-        recs.sort(key=lambda r: r[TS])
-        locs = [stored_location(r) for r in recs]
+        recs.sort(key=_TS_OF)
+        locs = [loc(r[LAT], r[LON], r[TS], r[ACC], r[SPEED], r[HEADING], r[ALT]) for r in recs]
         newest, driver = recs[-1], recs[-1][DRIVER]
         ts_ms = int(newest[TS].timestamp() * 1000)
         # As str: Redis's Lua cmsgpack cannot read msgpack's bin type.

@@ -116,6 +116,8 @@ def to_records(
             us = ts.microsecond  # type: ignore[union-attr]
             if us % 1000:  # stored to the millisecond: truncate so dedup keys agree
                 ts = ts.replace(microsecond=us - us % 1000)  # type: ignore[union-attr]
+            if ts.tzinfo is not UTC:  # type: ignore[union-attr]  # published as Z downstream
+                ts = ts.astimezone(UTC)  # type: ignore[union-attr]
         acc, speed, heading, alt = loc.accuracy, loc.speed, loc.heading, loc.altitude
         if (
             ts_ok
