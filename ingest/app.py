@@ -20,7 +20,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, web
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -135,11 +135,16 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
 
 async def fanout_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    fanout = Fanout(app[LIVE].redis, s.ws_send_buffer_bytes)
+    # Its own client, without redis-py's retries: the listener reconnects by itself, and a
+    # retry loop inside redis-py would hold it (and shutdown) while Redis is away.
+    client = aioredis.from_url(s.redis_url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+    fanout = Fanout(client, s.ws_send_buffer_bytes)
     app[FANOUT] = fanout
     task = asyncio.create_task(fanout.run(), name="pubsub-listener")
     yield
-    await stop_task(task)
+    await fanout.stop()
+    await stop_task(task, timeout=2.0)
+    await client.aclose()
 
 
 async def flusher_context(app: web.Application) -> AsyncIterator[None]:
@@ -191,7 +196,13 @@ async def on_shutdown(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[observe],
+        # Bodies are decoded by body.read_body, which answers 415 for encodings it does not
+        # decode (aiohttp answers br/zstd with a text 400 before any handler runs).
+        handler_args={"auto_decompress": False},
+    )
     app[SETTINGS] = settings
     app[DRAINING] = [False]
     app[DEADLINE] = []

@@ -58,6 +58,7 @@ class Fanout:
         self._pubsub: aioredis.client.PubSub | None = None
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
         self.connected = asyncio.Event()
+        self._stopping = False
         self.frames_built = 0  # counted by tests: one per message, whatever the subscribers
 
     # -- subscriptions -------------------------------------------------------------------
@@ -153,9 +154,9 @@ class Fanout:
     # -- the listener ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Listen until cancelled; reconnect and resubscribe whenever Redis goes away."""
+        """Listen until stop(); reconnect and resubscribe whenever Redis goes away."""
         delay = 0.1
-        while True:
+        while not self._stopping:
             pubsub = self.redis.pubsub()
             try:
                 await self._listen(pubsub)
@@ -172,8 +173,17 @@ class Fanout:
                         waiter.set_result(None)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            if not self._stopping:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def stop(self) -> None:
+        """End run(): by a flag and by closing the connection it reads from, since redis-py
+        can swallow a cancellation that lands inside its reconnect path."""
+        self._stopping = True
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
         # A placeholder channel keeps the connection in subscribed mode even with no sockets.
@@ -186,7 +196,7 @@ class Fanout:
         self.connected.set()
         log.info("pubsub_connected", extra={"channels": len(self.channels)})
         deliver = self.deliver
-        while True:
+        while not self._stopping:
             msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=5.0)
             if msg is None:
                 await pubsub.ping()

@@ -12,10 +12,12 @@ from aiohttp import web
 
 from . import metrics
 from .auth import AuthError, Principal, may_post_as
+from .body import read_body, unsupported
 from .buffer import BufferFull, Closed
 from .flush import ShuttingDown
 from .responses import error, json_response, retry_later
 from .schema import (
+    DECODE_ERRORS,
     PingAck,
     PingBatch,
     PingQueued,
@@ -31,7 +33,6 @@ _DECODERS: dict[str, msgspec.json.Decoder[PingBatch] | msgspec.msgpack.Decoder[P
     "application/msgpack": msgpack_batch_decoder,
     "application/x-msgpack": msgpack_batch_decoder,
 }
-_ENCODINGS = {"", "identity", "gzip", "x-gzip", "deflate"}
 
 
 def authenticate(request: web.Request) -> Principal:
@@ -61,7 +62,8 @@ async def post_ping(request: web.Request) -> web.Response:
         return unauthorized(exc)
     if principal.role != "driver" and not settings.auth_disabled:
         return error(403, "forbidden", "only driver tokens may post pings")
-    wait = app[RATE_LIMITER].take(principal.sub)
+    # Keyed by (org, sub): driver ids are unique only within an org.
+    wait = app[RATE_LIMITER].take((principal.org, principal.sub))
     if wait:
         metrics.RATE_LIMITED.inc()
         return error(
@@ -74,21 +76,21 @@ async def post_ping(request: web.Request) -> web.Response:
             415, "unsupported_media_type",
             "Content-Type must be application/json or application/msgpack",
         )  # fmt: skip
-    if request.headers.get("Content-Encoding", "").lower() not in _ENCODINGS:
-        return error(415, "unsupported_media_type", "Content-Encoding must be gzip or identity")
+    refused = unsupported(request)
+    if refused is not None:
+        return refused
     buffer = app[BUFFER]  # shed load before reading or decoding anything
     if buffer.closed:
         return retry_later("shutting_down", "this instance is shutting down, retry")
     if buffer.depth >= buffer.max_rows or buffer.waited() * 1000 > settings.buffer_max_wait_ms:
         metrics.BATCHES.labels("overloaded").inc()
         return retry_later("overloaded", "ingest buffer is full, retry later")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, "payload_too_large", f"body larger than {settings.max_body_bytes} bytes")
+    body = await read_body(request, settings.max_body_bytes)
+    if isinstance(body, web.Response):
+        return body
     try:
         batch: PingBatch = decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except DECODE_ERRORS as exc:
         return error(400, "invalid_payload", str(exc))
     if not may_post_as(principal, batch.driverId, settings.auth_disabled):
         return error(403, "forbidden", "driverId does not match the token's subject")

@@ -73,26 +73,33 @@ CROSS JOIN LATERAL (
 """
 
 
+def _org(org: str | None) -> str:
+    """The org as a name part: ':' (and '%') escaped, so that org "a" with trip "b:t" and
+    org "a:b" with trip "t" never share a key or a channel, nor "a"'s fleet pattern."""
+    return (org or "").replace("%", "%25").replace(":", "%3A")
+
+
 def latest_key(prefix: str, org: str | None, trip: str) -> str:
-    return f"{prefix}{LATEST_KEY}{org or ''}:{trip}"
+    return f"{prefix}{LATEST_KEY}{_org(org)}:{trip}"
 
 
 def key_org(key: str, prefix: str, trip: str) -> str:
     """The org part of a latest key built by latest_key()."""
-    return key[len(prefix) + len(LATEST_KEY) : len(key) - len(trip) - 1]
+    part = key[len(prefix) + len(LATEST_KEY) : len(key) - len(trip) - 1]
+    return part.replace("%3A", ":").replace("%25", "%")
 
 
 def fleet_key(prefix: str, org: str | None) -> str:
-    return f"{prefix}{FLEET_KEY}{org or ''}"
+    return f"{prefix}{FLEET_KEY}{_org(org)}"
 
 
 def trip_channel(prefix: str, org: str | None, trip: str) -> str:
-    return f"{prefix}{LIVE_CHANNEL}{org or ''}:{trip}"
+    return f"{prefix}{LIVE_CHANNEL}{_org(org)}:{trip}"
 
 
 def fleet_pattern(prefix: str, org: str) -> str:
     """Glob matching every trip channel of ``org``; glob characters in names are escaped."""
-    return glob_escape(f"{prefix}{LIVE_CHANNEL}{org}:") + "*"
+    return glob_escape(f"{prefix}{LIVE_CHANNEL}{_org(org)}:") + "*"
 
 
 def glob_escape(s: str) -> str:

@@ -1,4 +1,10 @@
-"""OpenAPI 3.1 document generated from the msgspec wire types."""
+"""OpenAPI 3.1 document generated from the msgspec wire types.
+
+The types give the shape (what a 400 rejects); the per-ping range rules of validate.py are
+added to the Location schema as documentation, since a ping that breaks them is listed in
+``rejected`` rather than failing the request. The live WebSocket is described in the README:
+OpenAPI has no way to describe its messages.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +29,71 @@ def _err(description: str) -> dict[str, Any]:
     return {"description": description, **_json("Error")}
 
 
-_AUTH_ERRORS = {"401": _err("Missing, expired or invalid token")}
+_AUTH_ERRORS = {
+    "401": {
+        **_err("Missing, expired or invalid token"),
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
+    }
+}
 _TRIP = {"name": "tripId", "in": "path", "required": True, "schema": {"type": "string"}}
+_NO_STORE = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
+# RFC 3339 with an offset, or epoch milliseconds (13 digits reach the year 2286).
+_TIME_PARAM = {
+    "anyOf": [
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "pattern": "^-?[0-9]{1,13}$"},
+    ]
+}
+# Per-ping rules (validate.py): a ping that breaks one is rejected alone, listed in `rejected`.
+_PER_PING = "A ping outside this range is rejected alone and listed in `rejected`."
+_PING_RULES: dict[str, dict[str, Any]] = {
+    "latitude": {"minimum": -90, "maximum": 90},
+    "longitude": {"minimum": -180, "maximum": 180},
+    "accuracy": {"minimum": 0},
+    "speed": {"minimum": 0},
+    "heading": {"minimum": 0, "exclusiveMaximum": 360},
+}
+_TIMESTAMP_DOC = (
+    "RFC 3339 with an offset, or epoch milliseconds; stored to the millisecond. A ping more"
+    " than MAX_CLOCK_SKEW_S ahead of the server clock or older than MAX_PING_AGE_DAYS is"
+    " rejected alone and listed in `rejected`."
+)
+
+
+def _phone_app_paths(retry: dict[str, Any]) -> dict[str, Any]:
+    """The phone apps' endpoints (docs/phone_apps.md); their bodies are the apps' formats."""
+    apps = {
+        "/api/v1/ingest/owntracks": ("post", "OwnTracks HTTP mode: one message", "200 []"),
+        "/api/v1/ingest/osmand": ("post", "Traccar Client / OsmAnd protocol: one fix", "200"),
+        "/api/v1/ingest/overland": ("post", "Overland: a batch of GeoJSON points", "200 ok"),
+    }
+    out: dict[str, Any] = {}
+    for path, (method, summary, ok) in apps.items():
+        op = {
+            "summary": summary,
+            "description": "See docs/phone_apps.md for the fields, identity and answers.",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {"description": f"Committed ({ok}), or dropped by a range rule"},
+                "400": _err("Malformed; detail names the field"),
+                **_AUTH_ERRORS,
+                "403": _err("Not a driver token"),
+                "429": {**_err("Per-driver rate limit"), "headers": retry},
+                "503": {**_err("Overloaded or storage unavailable"), "headers": retry},
+            },
+        }
+        out[path] = {method: op}
+    out["/api/v1/ingest/osmand"]["get"] = out["/api/v1/ingest/osmand"]["post"]
+    owntracks = out["/api/v1/ingest/owntracks"]["post"]["responses"]
+    # OwnTracks drops a message on any answer: overload closes the connection instead.
+    for code in ("429", "503"):
+        del owntracks[code]
+    # OwnTracks authenticates with HTTP Basic (the token as the password).
+    owntracks["401"] = {
+        **_err("Missing, expired or invalid token"),
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string", "pattern": "^Basic "}}},
+    }
+    return out
 
 
 def _paths() -> dict[str, Any]:
@@ -55,13 +124,18 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        **_phone_app_paths(retry),
         "/api/v1/tracking/trips/{tripId}/latest": {
             "get": {
                 "summary": "Newest location of a trip",
                 "security": [{"bearer": []}],
                 "parameters": [_TRIP],
                 "responses": {
-                    "200": {"description": "Latest location", **_json("LatestLocation")},
+                    "200": {
+                        "description": "Latest location",
+                        **_json("LatestLocation"),
+                        "headers": _NO_STORE,
+                    },
                     **_AUTH_ERRORS,
                     "404": _err("Unknown trip (or not visible to this token)"),
                 },
@@ -74,17 +148,19 @@ def _paths() -> dict[str, Any]:
                 "parameters": [
                     _TRIP,
                     *(
-                        {
-                            "name": n,
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string"},
-                            "description": d,
-                        }
-                        for n, d in (
-                            ("from", "Inclusive start: RFC 3339 with offset, or epoch ms"),
-                            ("to", "Exclusive end: RFC 3339 with offset, or epoch ms"),
-                            ("cursor", "nextCursor of the previous page"),
+                        {"name": n, "in": "query", "required": False, "schema": s, "description": d}
+                        for n, s, d in (
+                            (
+                                "from",
+                                _TIME_PARAM,
+                                "Inclusive start: RFC 3339 with offset, or epoch ms",
+                            ),
+                            ("to", _TIME_PARAM, "Exclusive end: RFC 3339 with offset, or epoch ms"),
+                            (
+                                "cursor",
+                                {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"},
+                                "nextCursor of the previous page (opaque; 400 if not one of ours)",
+                            ),
                         )
                     ),
                     {
@@ -95,7 +171,11 @@ def _paths() -> dict[str, Any]:
                     },
                 ],
                 "responses": {
-                    "200": {"description": "A page of locations", **_json("LocationPage")},
+                    "200": {
+                        "description": "A page of locations",
+                        **_json("LocationPage"),
+                        "headers": _NO_STORE,
+                    },
                     "400": _err("Invalid query parameter"),
                     **_AUTH_ERRORS,
                     "404": _err("Unknown trip (or not visible to this token)"),
@@ -121,6 +201,12 @@ def openapi_document() -> bytes:
     _, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
+    props = components["Location"]["properties"]
+    for name, rule in _PING_RULES.items():
+        number = {"type": "number", **rule, "description": _PER_PING}
+        optional = "anyOf" in props[name]  # float | None
+        props[name] = {**props[name], "anyOf": [number, {"type": "null"}]} if optional else number
+    props["timestamp"]["description"] = _TIMESTAMP_DOC
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "ingest", "version": __version__},

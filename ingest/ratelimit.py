@@ -1,8 +1,14 @@
-"""Per-driver token bucket for ingest requests (429 with Retry-After when empty)."""
+"""Per-driver token bucket for ingest requests (429 with Retry-After when empty).
+
+Buckets live in this process: with N pods behind a balancer a driver may send up to N times
+the rate. That is fine for its purpose, which is to stop one runaway phone from taking a
+pod's capacity; it is not a quota.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 
 _MAX_KEYS = 100_000
 
@@ -11,10 +17,11 @@ class RateLimiter:
     def __init__(self, rate_per_s: float, burst: int) -> None:
         self.rate = rate_per_s
         self.burst = float(burst)
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, last refill)
 
-    def take(self, key: str) -> float:
-        """Spend one token; return 0 if allowed, else the seconds until one is available."""
+    def take(self, key: Hashable) -> float:
+        """Spend one token of ``key``'s bucket (a driver: key it by (org, sub), since driver
+        ids are unique only within an org); 0 if allowed, else the seconds until one is."""
         now = time.monotonic()
         tokens, last = self._buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)

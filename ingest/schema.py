@@ -7,8 +7,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
-# 1-64 characters, no control characters.
-Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# 1-64 characters, no control characters (C0, DEL and C1: they reach logs and dashboards).
+Ident = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")
+]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)] | int
 
 
@@ -120,6 +122,11 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="type"):
 
 
 ClientMessage = Subscribe | Unsubscribe
+
+# What decoding a client's bytes can raise besides msgspec's errors (a ValidationError is a
+# DecodeError): RecursionError for nesting deeper than the stack, even in an ignored field,
+# and UnicodeDecodeError for a string that is not UTF-8. Each is the client's 400.
+DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 json_batch_decoder = msgspec.json.Decoder(PingBatch)
 msgpack_batch_decoder = msgspec.msgpack.Decoder(PingBatch)

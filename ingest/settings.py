@@ -88,10 +88,6 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
         return self.role in ("all", "live")
 
     @property
-    def jwt_algorithms(self) -> list[str]:
-        return ["RS256", "ES256"] if self.jwt_public_key else ["HS256"]
-
-    @property
     def jwt_verify_key(self) -> str | None:
         return self.jwt_public_key or self.jwt_secret
 
@@ -116,6 +112,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise SettingsError(
             "invalid setting JWT_SECRET: set JWT_SECRET or JWT_PUBLIC_KEY, not both"
         )
+    if settings.jwt_public_key:
+        from .auth import load_public_key  # auth imports this module
+
+        load_public_key(settings.jwt_public_key)  # SettingsError naming JWT_PUBLIC_KEY
     if not settings.auth_disabled and not settings.jwt_verify_key:
         raise SettingsError(
             "invalid setting JWT_SECRET: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256),"

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 
-import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import metrics
@@ -21,6 +20,7 @@ from .ingest_api import authenticate, unauthorized
 from .live import Live, fleet_pattern, trip_channel
 from .responses import error
 from .schema import (
+    DECODE_ERRORS,
     LiveError,
     LiveSubscribed,
     Subscribe,
@@ -77,7 +77,7 @@ class Session:
             return
         try:
             msg = client_message_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
             await self.send_error("invalid_message", str(exc))
             return
         if isinstance(msg, Subscribe):

@@ -19,7 +19,7 @@ from multidict import MultiDict, MultiMapping
 from ..auth import Principal
 from ..ingest_api import submit
 from ..responses import json_response
-from ..schema import Location, PingAck, PingBatch
+from ..schema import DECODE_ERRORS, Location, PingAck, PingBatch
 from ..typedefs import SETTINGS
 from .common import (
     BEARER,
@@ -186,7 +186,7 @@ async def track(request: web.Request) -> web.Response:
         return body
     try:
         batch = parse(request, principal, body)
-    except (msgspec.DecodeError, msgspec.ValidationError, FormatError) as exc:
+    except (*DECODE_ERRORS, FormatError) as exc:
         return invalid(exc)
 
     limit = app[SETTINGS].max_pings_per_batch

@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from ..auth import Principal
-from ..schema import Location
+from ..schema import DECODE_ERRORS, Location
 from ..typedefs import SETTINGS
 from .common import (
     BEARER,
@@ -123,7 +123,7 @@ async def post_batch(request: web.Request) -> web.Response:
         return body
     try:
         groups, ignored = group(principal, _body.decode(body))
-    except (msgspec.DecodeError, msgspec.ValidationError, FormatError) as exc:
+    except (*DECODE_ERRORS, FormatError) as exc:
         return invalid(exc)
     parts = batches(groups, app[SETTINGS].max_pings_per_batch)
     return answer(await submit_all(app, principal, parts, "overland"), ignored)

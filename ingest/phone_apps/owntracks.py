@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ..auth import Principal
 from ..ingest_api import Submitted, submit
-from ..schema import Location, PingBatch
+from ..schema import DECODE_ERRORS, Location, PingBatch
 from ..typedefs import SETTINGS
 from .common import (
     BASIC,
@@ -152,7 +152,7 @@ async def post_message(request: web.Request) -> web.Response:
         if kind != "location":  # lwt, transition, waypoint(s), card, status, steps, ...
             return _answer(ignored=1)
         batch = to_batch(request, principal, _location.decode(body))
-    except (msgspec.DecodeError, msgspec.ValidationError, FormatError) as exc:
+    except (*DECODE_ERRORS, FormatError) as exc:
         return invalid(exc)
 
     result = await _submit_holding(app, principal, batch, deadline)

@@ -1,0 +1,71 @@
+"""Request bodies: the Content-Encoding is decoded here, under the same size limit as the
+body itself, so a compression bomb is refused after MAX_BODY_BYTES of output, never inflated.
+
+aiohttp's own decompression is off (create_app): it answers an encoding it knows but cannot
+decode (br, zstd without their libraries) with a plain-text 400 before any handler runs, and
+it passes x-gzip through undecoded.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from aiohttp import web
+
+from .responses import error
+
+ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+_MAX_MEMBERS = 64  # gzip members in one body (RFC 1952 allows several, concatenated)
+
+
+def unsupported(request: web.Request) -> web.Response | None:
+    """The 415 answer for a Content-Encoding this service does not decode, else None."""
+    if request.headers.get("Content-Encoding", "").strip().lower() in ENCODINGS:
+        return None
+    return error(415, "unsupported_media_type", "Content-Encoding must be gzip or identity")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | web.Response:
+    """The decoded body, or the 415 / 413 / 400 answer."""
+    refused = unsupported(request)
+    if refused is not None:
+        return refused
+    try:
+        raw = await request.read()  # at most client_max_size (MAX_BODY_BYTES) on the wire
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(limit)
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    try:
+        body = _inflate(raw, encoding, limit)
+    except zlib.error as exc:
+        return error(400, "invalid_payload", f"body is not valid {encoding}: {exc}")
+    return _too_large(limit) if body is None else body
+
+
+def _too_large(limit: int) -> web.Response:
+    return error(413, "payload_too_large", f"body larger than {limit} bytes")
+
+
+def _inflate(raw: bytes, encoding: str, limit: int) -> bytes | None:
+    """At most ``limit`` decompressed bytes; None if the body holds more."""
+    if encoding == "deflate":  # a zlib stream (RFC 9110); some clients send raw deflate
+        wbits = zlib.MAX_WBITS if raw[:1] and raw[0] & 0x0F == 8 else -zlib.MAX_WBITS
+    else:
+        wbits = 16 + zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size, data = 0, raw
+    for _ in range(_MAX_MEMBERS):
+        inflater = zlib.decompressobj(wbits)
+        part = inflater.decompress(data, limit - size + 1)  # one byte more tells "too large"
+        size += len(part)
+        if size > limit:
+            return None
+        if not inflater.eof:
+            raise zlib.error("the stream is truncated")
+        parts.append(part)
+        data = inflater.unused_data
+        if not data or encoding == "deflate":
+            return b"".join(parts)
+    raise zlib.error(f"more than {_MAX_MEMBERS} gzip members")
