@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import dashboard, ingest_api, maintenance, metrics, ops, phone_apps, read_api, ws
+from . import log as logsetup
 from .auth import Verifier
 from .buffer import Buffer
 from .fanout import Fanout
@@ -59,31 +59,41 @@ _REQUEST_CHILDREN: dict[tuple[str, int], Any] = {}
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request latency by route and status; unexpected errors become a JSON 500."""
+    """Request latency by route and status; a request id (the client's X-Request-Id, else a
+    new one) on every log line of the request and on the response; unexpected errors become
+    a JSON 500."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    if route == "/api/v1/live":
-        return await handler(request)
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except Exception:
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        log.exception("unhandled_error", extra={"request_id": request_id, "route": route})
-        from .responses import error
+    with logsetup.request_context(request.headers.get("X-Request-Id")) as request_id:
+        if route == "/api/v1/live":
+            return await handler(request)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            if not response.prepared:
+                response.headers["X-Request-Id"] = request_id
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            exc.headers["X-Request-Id"] = request_id
+            raise
+        except Exception:
+            log.exception("unhandled_error", extra={"route": route})
+            from .responses import error
 
-        return error(500, "internal_error", f"request {request_id} failed")
-    finally:
-        child = _REQUEST_CHILDREN.get((route, status))
-        if child is None:
-            child = _REQUEST_CHILDREN[(route, status)] = metrics.REQUESTS.labels(route, str(status))
-        child.observe(time.perf_counter() - started)
+            return error(
+                500, "internal_error", f"request {request_id} failed",
+                headers={"X-Request-Id": request_id},
+            )  # fmt: skip
+        finally:
+            child = _REQUEST_CHILDREN.get((route, status))
+            if child is None:
+                child = _REQUEST_CHILDREN[(route, status)] = metrics.REQUESTS.labels(
+                    route, str(status)
+                )
+            child.observe(time.perf_counter() - started)
 
 
 async def stop_task(task: asyncio.Task[None], timeout: float = 0.0) -> None:
@@ -209,7 +219,6 @@ def create_app(settings: Settings) -> web.Application:
     app[VERIFIER] = Verifier(settings)
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app[ws.SOCKETS] = set()
-    app[ops._DB_CHECK] = [0.0, False]  # readiness cache: [checked at, reachable]
     app.cleanup_ctx.append(pg_context)
     app.cleanup_ctx.append(redis_context)
     if settings.runs_live:

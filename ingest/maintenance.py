@@ -1,11 +1,16 @@
-"""Periodic upkeep run by every pod, made safe by advisory locks: partitions ahead of need,
-partitions past retention dropped, expired batch-id records deleted."""
+"""Periodic upkeep run by every ingest pod, made safe by advisory locks: partitions ahead of
+need, partitions past retention dropped, expired batch-id records deleted.
+
+Every pod runs it every MAINTENANCE_INTERVAL_S; whichever gets the lock does the work, the
+others find nothing to do. The same run is ``python -m ingest partitions --maintain``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, date, datetime
+import time
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
@@ -15,46 +20,68 @@ from .settings import Settings
 
 log = logging.getLogger("ingest.maintenance")
 
-_EXPIRE_BATCHES = """
+_EXPIRE_CHUNK = 10_000  # rows per DELETE: no long transaction, no long lock
+_EXPIRE_BATCHES = f"""
 DELETE FROM "IngestBatch" WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM "IngestBatch"
-    WHERE "createdAt" < now() - make_interval(hours => $1) LIMIT 10000))
+    WHERE "createdAt" < now() - make_interval(hours => $1) LIMIT {_EXPIRE_CHUNK}))
 """
 
 
 async def run_once(
     conn: asyncpg.Connection, settings: Settings, now: datetime | None = None
 ) -> dict[str, object]:
+    """One maintenance pass; returns what it did: ``created`` and ``dropped`` partition names
+    and ``batch_ids_expired``."""
     now = now or datetime.now(UTC)
     months = partitions.needed_months(
         now, settings.max_ping_age_days, settings.partitions_ahead_months
     )
     created = await partitions.ensure(conn, months)
-    dropped = await partitions.drop_expired(conn, now, settings.retention_months)
-    expired = 0
-    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
-        try:
-            while True:  # in chunks, so no long lock or transaction
-                n = int(
-                    (await conn.execute(_EXPIRE_BATCHES, settings.batch_id_ttl_hours)).split()[-1]
-                )
-                expired += n
-                if n < 10000:
-                    break
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)
+    # Never drop a month that pings inside the accepted window may still go to.
+    keep_from = partitions.month_start(now - timedelta(days=settings.max_ping_age_days))
+    dropped = await partitions.drop_expired(conn, now, settings.retention_months, keep_from)
+    expired = await expire_batch_ids(conn, settings.batch_id_ttl_hours)
     await update_partition_metrics(conn, now)
     return {"created": created, "dropped": dropped, "batch_ids_expired": expired}
 
 
+async def expire_batch_ids(conn: asyncpg.Connection, ttl_hours: int) -> int:
+    """Delete batch-id records older than ``ttl_hours``, in chunks, under the maintenance lock
+    (0 if another connection holds it). Pings stay deduplicated by ("tripId", "timestamp")."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
+        return 0
+    expired = 0
+    try:
+        while True:
+            n = int((await conn.execute(_EXPIRE_BATCHES, ttl_hours)).split()[-1])
+            expired += n
+            if n < _EXPIRE_CHUNK:
+                break
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)
+    metrics.BATCH_IDS_EXPIRED.inc(expired)
+    return expired
+
+
+def months_ahead(months: set[date], now: datetime) -> int:
+    """How many consecutive months after the current one have a partition."""
+    current, n = partitions.month_start(now), 0
+    while partitions.add_months(current, n + 1) in months:
+        n += 1
+    return n
+
+
 async def update_partition_metrics(conn: asyncpg.Connection, now: datetime) -> None:
-    names = sorted(await partitions.existing(conn))
+    names = await partitions.existing(conn)
     metrics.PARTITIONS.set(len(names))
-    months = [m for m in (partitions.month_of(n) for n in names) if m is not None]
+    months = {m for m in (partitions.month_of(n) for n in names) if m is not None}
+    metrics.PARTITION_MONTHS_AHEAD.set(months_ahead(months, now))
     if months:
-        oldest = datetime(months[0].year, months[0].month, 1, tzinfo=UTC)
-        end: date = partitions.add_months(months[-1], 1)
-        metrics.OLDEST_PARTITION_AGE.set((now - oldest).total_seconds())
+        oldest, newest = min(months), max(months)
+        start = datetime(oldest.year, oldest.month, 1, tzinfo=UTC)
+        end = partitions.add_months(newest, 1)
+        metrics.OLDEST_PARTITION_AGE.set((now - start).total_seconds())
         metrics.NEWEST_PARTITION_AHEAD.set(
             (datetime(end.year, end.month, 1, tzinfo=UTC) - now).total_seconds()
         )
@@ -65,11 +92,23 @@ async def run_forever(pool: asyncpg.Pool, settings: Settings) -> None:
         try:
             async with pool.acquire() as conn:
                 done = await run_once(conn, settings)
-            if done["created"] or done["dropped"] or done["batch_ids_expired"]:
-                log.info("maintenance", extra=done)
-            delay = settings.maintenance_interval_s
         except Exception as exc:
+            metrics.MAINTENANCE_RUNS.labels("failed").inc()
             metrics.DB_ERRORS.labels("maintenance").inc()
             log.warning("maintenance_failed", extra={"error": repr(exc)})
             delay = min(10.0, settings.maintenance_interval_s)
+        else:
+            metrics.MAINTENANCE_RUNS.labels("ok").inc()
+            metrics.MAINTENANCE_LAST_SUCCESS.set(time.time())
+            if done["created"] or done["dropped"] or done["batch_ids_expired"]:
+                # Not extra=done: "created" is a LogRecord attribute and may not be overwritten.
+                log.info(
+                    "maintenance",
+                    extra={
+                        "partitions_created": done["created"],
+                        "partitions_dropped": done["dropped"],
+                        "batch_ids_expired": done["batch_ids_expired"],
+                    },
+                )
+            delay = settings.maintenance_interval_s
         await asyncio.sleep(delay)

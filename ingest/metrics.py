@@ -1,21 +1,29 @@
-"""Prometheus metrics, defined once. Labels stay low-cardinality: never a trip or driver id."""
+"""Prometheus metrics, defined once. Labels stay low-cardinality: never a trip or driver id.
+
+Counters with labels are initialised for every known label value below, so each series
+exists from the start and the first increase is visible to rate() and increase().
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 
+# -- ingest ----------------------------------------------------------------------------------
 PINGS_RECEIVED = Counter("ingest_pings_received_total", "Pings in well-formed batches")
 PINGS_STORED = Counter("ingest_pings_stored_total", "Pings newly committed to PostgreSQL")
 PINGS_DUPLICATE = Counter(
     "ingest_pings_duplicate_total", "Pings already stored before (replays, resends)"
 )
 PINGS_REJECTED = Counter("ingest_pings_rejected_total", "Pings dropped by a range rule", ["reason"])
+REJECT_REASONS = ("latitude", "longitude", "accuracy", "speed", "heading", "altitude", "timestamp")
 BATCHES = Counter("ingest_batches_total", "Ping batches by outcome", ["outcome"])
+BATCH_OUTCOMES = ("committed", "queued", "rejected", "overloaded", "timeout", "failed")
+RATE_LIMITED = Counter("ingest_rate_limited_total", "Requests answered 429")
 REQUESTS = Histogram(
     "ingest_http_request_duration_seconds",
-    "HTTP request latency by route and status",
+    "HTTP request latency by route (the path template) and status",
     ["route", "status"],
     buckets=_LATENCY_BUCKETS,
 )
@@ -24,18 +32,32 @@ ACK_SECONDS = Histogram(
     "From a batch entering the buffer to its durable ack",
     buckets=_LATENCY_BUCKETS,
 )
+
+# -- buffer and flush ------------------------------------------------------------------------
 FLUSH_SECONDS = Histogram(
     "ingest_flush_duration_seconds", "Duration of a successful flush", buckets=_LATENCY_BUCKETS
 )
 FLUSH_ROWS = Histogram(
     "ingest_flush_rows",
-    "Rows per flush",
+    "Rows per successful flush",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
 )
 BUFFER_ROWS = Gauge("ingest_buffer_rows", "Rows held in memory (waiting plus being flushed)")
 BUFFER_LIMIT = Gauge("ingest_buffer_limit_rows", "BUFFER_MAX_ROWS")
+
+# -- dependencies and readiness --------------------------------------------------------------
 DB_ERRORS = Counter("ingest_db_errors_total", "PostgreSQL errors by operation", ["operation"])
+DB_OPERATIONS = ("flush", "flush_refused", "readiness", "maintenance")
 REDIS_ERRORS = Counter("ingest_redis_errors_total", "Redis errors by operation", ["operation"])
+REDIS_OPERATIONS = ("publish", "pubsub", "latest", "snapshot", "probe")
+DATABASE_UP = Gauge(
+    "ingest_database_up", "1 if PostgreSQL answered this pod's last check (at most 1 s old)"
+)
+REDIS_UP = Gauge("ingest_redis_up", "1 if Redis answered this pod's last check (at most 1 s old)")
+READY = Gauge("ingest_ready", "1 if /readyz answers 200 (checked at each scrape)")
+INFO = Info("ingest", "This pod's role and acknowledgement mode")
+
+# -- live locations --------------------------------------------------------------------------
 LATEST_UPDATED = Counter("ingest_latest_updated_total", "Latest locations moved forward")
 LATEST_SKIPPED = Counter(
     "ingest_latest_skipped_older_total", "Latest-location updates skipped as older than stored"
@@ -45,15 +67,21 @@ PUBLISH_DROPPED = Counter(
     "ingest_live_publish_dropped_total", "Live messages not published (Redis down or backlog)"
 )
 WS_CONNECTIONS = Gauge("ingest_ws_connections", "Open WebSocket connections")
-WS_SUBSCRIPTIONS = Gauge("ingest_ws_subscriptions", "Trip and fleet subscriptions held")
-WS_SENT = Counter("ingest_ws_messages_sent_total", "Messages written to WebSockets")
-WS_DROPPED = Counter("ingest_ws_messages_dropped_total", "Messages not delivered to a socket")
+WS_SUBSCRIPTIONS = Gauge(
+    "ingest_ws_subscriptions", "Trip channels and fleet patterns this pod is subscribed to"
+)
+WS_SENT = Counter("ingest_ws_messages_sent_total", "Live messages written to WebSockets")
+WS_DROPPED = Counter("ingest_ws_messages_dropped_total", "Live messages not delivered to a socket")
 WS_SLOW_CLOSED = Counter("ingest_ws_slow_consumer_closed_total", "Sockets closed as too slow")
 FANOUT_SECONDS = Histogram(
     "ingest_live_publish_to_send_seconds",
     "From publish (in the flushing pod) to written to every local socket",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+
+# -- partitions and maintenance ------------------------------------------------------------
+# The partition gauges are NaN until this pod's first maintenance run (always, on ROLE=live
+# pods, which run none): aggregate them with max() across pods.
 PARTITIONS = Gauge("ingest_partitions", "Partitions of TripLocation present")
 OLDEST_PARTITION_AGE = Gauge(
     "ingest_oldest_partition_age_seconds", "Age of the start of the oldest partition's month"
@@ -62,4 +90,33 @@ NEWEST_PARTITION_AHEAD = Gauge(
     "ingest_newest_partition_ahead_seconds",
     "Time from now to the end of the newest partition's month",
 )
-RATE_LIMITED = Counter("ingest_rate_limited_total", "Requests answered 429")
+PARTITION_MONTHS_AHEAD = Gauge(
+    "ingest_partition_months_ahead",
+    "Consecutive months after the current one that have a partition (0: next month missing)",
+)
+for _gauge in (PARTITIONS, OLDEST_PARTITION_AGE, NEWEST_PARTITION_AHEAD, PARTITION_MONTHS_AHEAD):
+    _gauge.set(float("nan"))
+PARTITIONS_CREATED = Counter("ingest_partitions_created_total", "Partitions created")
+PARTITIONS_DROPPED = Counter(
+    "ingest_partitions_dropped_total", "Partitions detached and dropped past RETENTION_MONTHS"
+)
+BATCH_IDS_EXPIRED = Counter(
+    "ingest_batch_ids_expired_total", "Batch-id records deleted after BATCH_ID_TTL_HOURS"
+)
+MAINTENANCE_RUNS = Counter(
+    "ingest_maintenance_runs_total", "Periodic maintenance runs by outcome", ["outcome"]
+)
+MAINTENANCE_LAST_SUCCESS = Gauge(
+    "ingest_maintenance_last_success_timestamp_seconds",
+    "Unix time of this pod's last successful maintenance run",
+)
+
+for _counter, _values in (
+    (PINGS_REJECTED, REJECT_REASONS),
+    (BATCHES, BATCH_OUTCOMES),
+    (DB_ERRORS, DB_OPERATIONS),
+    (REDIS_ERRORS, REDIS_OPERATIONS),
+    (MAINTENANCE_RUNS, ("ok", "failed")),
+):
+    for _value in _values:
+        _counter.labels(_value)

@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import msgspec
 
+from . import metrics
 from .constants import MAINTENANCE_LOCK_ID
 
 PARENT = "TripLocation"
@@ -83,15 +84,25 @@ async def ensure(conn: asyncpg.Connection, months: Iterable[date]) -> list[str]:
                 f"FOR VALUES FROM ('{lo.isoformat()}') TO ('{hi.isoformat()}')"
             )
             created.append(name)
+    metrics.PARTITIONS_CREATED.inc(len(created))
     return created
 
 
 async def list_partitions(conn: asyncpg.Connection) -> list[PartitionInfo]:
+    """Every partition with its month, an estimate of its rows and its size on disk.
+
+    The estimate is the planner's (reltuples, kept by ANALYZE and autovacuum); before a
+    partition's first ANALYZE it falls back to the statistics collector's live-row count.
+    """
     rows = await conn.fetch(
-        """SELECT c.relname, greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid)
+        """SELECT c.relname,
+                  CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint
+                       ELSE coalesce(s.n_live_tup, 0) END,
+                  pg_total_relation_size(c.oid)
            FROM pg_inherits i
            JOIN pg_class c ON c.oid = i.inhrelid
            JOIN pg_class p ON p.oid = i.inhparent
+           LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
            WHERE p.relname = $1 AND p.relnamespace = to_regnamespace(current_schema())
            ORDER BY c.relname""",
         PARENT,
@@ -111,29 +122,54 @@ def month_of(name: str) -> date | None:
         return None
 
 
-async def drop_expired(conn: asyncpg.Connection, now: datetime, retention_months: int) -> list[str]:
-    """Drop partitions whose whole month is older than ``retention_months`` (0 keeps all).
+async def _detach_pending(conn: asyncpg.Connection) -> set[str]:
+    """Partitions whose DETACH CONCURRENTLY was interrupted (pod killed, connection lost)."""
+    rows = await conn.fetch(
+        """SELECT c.relname FROM pg_inherits i
+           JOIN pg_class c ON c.oid = i.inhrelid
+           JOIN pg_class p ON p.oid = i.inhparent
+           WHERE p.relname = $1 AND p.relnamespace = to_regnamespace(current_schema())
+             AND i.inhdetachpending""",
+        PARENT,
+    )
+    return {r[0] for r in rows}
 
-    Each is first detached CONCURRENTLY (PostgreSQL 14+), which does not block readers or
-    writers of the other partitions, then dropped.
+
+async def drop_expired(
+    conn: asyncpg.Connection, now: datetime, retention_months: int, keep_from: date | None = None
+) -> list[str]:
+    """Drop the partitions whose whole month is older than ``retention_months`` (0 keeps
+    all): with retention 3 in November, August to November are kept and July is dropped.
+    Months from ``keep_from`` on (the accepted ping window) are never dropped.
+
+    Each is first detached CONCURRENTLY (PostgreSQL 14+): readers and writers of the other
+    partitions are not blocked, and the detach waits for the transactions using it; then it
+    is dropped. A detach left half-done by a killed pod is finished (FINALIZE) first.
+
+    One connection at a time does this, under the maintenance advisory lock; if another
+    holds it, this returns at once, dropping nothing. Must not run inside a transaction.
     """
     if retention_months <= 0:
         return []
     cutoff = add_months(month_start(now), -retention_months)
+    if keep_from is not None:
+        cutoff = min(cutoff, month_start(keep_from))
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
+        return []  # another pod is doing it
     dropped = []
-    for name in sorted(await existing(conn)):
-        month = month_of(name)
-        if month is None or month >= cutoff:
-            continue
-        locked = await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID)
-        if not locked:
-            return dropped  # another pod is doing it
-        try:
-            await conn.execute(f'ALTER TABLE "{PARENT}" DETACH PARTITION "{name}" CONCURRENTLY')
+    try:
+        pending = await _detach_pending(conn)
+        for name in sorted(await existing(conn)):  # listed under the lock: nobody races us
+            month = month_of(name)
+            if month is None or month >= cutoff:
+                continue
+            how = "FINALIZE" if name in pending else "CONCURRENTLY"
+            await conn.execute(f'ALTER TABLE "{PARENT}" DETACH PARTITION "{name}" {how}')
             await conn.execute(f'DROP TABLE "{name}"')
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)
-        dropped.append(name)
+            dropped.append(name)
+            metrics.PARTITIONS_DROPPED.inc()
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)
     return dropped
 
 
