@@ -31,6 +31,7 @@ from .fanout import Fanout
 from .flush import Flusher
 from .live import Live
 from .ratelimit import RateLimiter
+from .responses import error
 from .settings import Settings
 from .typedefs import (
     BUFFER,
@@ -81,8 +82,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         except Exception:
             log.exception("unhandled_error", extra={"route": route})
-            from .responses import error
-
             return error(
                 500, "internal_error", f"request {request_id} failed",
                 headers={"X-Request-Id": request_id},
