@@ -498,6 +498,7 @@ def test_alerts_and_dashboard_use_only_defined_metrics():
 def test_alert_rules_structure_without_promtool():
     """The same file read as data (when PyYAML is at hand): names, severities, summaries."""
     import yaml  # installed by .ci/install-deploy-tools
+
     doc = yaml.safe_load(ALERTS.read_text())
     rules = [r for g in doc["groups"] for r in g["rules"]]
     for r in rules:
