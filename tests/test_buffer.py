@@ -1,4 +1,4 @@
-"""The buffer alone (no I/O): bounded, flushes in whole requests of at most FLUSH_MAX_ROWS."""
+"""The buffer alone (no I/O): bounded, and a flush is due at FLUSH_MAX_ROWS or the interval."""
 
 from __future__ import annotations
 
@@ -13,22 +13,18 @@ def rows(n: int, tag: str) -> list:
     return [(tag, i) for i in range(n)]  # stand-ins for records: the buffer never looks inside
 
 
-async def test_take_cuts_at_whole_requests_up_to_flush_max_rows():
+async def test_take_takes_every_waiting_request_in_order():
     buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=1)
-    for tag, n in (("a", 4), ("b", 4), ("c", 4), ("d", 30)):
+    for tag, n in (("a", 4), ("b", 30)):
         buf.add(rows(n, tag), "drv", None, durable=True)
-    first = buf.take()
-    assert [p.count for p in first.pending] == [4, 4]  # "c" would overshoot 10
-    assert first.rows == rows(4, "a") + rows(4, "b")
-    second = buf.take()
-    assert [p.count for p in second.pending] == [4]
-    assert second.pending[0].start == 0 and second.rows == rows(4, "c")
-    third = buf.take()  # one request larger than FLUSH_MAX_ROWS goes alone, whole
-    assert third.rows == rows(30, "d") and third.pending[0].start == 0
-    assert buf.depth == 42  # all in flight until done()
-    for b in (first, second, third):
-        buf.done(b)
-    assert buf.depth == 0
+    batch = buf.take()
+    assert batch.rows == rows(4, "a") + rows(30, "b")
+    assert [(p.start, p.count) for p in batch.pending] == [(0, 4), (4, 30)]
+    buf.add(rows(2, "c"), "drv", None, durable=True)
+    assert buf.depth == 36  # rows being flushed still count
+    assert buf.take().pending[0].start == 0
+    buf.done(batch)
+    assert buf.depth == 2
 
 
 async def test_the_limit_counts_rows_being_flushed():
