@@ -163,7 +163,9 @@ async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     flusher = Flusher(s, buffer, app[POOL], app[LIVE].committed)
     app[BUFFER], app[FLUSHER] = buffer, flusher
     task = asyncio.create_task(flusher.run(), name="flusher")
+    sweeper = asyncio.create_task(_sweep_acks(buffer, s.ack_timeout_ms / 1000), name="ack-sweeper")
     yield
+    await stop_task(sweeper)
     # Final flush: stop taking pings, commit everything buffered, until the shutdown deadline.
     buffer.close()
     remaining = app[DEADLINE][0] - asyncio.get_running_loop().time() if app[DEADLINE] else 0.0
@@ -173,6 +175,13 @@ async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     else:
         log.error("drain_timeout", extra={"rows_not_committed": buffer.depth})
         await stop_task(task)
+
+
+async def _sweep_acks(buffer: Buffer, timeout_s: float) -> None:
+    """Answer 503 to requests whose commit takes longer than ACK_TIMEOUT_MS (rows stay)."""
+    while True:
+        await asyncio.sleep(min(0.1, timeout_s / 4))
+        buffer.expire_waiters(timeout_s)
 
 
 async def maintenance_context(app: web.Application) -> AsyncIterator[None]:

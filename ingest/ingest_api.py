@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from datetime import UTC, datetime
@@ -13,7 +12,7 @@ from aiohttp import web
 from . import metrics
 from .auth import AuthError, Principal, may_post_as
 from .body import read_body, unsupported
-from .buffer import BufferFull, Closed
+from .buffer import AckTimeout, BufferFull, Closed
 from .flush import ShuttingDown
 from .responses import error, json_response, retry_later
 from .schema import (
@@ -178,10 +177,8 @@ async def submit(
 
     started = time.perf_counter()
     try:
-        # On timeout the future is cancelled; the flusher skips done futures, rows stay.
-        async with asyncio.timeout(settings.ack_timeout_ms / 1000):
-            await pending.future
-    except TimeoutError:
+        await pending.future  # failed with AckTimeout by the sweeper after ACK_TIMEOUT_MS
+    except AckTimeout:
         metrics.BATCHES.labels("timeout").inc()
         return Submitted(
             503, batch_id, rejected,

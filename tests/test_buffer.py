@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ingest.buffer import Buffer, BufferFull, Closed
+from ingest.buffer import AckTimeout, Buffer, BufferFull, Closed
 
 
 def rows(n: int, tag: str) -> list:
@@ -62,3 +62,17 @@ async def test_a_flush_is_due_at_max_rows_or_after_the_interval():
     assert buf.waited() == 0.0
     buf.close()
     assert await buf.next_batch() is None
+
+
+async def test_waiters_past_the_ack_timeout_fail_oldest_first():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=1)
+    old = buf.add(rows(2, "a"), "drv", None, durable=True)
+    flight = buf.take()  # being flushed still expires
+    await asyncio.sleep(0.2)
+    new = buf.add(rows(2, "b"), "drv", None, durable=True)
+    assert buf.expire_waiters(0.1) == 1
+    with pytest.raises(AckTimeout):
+        await old.future
+    assert not new.future.done()
+    assert buf.depth == 4  # the rows stay, to be committed
+    buf.done(flight)
