@@ -82,7 +82,7 @@ async def post_ping(request: web.Request) -> web.Response:
     if buffer.closed:
         return retry_later("shutting_down", "this instance is shutting down, retry")
     if buffer.depth >= buffer.max_rows or buffer.waited() * 1000 > settings.buffer_max_wait_ms:
-        metrics.BATCHES.labels("overloaded").inc()
+        metrics.BATCH["overloaded"].inc()
         return retry_later("overloaded", "ingest buffer is full, retry later")
     body = await read_body(request, settings.max_body_bytes)
     if isinstance(body, web.Response):
@@ -154,7 +154,7 @@ async def submit(
     for label in labels:
         metrics.PINGS_REJECTED.labels(label).inc()
     if not records:
-        metrics.BATCHES.labels("rejected").inc()
+        metrics.BATCH["rejected"].inc()
         return Submitted(
             422, batch_id, rejected, error=("no_valid_pings", "every ping broke a range rule")
         )
@@ -163,40 +163,39 @@ async def submit(
     try:
         pending = buffer.add(records, batch.driverId, batch_id, settings.ack_mode == "durable")
     except BufferFull:
-        metrics.BATCHES.labels("overloaded").inc()
+        metrics.BATCH["overloaded"].inc()
         return Submitted(503, batch_id, rejected, error=("overloaded", "ingest buffer is full"))
     except Closed:
-        metrics.BATCHES.labels("overloaded").inc()
+        metrics.BATCH["overloaded"].inc()
         return Submitted(
             503, batch_id, rejected, error=("shutting_down", "this instance is shutting down")
         )
-    metrics.BUFFER_ROWS.set(buffer.depth)
     if pending.future is None:
-        metrics.BATCHES.labels("queued").inc()
+        metrics.BATCH["queued"].inc()
         return Submitted(202, batch_id, rejected, queued=len(records))
 
     started = time.perf_counter()
     try:
         await pending.future  # failed with AckTimeout by the sweeper after ACK_TIMEOUT_MS
     except AckTimeout:
-        metrics.BATCHES.labels("timeout").inc()
+        metrics.BATCH["timeout"].inc()
         return Submitted(
             503, batch_id, rejected,
             error=("storage_unavailable", "not committed in time; retry the same batch"),
         )  # fmt: skip
     except ShuttingDown:
-        metrics.BATCHES.labels("timeout").inc()
+        metrics.BATCH["timeout"].inc()
         return Submitted(
             503, batch_id, rejected,
             error=("shutting_down", "this instance is shutting down; retry the same batch"),
         )  # fmt: skip
     except Exception:
-        metrics.BATCHES.labels("failed").inc()
+        metrics.BATCH["failed"].inc()
         return Submitted(
             500, batch_id, rejected, error=("storage_error", "the batch could not be stored")
         )
     metrics.ACK_SECONDS.observe(time.perf_counter() - started)
-    metrics.BATCHES.labels("committed").inc()
+    metrics.BATCH["committed"].inc()
     return Submitted(
         200, batch_id, rejected, accepted=pending.accepted, duplicates=pending.duplicates
     )

@@ -120,3 +120,6 @@ for _counter, _values in (
 ):
     for _value in _values:
         _counter.labels(_value)
+
+# The hot path counts every batch: label lookups cost more than the increment, so keep them.
+BATCH = {outcome: BATCHES.labels(outcome) for outcome in BATCH_OUTCOMES}

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingest import metrics, store
 from ingest.settings import DEFAULT_SQL_DIR, Settings
-from ingest.typedefs import BUFFER, DRAINING
+from ingest.typedefs import BUFFER, DRAINING, SETTINGS
 
 from .conftest import PG_URL, ROOT, auth, batch, now_ms, token
 from .service import free_port
@@ -148,7 +148,7 @@ async def test_ingest_counters_move_by_exactly_the_traffic(client):
     assert delta("ingest_db_errors_total", operation="flush") == 0
     assert delta("ingest_redis_errors_total", operation="publish") == 0
     assert value(after, "ingest_buffer_rows") == 0
-    assert value(after, "ingest_buffer_limit_rows") == 100_000
+    assert value(after, "ingest_buffer_limit_rows") == client.server.app[SETTINGS].buffer_max_rows
     assert value(after, "ingest_ready") == 1
     assert value(after, "ingest_database_up") == 1
     assert value(after, "ingest_redis_up") == 1
