@@ -81,7 +81,9 @@ async def post_ping(request: web.Request) -> web.Response:
     buffer = app[BUFFER]  # shed load before reading or decoding anything
     if buffer.closed:
         return retry_later("shutting_down", "this instance is shutting down, retry")
-    if buffer.depth >= buffer.max_rows or buffer.waited() * 1000 > settings.buffer_max_wait_ms:
+    # In durable mode, a buffer that is not keeping up means waiting clients would time out.
+    late = settings.ack_mode == "durable" and buffer.waited() * 1000 > settings.buffer_max_wait_ms
+    if late or buffer.depth >= buffer.max_rows:
         metrics.BATCH["overloaded"].inc()
         return retry_later("overloaded", "ingest buffer is full, retry later")
     body = await read_body(request, settings.max_body_bytes)

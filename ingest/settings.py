@@ -34,8 +34,8 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     flush_max_rows: PositiveInt = 5000
     # Rows held in memory (buffered plus being flushed) above which ingest answers 503.
     buffer_max_rows: PositiveInt = 50_000
-    # New batches get 503 while the oldest buffered row has waited longer than this: the
-    # pod is not keeping up (CPU or PostgreSQL), so waiting clients would only time out.
+    # Durable mode: new batches get 503 while the oldest buffered row has waited longer than
+    # this: the pod is not keeping up (CPU or PostgreSQL), so waiting clients would time out.
     buffer_max_wait_ms: PositiveInt = 500
     # /readyz turns false above this fraction of BUFFER_MAX_ROWS.
     buffer_high_water: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
