@@ -9,7 +9,5 @@ MAINTENANCE_LOCK_ID = 0x1A6E57_0002
 LATEST_KEY = "latest:"
 # live:{org}:{tripId}     pub/sub channel carrying one ready-to-send WebSocket text message
 LIVE_CHANNEL = "live:"
-
-TABLE = '"TripLocation"'
 # fleet:{org}             sorted set tripId -> latest ts (ms), for fleet snapshots
 FLEET_KEY = "fleet:"

@@ -48,6 +48,21 @@ def authenticate(request: web.Request) -> Principal:
     return request.app[VERIFIER].verify(token)
 
 
+def rate_wait(app: web.Application, principal: Principal) -> float:
+    """Spend one request of the driver's rate limit: 0, or the seconds until one is free.
+    Keyed by (org, sub): driver ids are unique only within an org."""
+    return app[RATE_LIMITER].take((principal.org, principal.sub))
+
+
+def rate_limited(wait: float) -> web.Response:
+    """The 429 of every ingest endpoint, counted."""
+    metrics.RATE_LIMITED.inc()
+    return error(
+        429, "rate_limited", "too many requests for this driver",
+        headers={"Retry-After": str(math.ceil(wait))},
+    )  # fmt: skip
+
+
 def unauthorized(exc: AuthError) -> web.Response:
     return error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
 
@@ -61,14 +76,8 @@ async def post_ping(request: web.Request) -> web.Response:
         return unauthorized(exc)
     if principal.role != "driver" and not settings.auth_disabled:
         return error(403, "forbidden", "only driver tokens may post pings")
-    # Keyed by (org, sub): driver ids are unique only within an org.
-    wait = app[RATE_LIMITER].take((principal.org, principal.sub))
-    if wait:
-        metrics.RATE_LIMITED.inc()
-        return error(
-            429, "rate_limited", "too many requests for this driver",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )  # fmt: skip
+    if wait := rate_wait(app, principal):
+        return rate_limited(wait)
     decoder = _DECODERS.get(request.content_type)
     if decoder is None:
         return error(

@@ -36,7 +36,8 @@ _JSON = msgspec.json.Encoder()
 # (restart without persistence, failover, TTL): then PostgreSQL's latest is looked up first.
 TRUST_MISSING_MS = 120_000  # 2 min
 
-# ARGV[1]: msgpack list of [latest key, ts ms, latest JSON, channel, message, fleet key, trip]
+# ARGV[1]: msgpack list of
+#   [latest key, ts ms, latest JSON, channel, message, fleet key, trip, org (unused by Lua)]
 # ARGV[2]: TTL seconds. ARGV[3]: a missing key is set only for ts >= this (epoch ms).
 # An empty channel publishes nothing. Returns {updated, skipped, {indexes left unset}}.
 _UPDATE_AND_PUBLISH = """
@@ -81,12 +82,6 @@ def _org(org: str | None) -> str:
 
 def latest_key(prefix: str, org: str | None, trip: str) -> str:
     return f"{prefix}{LATEST_KEY}{_org(org)}:{trip}"
-
-
-def key_org(key: str, prefix: str, trip: str) -> str:
-    """The org part of a latest key built by latest_key()."""
-    part = key[len(prefix) + len(LATEST_KEY) : len(key) - len(trip) - 1]
-    return part.replace("%3A", ":").replace("%25", "%")
 
 
 def fleet_key(prefix: str, org: str | None) -> str:
@@ -135,7 +130,7 @@ def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[objec
         latest = _JSON.encode(LatestLocation(trip, driver, locs[-1])).decode()
         items.append([
             latest_key(prefix, org, trip), ts_ms, latest,
-            trip_channel(prefix, org, trip), message, fleet_key(prefix, org), trip,
+            trip_channel(prefix, org, trip), message, fleet_key(prefix, org), trip, org or "",
         ])  # fmt: skip
     return items
 
@@ -214,7 +209,7 @@ class Live:
         if self.pool is None:
             return 0
         trips = [str(it[6]) for it in items]
-        orgs = [key_org(str(it[0]), self.prefix, str(it[6])) for it in items]
+        orgs = [str(it[7]) for it in items]
         rows = await self.pool.fetch(_LATEST_OF, orgs, trips)
         fixed: list[list[object]] = []
         for r in rows:
@@ -223,7 +218,7 @@ class Live:
             fixed.append([
                 latest_key(self.prefix, org, trip), int(r[5].timestamp() * 1000),
                 _JSON.encode(LatestLocation(trip, driver, loc)).decode(), "", "",
-                fleet_key(self.prefix, org), trip,
+                fleet_key(self.prefix, org), trip, org,
             ])  # fmt: skip
         if not fixed:
             return 0

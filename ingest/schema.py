@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
 # 1-64 characters, no control characters (C0, DEL and C1: they reach logs and dashboards).
-Ident = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")
-]
+CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"  # as a regex character range
+Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=f"^[^{CONTROL_CHARS}]+$")]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)] | int
 
 
@@ -132,5 +131,3 @@ json_batch_decoder = msgspec.json.Decoder(PingBatch)
 msgpack_batch_decoder = msgspec.msgpack.Decoder(PingBatch)
 client_message_decoder = msgspec.json.Decoder(ClientMessage)
 encoder = msgspec.json.Encoder()
-
-RoleName = Literal["driver", "dispatcher"]

@@ -18,6 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from ingest import metrics
 from ingest.typedefs import BUFFER
 
 from .conftest import auth, token
@@ -407,8 +408,10 @@ async def test_osmand_auth_failures_and_rate_limit(make_client, db):
         await client.post(f"{OSMAND}?token={token('dispatcher', 'disp_1')}&{query}")
     ).status == 403
     assert (await client.post(f"{OSMAND}?token={token()}&{query}")).status == 200
+    limited_before = metrics.RATE_LIMITED._value.get()
     resp = await client.post(f"{OSMAND}?token={token()}&{query}")
     assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+    assert metrics.RATE_LIMITED._value.get() == limited_before + 1  # counted like the native 429
     assert await count(db) == 1
 
 

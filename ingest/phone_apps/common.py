@@ -22,8 +22,8 @@ from ..auth import DEV_PRINCIPAL, AuthError, Principal
 from ..body import read_body as decoded_body
 from ..ingest_api import Submitted, submit
 from ..responses import error, retry_later
-from ..schema import Location, PingBatch, Rejected
-from ..typedefs import RATE_LIMITER, SETTINGS, VERIFIER
+from ..schema import CONTROL_CHARS, Location, PingBatch, Rejected
+from ..typedefs import SETTINGS, VERIFIER
 
 log = logging.getLogger("ingest.phone_apps")
 
@@ -34,7 +34,7 @@ KMH = 1 / 3.6  # m/s in one km/h
 _INT32_MAX = 2_147_483_647
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # as schema.Ident
+_CONTROL = re.compile(f"[{CONTROL_CHARS}]")  # the rule of schema.Ident
 
 BEARER = "Bearer"
 BASIC = 'Basic realm="ingest", charset="UTF-8"'
@@ -92,19 +92,6 @@ def authorize(request: web.Request, challenge: str) -> Principal | web.Response:
     if principal is not DEV_PRINCIPAL and principal.role != "driver":
         return error(403, "forbidden", "only driver tokens may post pings")
     return principal
-
-
-def rate_wait(request: web.Request, principal: Principal) -> float:
-    """Spend one request of the driver's rate limit: 0, or the seconds until one is free.
-    Keyed by (org, sub): driver ids are unique only within an org."""
-    return request.app[RATE_LIMITER].take((principal.org, principal.sub))
-
-
-def rate_limited(wait: float) -> web.Response:
-    return error(
-        429, "rate_limited", "too many requests for this driver",
-        headers={"Retry-After": str(math.ceil(wait))},
-    )  # fmt: skip
 
 
 def ident(value: str, field: str) -> str:

@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import MultiDict, MultiMapping
 
 from ..auth import Principal
-from ..ingest_api import submit
+from ..ingest_api import rate_limited, rate_wait, submit
 from ..responses import json_response
 from ..schema import DECODE_ERRORS, Location, PingAck, PingBatch
 from ..typedefs import SETTINGS
@@ -35,8 +35,6 @@ from .common import (
     identity,
     invalid,
     number,
-    rate_limited,
-    rate_wait,
     read_body,
     time_ms,
     unknown_if_negative,
@@ -179,7 +177,7 @@ async def track(request: web.Request) -> web.Response:
     principal = authorize(request, BEARER)
     if isinstance(principal, web.Response):
         return principal
-    if wait := rate_wait(request, principal):
+    if wait := rate_wait(request.app, principal):
         return rate_limited(wait)
     body = await read_body(request) if request.body_exists else b""
     if isinstance(body, web.Response):

@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from ..auth import Principal
+from ..ingest_api import rate_limited, rate_wait
 from ..schema import DECODE_ERRORS, Location
 from ..typedefs import SETTINGS
 from .common import (
@@ -27,8 +28,6 @@ from .common import (
     failure,
     identity,
     invalid,
-    rate_limited,
-    rate_wait,
     read_body,
     submit_all,
     unknown_if_negative,
@@ -116,7 +115,7 @@ async def post_batch(request: web.Request) -> web.Response:
     principal = authorize(request, BEARER)
     if isinstance(principal, web.Response):
         return principal
-    if wait := rate_wait(request, principal):
+    if wait := rate_wait(request.app, principal):
         return rate_limited(wait)
     body = await read_body(request)
     if isinstance(body, web.Response):

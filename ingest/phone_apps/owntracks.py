@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from ..auth import Principal
-from ..ingest_api import Submitted, submit
+from ..ingest_api import Submitted, rate_wait, submit
 from ..schema import DECODE_ERRORS, Location, PingBatch
 from ..typedefs import SETTINGS
 from .common import (
@@ -32,7 +32,6 @@ from .common import (
     fold,
     identity,
     invalid,
-    rate_wait,
     read_body,
     unknown_if_negative,
 )
@@ -109,7 +108,7 @@ def hang_up(request: web.Request, status: int, reason: str) -> web.Response:
 async def _take_rate(request: web.Request, principal: Principal, deadline: float) -> bool:
     """Wait for the driver's rate limit within the deadline; False if it cannot be had."""
     loop = asyncio.get_running_loop()
-    while wait := rate_wait(request, principal):
+    while wait := rate_wait(request.app, principal):
         if loop.time() + wait > deadline:
             return False
         await asyncio.sleep(wait)
