@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,16 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m ingest ARGS`` with the test JWT secret and ``env`` on top of ours."""
+    from .conftest import SECRET
+
+    return subprocess.run(
+        [sys.executable, "-m", "ingest", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "JWT_SECRET": SECRET, **env}, timeout=60,
+    )  # fmt: skip
 
 
 def free_port() -> int:

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 
 import aiohttp
 import asyncpg
 import pytest
 
-from .conftest import PG_URL, REDIS_URL, ROOT, SECRET, auth, batch, db_url
-from .service import Service
+from .conftest import PG_URL, REDIS_URL, SECRET, auth, batch, db_url
+from .service import Service, run_cli
 
 PING = "/api/v1/tracking/ping"
-
-
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ingest", *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, "JWT_SECRET": SECRET, **env}, timeout=60,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

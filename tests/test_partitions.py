@@ -4,10 +4,7 @@ CONCURRENTLY under load, the maintenance advisory lock, batch-id expiry, partiti
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -18,16 +15,10 @@ from ingest import maintenance, metrics, partitions
 from ingest.constants import MAINTENANCE_LOCK_ID
 from ingest.partitions import add_months, month_start, partition_name
 
-from .conftest import ROOT, SECRET, auth, batch
+from .conftest import auth, batch
+from .service import run_cli
 
 PING = "/api/v1/tracking/ping"
-
-
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ingest", *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, "JWT_SECRET": SECRET, **env}, timeout=60,
-    )  # fmt: skip
 
 
 def this_month() -> date:
