@@ -74,6 +74,27 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Per-driver rate limit on ingest requests (token bucket).
     rate_limit_per_s: PositiveFloat = 20.0
     rate_limit_burst: PositiveInt = 40
+    # Tenancy and hostile clients (docs/tenancy.md, docs/security.md).
+    # Distinct trips one request may post to (phone apps can name one trip per device).
+    max_trips_per_request: PositiveInt = 10
+    # New trips one driver may start in 24 hours; beyond it, 429 too_many_trips.
+    max_trips_per_driver_per_day: PositiveInt = 100
+    # ACK_MODE=buffered: a trip owner this pod saw commit is trusted this long for a 202.
+    owner_cache_ttl_s: PositiveFloat = 10.0
+    # A client that has not sent a whole request head by then is disconnected.
+    http_header_timeout_s: PositiveFloat = 10.0
+    # A request body not received whole by then gets 408.
+    http_body_timeout_s: PositiveFloat = 30.0
+    # Open HTTP connections; above it the oldest idle or half-sent one is closed first.
+    http_max_connections: PositiveInt = 10_000
+    # WebSockets.
+    ws_max_sockets_per_subject: PositiveInt = 20  # per token subject (org, sub), per pod
+    ws_max_subscriptions_per_pod: PositiveInt = 100_000  # trip channels + fleet channels
+    ws_subscribe_timeout_s: PositiveFloat = 5.0  # Redis must confirm a SUBSCRIBE by then
+    fleet_snapshot_max: PositiveInt = 10_000  # trips in a fleet subscription's snapshot
+    # Latest-location repair after failed Redis writes (docs/reliability.md).
+    latest_repair_interval_s: PositiveFloat = 1.0
+    latest_repair_max_trips: PositiveInt = 100_000
     # Shutdown: time allowed for the final flush and closing sockets.
     shutdown_timeout_s: PositiveFloat = 20.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
