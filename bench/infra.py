@@ -66,7 +66,7 @@ class BenchDB:
 
     async def reset(self) -> None:
         """Empty tables and a fresh checkpoint, so every contender starts alike."""
-        await self.conn.execute(f'TRUNCATE {TABLE}, "IngestBatch"')
+        await self.conn.execute(f'TRUNCATE {TABLE}, "IngestBatch", "IngestTrip"')
         await self.conn.execute("CHECKPOINT")
 
     async def count(self) -> int:

@@ -33,7 +33,7 @@ INSERT = """
 INSERT INTO "TripLocation" ("tripId", "driverId", "orgId", "latitude", "longitude",
   "accuracy", "speed", "heading", "altitude", "timestamp", "batchId")
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-ON CONFLICT ("tripId", "timestamp") DO NOTHING
+ON CONFLICT ("orgId", "tripId", "timestamp") DO NOTHING
 """
 encode = msgspec.json.encode
 

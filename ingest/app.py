@@ -23,7 +23,9 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import dashboard, ingest_api, maintenance, metrics, ops, phone_apps, read_api, ws
+from . import (
+    dashboard, ingest_api, maintenance, metrics, ops, phone_apps, read_api, trips_api, ws,
+)  # fmt: skip
 from . import log as logsetup
 from .auth import Verifier
 from .buffer import Buffer
@@ -132,7 +134,10 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )  # fmt: skip
-    live = Live(client, s.redis_prefix, s.latest_ttl_s, app[POOL])
+    live = Live(
+        client, s.redis_prefix, s.latest_ttl_s, app[POOL],
+        repair_max_trips=s.latest_repair_max_trips, repair_interval_s=s.latest_repair_interval_s,
+    )  # fmt: skip
     app[LIVE] = live
     task = asyncio.create_task(live.run(), name="live-publisher")
     yield
@@ -240,6 +245,7 @@ def create_app(settings: Settings) -> web.Application:
     if settings.runs_ingest:
         r.add_post("/api/v1/tracking/ping", ingest_api.post_ping)
         phone_apps.add_routes(r)
+    r.add_put("/api/v1/tracking/trips/{tripId}/driver", trips_api.hand_over)
     r.add_get("/api/v1/tracking/trips/{tripId}/latest", read_api.latest)
     r.add_get("/api/v1/tracking/trips/{tripId}/locations", read_api.history)
     if settings.runs_live:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .validate import Record
+from .validate import ORG, TRIP, Record
 
 
 class BufferFull(Exception):
@@ -23,18 +23,32 @@ class AckTimeout(Exception):
     """Not committed within ACK_TIMEOUT_MS: answer 503; the rows stay and will be committed."""
 
 
+class Refused(Exception):
+    """The flush refused a request's rows for good, storing none of them (4xx)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
 class Pending:
-    """One request's share of a flush: its slice of rows and, once committed, its counts."""
+    """One request's share of a flush: its slice of rows (one org, one trip, one driver) and,
+    once committed, its counts, or why it was refused."""
 
     __slots__ = (
-        "accepted", "arrived", "batch_id", "count", "driver_id", "duplicates", "future", "start",
+        "accepted", "arrived", "batch_id", "count", "driver_id", "duplicates", "future", "org",
+        "refused", "start", "trip",
     )  # fmt: skip
 
     def __init__(
-        self, driver_id: str, batch_id: str | None, start: int, count: int,
+        self, org: str, trip: str, driver_id: str, batch_id: str | None, start: int, count: int,
         future: asyncio.Future[None] | None, arrived: float,
     ) -> None:  # fmt: skip
         self.arrived = arrived  # loop time
+        self.org = org
+        self.trip = trip
         self.driver_id = driver_id
         self.batch_id = batch_id
         self.start = start
@@ -42,16 +56,29 @@ class Pending:
         self.future = future
         self.accepted = 0
         self.duplicates = 0
+        self.refused: Refused | None = None
+
+    def reset(self) -> None:
+        """Forget the outcome of a commit that did not happen, before it is tried again."""
+        self.accepted = self.duplicates = 0
+        self.refused = None
 
 
 class FlushBatch:
-    """What one flush commits: rows in arrival order and the requests they belong to."""
+    """What one flush commits: rows in arrival order and the requests they belong to; while
+    committing, the transaction's id and what it stores (to resolve a lost COMMIT reply)."""
 
-    __slots__ = ("pending", "rows")
+    __slots__ = ("backend_pid", "pending", "rows", "stored", "xid")
 
     def __init__(self, rows: list[Record], pending: list[Pending]) -> None:
         self.rows = rows
         self.pending = pending
+        self.xid: str | None = None
+        self.backend_pid = 0
+        self.stored: list[Record] = []
+
+    def rows_of(self, p: Pending) -> list[Record]:
+        return self.rows[p.start : p.start + p.count]
 
 
 class Buffer:
@@ -108,7 +135,10 @@ class Buffer:
         was_empty = not rows
         loop = self._loop
         future = loop.create_future() if durable else None
-        pending = Pending(driver_id, batch_id, len(rows), n, future, loop.time())
+        first = records[0]
+        pending = Pending(
+            first[ORG] or "", first[TRIP], driver_id, batch_id, len(rows), n, future, loop.time()
+        )
         rows.extend(records)
         self.pending.append(pending)
         if was_empty or len(rows) >= self.flush_max_rows:

@@ -1,8 +1,13 @@
 """The flusher: one task that takes due batches from the buffer and commits them.
 
 A failed commit is retried with backoff on a fresh connection, holding the same rows, so
-nothing accepted into the buffer is dropped while PostgreSQL is away; requests waiting
-for their ack time out on their own (503) and the phone retries with the same batchId.
+nothing accepted into the buffer is dropped while PostgreSQL is away (missing partitions are
+created on that same retry path); requests waiting for their ack time out on their own (503)
+and the phone retries with the same batchId.
+
+A commit whose reply was lost (COMMIT sent, connection gone) has an unknown outcome; retrying
+it blindly would find its own batch claims and call every ping a duplicate. It is resolved by
+asking PostgreSQL what became of the transaction's id (pg_xact_status), never by guessing.
 """
 
 from __future__ import annotations
@@ -16,13 +21,17 @@ import asyncpg
 
 from . import metrics, partitions, store
 from .buffer import Buffer, FlushBatch, Pending
+from .owners import OwnerCache
 from .settings import Settings
-from .validate import Record
+from .validate import TS, Record
 
 log = logging.getLogger("ingest.flush")
 
 # Errors that say "this data can never be stored" rather than "try again later".
 _POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# A transaction still running this long after its connection was lost is ended, so that its
+# outcome becomes known (it is aborted: the flush is then retried).
+_IN_PROGRESS_LIMIT_S = 2.0
 
 OnCommitted = Callable[[list[Record]], None]
 
@@ -33,12 +42,14 @@ class ShuttingDown(Exception):
 
 class Flusher:
     def __init__(
-        self, settings: Settings, buffer: Buffer, pool: asyncpg.Pool, on_committed: OnCommitted
-    ) -> None:
+        self, settings: Settings, buffer: Buffer, pool: asyncpg.Pool, on_committed: OnCommitted,
+        owners: OwnerCache | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.buffer = buffer
         self.pool = pool
         self.on_committed = on_committed
+        self.owners = owners if owners is not None else OwnerCache(settings.owner_cache_ttl_s)
         self.db_ok = True  # false from a failed flush until the next successful one
         self._current: FlushBatch | None = None
 
@@ -48,7 +59,7 @@ class Flusher:
             self._current = batch
             try:
                 await self._commit_with_retry(batch)
-            except Exception as exc:  # a bug, not an outage: fail these requests, keep flushing
+            except Exception as exc:  # a bug past the commit: fail these requests, keep flushing
                 log.exception("flush_crashed", extra={"rows": len(batch.rows)})
                 _fail(batch.pending, exc)
             finally:
@@ -65,11 +76,18 @@ class Flusher:
         delay = s.flush_retry_min_ms / 1000
         while True:
             started = time.perf_counter()
+            batch.xid = None
             try:
                 async with self.pool.acquire() as conn:
-                    stored = await asyncio.wait_for(store.commit(conn, batch), s.flush_timeout_s)
+                    owners = await asyncio.wait_for(
+                        store.commit(conn, batch, s.max_trips_per_driver_per_day),
+                        s.flush_timeout_s,
+                    )
             except store.MissingPartition as exc:
-                await self._create_partitions(exc.rows)
+                try:
+                    await self._create_partitions(exc.rows)
+                except Exception as exc2:  # PostgreSQL failing right now: retry as an outage
+                    delay = await self._outage(batch, exc2, delay)
                 continue
             except _POISON as exc:
                 # PostgreSQL refuses some row for good: find the request it belongs to by
@@ -80,37 +98,86 @@ class Flusher:
                     _fail(batch.pending, exc)
                     return
                 for p in batch.pending:
-                    single = FlushBatch(batch.rows[p.start : p.start + p.count], [p])
+                    single = FlushBatch(batch.rows_of(p), [p])
                     p.start = 0
                     await self._commit_with_retry(single)
                 return
             except Exception as exc:
+                # Not an answer from PostgreSQL (connection lost, timeout): if the transaction
+                # got as far as COMMIT, it may have committed. Ask before retrying.
+                if batch.xid is not None and not isinstance(exc, asyncpg.PostgresError):
+                    if await self._committed_after_all(batch, exc):
+                        self._done(batch, None, started)
+                        return
+                delay = await self._outage(batch, exc, delay)
+                continue
+            self._done(batch, owners, started)
+            return
+
+    def _done(self, batch: FlushBatch, owners: store.Owners | None, started: float) -> None:
+        self.db_ok = True
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+        metrics.FLUSH_ROWS.observe(len(batch.rows))
+        if owners:
+            self.owners.update(owners)
+        refused = store.refused_counts(batch.pending)
+        for code, n in refused.items():
+            metrics.BATCHES_REFUSED.labels(code).inc(n)
+        _resolve(batch.pending)
+        stored = batch.stored
+        if stored:
+            metrics.PINGS_STORED.inc(len(stored))
+            self.on_committed(stored)
+        dups = sum(p.duplicates for p in batch.pending)
+        if dups:
+            metrics.PINGS_DUPLICATE.inc(dups)
+
+    async def _outage(self, batch: FlushBatch, exc: BaseException, delay: float) -> float:
+        """Count and log a failed attempt, drop the pooled connections, back off; return the
+        next delay."""
+        self.db_ok = False
+        metrics.DB_ERRORS.labels("flush").inc()
+        # After a failover or a silent network, no pooled connection can be trusted:
+        # replace them all rather than time out on each in turn.
+        await self.pool.expire_connections()
+        log.warning(
+            "flush_failed", extra={"error": repr(exc), "rows": len(batch.rows), "retry_in_s": delay}
+        )
+        await asyncio.sleep(delay)
+        return min(delay * 2, self.settings.flush_retry_max_ms / 1000)
+
+    async def _committed_after_all(self, batch: FlushBatch, exc: BaseException) -> bool:
+        """Whether the transaction of a flush that failed without PostgreSQL's answer committed.
+        Asks until PostgreSQL can tell: committed, or aborted (then the flush is retried)."""
+        s, xid, pid = self.settings, batch.xid, batch.backend_pid
+        delay, first = s.flush_retry_min_ms / 1000, time.monotonic()
+        log.warning("commit_outcome_unknown", extra={"error": repr(exc), "xid": xid})
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
+                    if status == "in progress" and time.monotonic() - first > _IN_PROGRESS_LIMIT_S:
+                        await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+            except Exception as exc2:
                 self.db_ok = False
                 metrics.DB_ERRORS.labels("flush").inc()
-                # After a failover or a silent network, no pooled connection can be trusted:
-                # replace them all rather than time out on each in turn.
                 await self.pool.expire_connections()
-                log.warning(
-                    "flush_failed",
-                    extra={"error": repr(exc), "rows": len(batch.rows), "retry_in_s": delay},
-                )
+                log.warning("commit_outcome_check_failed", extra={"error": repr(exc2)})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, s.flush_retry_max_ms / 1000)
                 continue
-            self.db_ok = True
-            metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
-            metrics.FLUSH_ROWS.observe(len(batch.rows))
-            _resolve(batch.pending)
-            if stored:
-                metrics.PINGS_STORED.inc(len(stored))
-                self.on_committed(stored)
-            dups = sum(p.duplicates for p in batch.pending)
-            if dups:
-                metrics.PINGS_DUPLICATE.inc(dups)
-            return
+            if status == "committed":
+                metrics.COMMITS_RESOLVED.labels("committed").inc()
+                log.info("commit_outcome_resolved", extra={"xid": xid, "status": status})
+                return True
+            if status in ("aborted", None):  # None: a transaction id too old to know (never)
+                metrics.COMMITS_RESOLVED.labels("aborted").inc()
+                log.info("commit_outcome_resolved", extra={"xid": xid, "status": status})
+                return False
+            await asyncio.sleep(0.05)
 
     async def _create_partitions(self, rows: list[Record]) -> None:
-        months = partitions.months_of(r[9] for r in rows)
+        months = partitions.months_of(r[TS] for r in rows)
         async with self.pool.acquire() as conn:
             created = await partitions.ensure(conn, months)
         log.info("partitions_created", extra={"partitions": created})
@@ -128,4 +195,8 @@ def _resolve(pending: list[Pending]) -> None:
     for p in pending:
         f = p.future
         if f is not None and not f.done():
-            f.set_result(None)
+            if p.refused is not None:
+                f.set_exception(p.refused)
+                f.exception()
+            else:
+                f.set_result(None)

@@ -12,7 +12,7 @@ from aiohttp import web
 from . import metrics
 from .auth import AuthError, Principal, may_post_as
 from .body import read_body, unsupported
-from .buffer import AckTimeout, BufferFull, Closed
+from .buffer import AckTimeout, BufferFull, Closed, Refused
 from .flush import ShuttingDown
 from .responses import error, json_response, retry_later
 from .schema import (
@@ -24,7 +24,7 @@ from .schema import (
     json_batch_decoder,
     msgpack_batch_decoder,
 )
-from .typedefs import BUFFER, RATE_LIMITER, SETTINGS, VERIFIER
+from .typedefs import BUFFER, FLUSHER, RATE_LIMITER, SETTINGS, VERIFIER
 from .validate import BatchError, batch_id_of, to_records
 
 _DECODERS: dict[str, msgspec.json.Decoder[PingBatch] | msgspec.msgpack.Decoder[PingBatch]] = {
@@ -171,8 +171,13 @@ async def submit(
         )
 
     buffer = app[BUFFER]
+    # Buffered acks answer before the flush checks the trip's owner: only when this pod saw
+    # the driver own the trip moments ago; otherwise the request waits for its flush.
+    buffered = settings.ack_mode == "buffered" and app[FLUSHER].owners.owned_by(
+        principal.org, batch.tripId, batch.driverId
+    )
     try:
-        pending = buffer.add(records, batch.driverId, batch_id, settings.ack_mode == "durable")
+        pending = buffer.add(records, batch.driverId, batch_id, durable=not buffered)
     except BufferFull:
         metrics.BATCH["overloaded"].inc()
         return Submitted(503, batch_id, rejected, error=("overloaded", "ingest buffer is full"))
@@ -194,6 +199,8 @@ async def submit(
             503, batch_id, rejected,
             error=("storage_unavailable", "not committed in time; retry the same batch"),
         )  # fmt: skip
+    except Refused as exc:
+        return Submitted(exc.status, batch_id, rejected, error=(exc.code, exc.detail))
     except ShuttingDown:
         metrics.BATCH["timeout"].inc()
         return Submitted(
@@ -206,6 +213,9 @@ async def submit(
             500, batch_id, rejected, error=("storage_error", "the batch could not be stored")
         )
     metrics.ACK_SECONDS.observe(time.perf_counter() - started)
+    if settings.ack_mode == "buffered":  # waited for its flush (see above), answered as queued
+        metrics.BATCH["queued"].inc()
+        return Submitted(202, batch_id, rejected, queued=len(records))
     metrics.BATCH["committed"].inc()
     return Submitted(
         200, batch_id, rejected, accepted=pending.accepted, duplicates=pending.duplicates

@@ -123,3 +123,34 @@ for _counter, _values in (
 
 # The hot path counts every batch: label lookups cost more than the increment, so keep them.
 BATCH = {outcome: BATCHES.labels(outcome) for outcome in BATCH_OUTCOMES}
+
+# -- tenancy and commit outcomes ------------------------------------------------------------
+BATCHES_REFUSED = Counter(
+    "ingest_batches_refused_total",
+    "Batches a flush refused whole (trip owned by another driver, trip limit)",
+    ["reason"],
+)
+for _reason in ("trip_owned_by_another_driver", "too_many_trips"):
+    BATCHES_REFUSED.labels(_reason)
+COMMITS_RESOLVED = Counter(
+    "ingest_commit_outcomes_resolved_total",
+    "Flushes whose COMMIT reply was lost, by what PostgreSQL said became of them",
+    ["outcome"],
+)
+for _outcome in ("committed", "aborted"):
+    COMMITS_RESOLVED.labels(_outcome)
+TRIP_HANDOVERS = Counter("ingest_trip_handovers_total", "Trips handed over to another driver")
+
+# -- latest-location repair after failed Redis writes (docs/reliability.md) ------------------
+LATEST_REPAIR_PENDING = Gauge(
+    "ingest_latest_repair_pending",
+    "Trips whose latest-location update did not reach Redis, waiting to be set from PostgreSQL",
+)
+LATEST_REPAIRED = Counter(
+    "ingest_latest_repaired_total", "Trips whose latest location was set again from PostgreSQL"
+)
+LATEST_REPAIR_OVERFLOW = Counter(
+    "ingest_latest_repair_overflow_total",
+    "Lost latest-location updates not remembered for repair (LATEST_REPAIR_MAX_TRIPS reached)",
+)
+REDIS_ERRORS.labels("repair")

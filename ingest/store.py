@@ -1,27 +1,62 @@
-"""PostgreSQL writes: one flush = one transaction = one binary COPY, with dedup.
+"""PostgreSQL writes: one flush = one transaction = one binary COPY, with ownership and dedup.
 
-Fast path (no duplicates): record the flush's batch ids, COPY every row of the new batches
-straight into "TripLocation". Only when the unique guard on ("tripId", "timestamp") fires
-does the flush fall back to staging the rows in a temporary table and inserting them with
-ON CONFLICT DO NOTHING, which tells exactly which rows were new.
+In one transaction, in this order:
+1. Trip owners: one query reads the owner of every trip in the flush (and the transaction id,
+   to resolve a lost COMMIT reply later); only a flush that starts new trips claims them,
+   within each driver's daily limit. A request posting to a trip another driver owns is
+   refused (403) and stores nothing, not even its batch id.
+2. Batch ids of the allowed requests are claimed per (org, driver, batchId); a request whose
+   id was stored before (or earlier in this flush) is a replay and stores nothing.
+3. Fast path: COPY every row of the new requests straight into "TripLocation". Only when the
+   unique guard on ("orgId", "tripId", "timestamp") fires does the flush fall back to staging
+   the rows and inserting them with ON CONFLICT DO NOTHING, which tells which rows were new.
+
+Everything a request is told (accepted, duplicates, refused) is settled before COMMIT, so a
+commit whose outcome is unknown can be resolved by the transaction's id alone (flush.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime
 
 import asyncpg
 
-from .buffer import FlushBatch, Pending
+from .buffer import FlushBatch, Pending, Refused
 from .partitions import PARENT
-from .validate import COLUMNS, TRIP, TS, Record
+from .validate import COLUMNS, ORG, TRIP, TS, Record
 
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)
-_CLAIM_BATCHES = """
-INSERT INTO "IngestBatch" ("driverId", "batchId")
-SELECT * FROM unnest($1::text[], $2::text[])
+# Every (org, trip) of the flush with its owner (NULL: a new trip), and this transaction's id.
+_OWNERS = """
+SELECT w.org, w.trip, t."driverId", pg_current_xact_id()::text, pg_backend_pid()
+FROM unnest($1::text[], $2::text[]) AS w(org, trip)
+LEFT JOIN "IngestTrip" t ON t."orgId" = w.org AND t."tripId" = w.trip
+"""
+_TRIPS_STARTED = """
+SELECT w.org, w.driver, count(t.*)::int
+FROM unnest($1::text[], $2::text[]) AS w(org, driver)
+LEFT JOIN "IngestTrip" t ON t."orgId" = w.org AND t."driverId" = w.driver
+     AND t."createdAt" > now() - interval '1 day'
+GROUP BY w.org, w.driver
+"""
+_CLAIM_TRIPS = """
+INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId")
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
 ON CONFLICT DO NOTHING
-RETURNING "driverId", "batchId"
+RETURNING "orgId", "tripId"
+"""
+# Read in a statement of its own, so that it sees trips another pod committed meanwhile.
+_OWNERS_AGAIN = """
+SELECT t."orgId", t."tripId", t."driverId"
+FROM unnest($1::text[], $2::text[]) AS w(org, trip)
+JOIN "IngestTrip" t ON t."orgId" = w.org AND t."tripId" = w.trip
+"""
+_CLAIM_BATCHES = """
+INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId")
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT DO NOTHING
+RETURNING "orgId", "driverId", "batchId"
 """
 _STAGE = "_ingest_stage"
 _CREATE_STAGE = (
@@ -31,9 +66,11 @@ _CREATE_STAGE = (
 _INSERT_NEW = f"""
 INSERT INTO "{PARENT}" ({_COLS})
 SELECT {_COLS} FROM "{_STAGE}"
-ON CONFLICT ("tripId", "timestamp") DO NOTHING
-RETURNING "tripId", "timestamp"
+ON CONFLICT ("orgId", "tripId", "timestamp") DO NOTHING
+RETURNING "orgId", "tripId", "timestamp"
 """
+
+Owners = dict[tuple[str, str], str]
 
 
 class MissingPartition(Exception):
@@ -44,14 +81,81 @@ class MissingPartition(Exception):
         self.rows = rows
 
 
-def _split_replays(pending: list[Pending], new_keys: set[tuple[str, str]]) -> list[Pending]:
+def _owned_by_another(trip: str) -> Refused:
+    return Refused(
+        403, "trip_owned_by_another_driver",
+        f"trip {trip!r} belongs to another driver; a dispatcher can hand it over",
+    )  # fmt: skip
+
+
+def _too_many_trips(limit: int) -> Refused:
+    return Refused(
+        429, "too_many_trips", f"this driver started {limit} trips in the last 24 hours (the limit)"
+    )
+
+
+async def _owners(
+    conn: asyncpg.Connection, batch: FlushBatch, pending: list[Pending], trips_per_day: int
+) -> Owners:
+    """The owner of every trip in ``pending``, claiming new trips for the first driver that
+    posts to each, unless that driver has started ``trips_per_day`` trips in the last day."""
+    keys = list(dict.fromkeys((p.org, p.trip) for p in pending))
+    rows = await conn.fetch(_OWNERS, [k[0] for k in keys], [k[1] for k in keys])
+    batch.xid, batch.backend_pid = rows[0][3], rows[0][4]
+    owners: Owners = {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
+    if len(owners) == len(keys):
+        return owners
+    # New trips (rare: a trip's first flush). The first request of each claims it.
+    starters: dict[tuple[str, str], str] = {}
+    for p in pending:
+        key = (p.org, p.trip)
+        if key not in owners and key not in starters:
+            starters[key] = p.driver_id
+    drivers = list(dict.fromkeys((org, d) for (org, _), d in starters.items()))
+    started = {
+        (r[0], r[1]): r[2]
+        for r in await conn.fetch(_TRIPS_STARTED, [d[0] for d in drivers], [d[1] for d in drivers])
+    }
+    claim: list[tuple[str, str, str]] = []
+    for (org, trip), driver in starters.items():
+        if started[(org, driver)] < trips_per_day:
+            started[(org, driver)] += 1
+            claim.append((org, trip, driver))
+    if claim:
+        won = {
+            (r[0], r[1])
+            for r in await conn.fetch(
+                _CLAIM_TRIPS, [c[0] for c in claim], [c[1] for c in claim], [c[2] for c in claim]
+            )
+        }
+        owners.update({(org, trip): driver for org, trip, driver in claim if (org, trip) in won})
+        lost = [(org, trip) for org, trip, _ in claim if (org, trip) not in won]
+        if lost:  # another pod started the same trip meanwhile: its driver owns it
+            for r in await conn.fetch(_OWNERS_AGAIN, [k[0] for k in lost], [k[1] for k in lost]):
+                owners[(r[0], r[1])] = r[2]
+    return owners
+
+
+def _allowed(pending: list[Pending], owners: Owners, trips_per_day: int) -> list[Pending]:
+    """The requests whose driver owns their trip; the others are marked refused."""
+    allowed = []
+    for p in pending:
+        owner = owners.get((p.org, p.trip))
+        if owner == p.driver_id:
+            allowed.append(p)
+        else:
+            p.refused = _too_many_trips(trips_per_day) if owner is None else _owned_by_another(p.trip)
+    return allowed
+
+
+def _split_replays(pending: list[Pending], new_keys: set[tuple[str, str, str]]) -> list[Pending]:
     """Mark the batches whose id was stored before (or earlier in this flush) as replays."""
     fresh, seen = [], set()
     for p in pending:
         if p.batch_id is None:
             fresh.append(p)
             continue
-        key = (p.driver_id, p.batch_id)
+        key = (p.org, p.driver_id, p.batch_id)
         if key in new_keys and key not in seen:
             seen.add(key)
             fresh.append(p)
@@ -60,38 +164,47 @@ def _split_replays(pending: list[Pending], new_keys: set[tuple[str, str]]) -> li
     return fresh
 
 
-async def commit(conn: asyncpg.Connection, batch: FlushBatch) -> list[Record]:
-    """Commit one flush; fill each Pending's accepted/duplicates; return the rows newly stored."""
-    rows, pending = batch.rows, batch.pending
+async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int) -> Owners:
+    """Commit one flush: fill each Pending's counts (or refusal) and ``batch.stored`` (the rows
+    newly stored), all before COMMIT; return the trip owners seen (for the owner cache)."""
+    for p in batch.pending:
+        p.reset()
+    batch.stored = []
     async with conn.transaction():
+        owners = await _owners(conn, batch, batch.pending, trips_per_day)
+        allowed = _allowed(batch.pending, owners, trips_per_day)
         # Sorted, so two pods claiming the same ids lock them in the same order (no deadlock).
         keyed = sorted(
-            (p for p in pending if p.batch_id is not None),
-            key=lambda p: (p.driver_id, p.batch_id or ""),
+            (p for p in allowed if p.batch_id is not None),
+            key=lambda p: (p.org, p.driver_id, p.batch_id or ""),
         )
+        fresh = allowed
         if keyed:
             claimed = await conn.fetch(
-                _CLAIM_BATCHES, [p.driver_id for p in keyed], [p.batch_id for p in keyed]
-            )
-            fresh = _split_replays(pending, {(r[0], r[1]) for r in claimed})
-            if len(fresh) != len(pending):
-                rows = [r for p in fresh for r in batch.rows[p.start : p.start + p.count]]
+                _CLAIM_BATCHES,
+                [p.org for p in keyed], [p.driver_id for p in keyed], [p.batch_id for p in keyed],
+            )  # fmt: skip
+            fresh = _split_replays(allowed, {(r[0], r[1], r[2]) for r in claimed})
+        if len(fresh) == len(batch.pending):
+            rows = batch.rows
         else:
-            fresh = pending
+            rows = [r for p in fresh for r in batch.rows_of(p)]
         if not rows:
-            return rows
+            return owners
         try:
             async with conn.transaction():  # savepoint: a conflict falls back, not aborts
                 await conn.copy_records_to_table(PARENT, records=rows, columns=COLUMNS)
         except asyncpg.UniqueViolationError:
-            return await _insert_new_only(conn, batch, fresh)
+            batch.stored = await _insert_new_only(conn, batch, fresh)
+            return owners
         except asyncpg.CheckViolationError as exc:
             if "no partition" in str(exc):
                 raise MissingPartition(rows) from exc
             raise
         for p in fresh:
             p.accepted, p.duplicates = p.count, 0
-        return rows
+        batch.stored = rows
+    return owners
 
 
 async def _insert_new_only(
@@ -99,18 +212,25 @@ async def _insert_new_only(
 ) -> list[Record]:
     """The slow path: stage, INSERT ... ON CONFLICT DO NOTHING, attribute rows to requests."""
     await conn.execute(_CREATE_STAGE)
-    rows = [r for p in fresh for r in batch.rows[p.start : p.start + p.count]]
+    rows = [r for p in fresh for r in batch.rows_of(p)]
     await conn.copy_records_to_table(_STAGE, records=rows, columns=COLUMNS)
-    inserted: set[tuple[str, datetime]] = {(r[0], r[1]) for r in await conn.fetch(_INSERT_NEW)}
+    inserted: set[tuple[str, str, datetime]] = {
+        (r[0], r[1], r[2]) for r in await conn.fetch(_INSERT_NEW)
+    }
     await conn.execute(f'TRUNCATE "{_STAGE}"')
     stored: list[Record] = []
     for p in fresh:
         accepted = 0
-        for r in batch.rows[p.start : p.start + p.count]:
-            key = (r[TRIP], r[TS])
+        for r in batch.rows_of(p):
+            key = (r[ORG] or "", r[TRIP], r[TS])
             if key in inserted:
                 inserted.discard(key)  # a second copy in the same flush is a duplicate
                 stored.append(r)
                 accepted += 1
         p.accepted, p.duplicates = accepted, p.count - accepted
     return stored
+
+
+def refused_counts(pending: list[Pending]) -> Counter[str]:
+    """Refused requests by reason code, for metrics."""
+    return Counter(p.refused.code for p in pending if p.refused is not None)

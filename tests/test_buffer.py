@@ -10,7 +10,8 @@ from ingest.buffer import AckTimeout, Buffer, BufferFull, Closed
 
 
 def rows(n: int, tag: str) -> list:
-    return [(tag, i) for i in range(n)]  # stand-ins for records: the buffer never looks inside
+    # Stand-ins for records: the buffer reads only the trip (0) and org (2) of the first one.
+    return [(tag, "drv", "org", i) for i in range(n)]
 
 
 async def test_take_takes_every_waiting_request_in_order():

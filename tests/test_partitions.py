@@ -32,8 +32,8 @@ def mid(month: date, i: int = 0) -> datetime:
 
 async def insert(conn: asyncpg.Connection, month: date, n: int, trip: str = "trip_p") -> None:
     await conn.executemany(
-        'INSERT INTO "TripLocation" ("tripId", "driverId", "latitude", "longitude", "timestamp")'
-        " VALUES ($1, 'drv_1', 1.0, 2.0, $2)",
+        'INSERT INTO "TripLocation" ("orgId", "tripId", "driverId", "latitude", "longitude",'
+        " \"timestamp\") VALUES ('org_1', $1, 'drv_1', 1.0, 2.0, $2)",
         [(trip, mid(month, i)) for i in range(n)],
     )
 

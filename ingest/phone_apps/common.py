@@ -229,15 +229,25 @@ def failure(out: Outcome) -> web.Response:
     return error(out.status, code, detail)
 
 
-def batches(groups: dict[tuple[str, str], list[Location]], max_pings: int) -> Iterable[PingBatch]:
+def batches(
+    groups: dict[tuple[str, str], list[Location]], max_pings: int, max_trips: int
+) -> list[PingBatch]:
     """One PingBatch per (trip, driver), split to at most MAX_PINGS_PER_BATCH pings each.
 
     No batchId: these apps send none, and every ping is deduplicated by (tripId, timestamp)
-    anyway (see docs/phone_apps.md).
+    anyway (see docs/phone_apps.md). More than MAX_TRIPS_PER_REQUEST trips (device ids) in
+    one request is refused whole: a phone tracks one device.
     """
-    for (trip, driver), locations in groups.items():
-        for start in range(0, len(locations), max_pings):
-            yield PingBatch(trip, driver, locations[start : start + max_pings])
+    if len(groups) > max_trips:
+        raise FormatError(
+            f"$.locations: {len(groups)} distinct device ids (trips) in one request;"
+            f" at most {max_trips} (MAX_TRIPS_PER_REQUEST)"
+        )
+    return [
+        PingBatch(trip, driver, locations[start : start + max_pings])
+        for (trip, driver), locations in groups.items()
+        for start in range(0, len(locations), max_pings)
+    ]
 
 
 async def submit_all(

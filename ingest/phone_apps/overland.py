@@ -120,11 +120,12 @@ async def post_batch(request: web.Request) -> web.Response:
     body = await read_body(request)
     if isinstance(body, web.Response):
         return body
+    settings = app[SETTINGS]
     try:
         groups, ignored = group(principal, _body.decode(body))
+        parts = batches(groups, settings.max_pings_per_batch, settings.max_trips_per_request)
     except (*DECODE_ERRORS, FormatError) as exc:
         return invalid(exc)
-    parts = batches(groups, app[SETTINGS].max_pings_per_batch)
     return answer(await submit_all(app, principal, parts, "overland"), ignored)
 
 

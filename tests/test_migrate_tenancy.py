@@ -1,0 +1,156 @@
+"""Migration 003 (org-scoped keys, trip owners) on a database with rows in the old schema:
+nothing lost, nothing merged, and the new guards hold afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ingest import partitions
+from ingest.migrate import migrate
+
+from .conftest import PG_URL, ROOT, db_url
+
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+
+
+@pytest.fixture
+async def old_db(tmp_path: Path) -> AsyncIterator[asyncpg.Connection]:
+    """A database migrated to 002 only (the schema before tenancy), with partitions."""
+    name = f"ingest_m_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    old_sql = tmp_path / "sql"
+    old_sql.mkdir()
+    for f in ("001_trip_location.sql", "002_ingest_batch.sql"):
+        shutil.copy(ROOT / "sql" / f, old_sql / f)
+    conn = await asyncpg.connect(db_url(name))
+    try:
+        assert await migrate(conn, old_sql) == ["001_trip_location.sql", "002_ingest_batch.sql"]
+        await partitions.ensure(conn, [partitions.month_start(T0 - timedelta(days=40)),
+                                       partitions.month_start(T0)])  # fmt: skip
+        yield conn
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+ROWS = [
+    # org, trip, driver, minutes after T0, batch
+    ("org_a", "trip_1", "drv_1", 0, "b1"),
+    ("org_a", "trip_1", "drv_1", 1, "b1"),
+    ("org_a", "trip_1", "drv_2", 2, "b2"),  # a second driver later: the first one owns it
+    ("org_b", "trip_2", "drv_1", 0, "b9"),  # drv_1 in org_b too
+    ("org_b", "trip_3", "drv_3", -60 * 24 * 35, "b3"),  # in last month's partition
+    (None, "legacy", "drv_x", 5, None),  # imported without an org
+]
+
+
+async def _insert_old(conn: asyncpg.Connection) -> None:
+    await conn.executemany(
+        """INSERT INTO "TripLocation" ("orgId", "tripId", "driverId", "latitude", "longitude",
+           "timestamp", "batchId") VALUES ($1, $2, $3, 1.0, 2.0, $4, $5)""",
+        [(o, t, d, T0 + timedelta(minutes=m), b) for o, t, d, m, b in ROWS],
+    )
+    await conn.executemany(
+        'INSERT INTO "IngestBatch" ("driverId", "batchId") VALUES ($1, $2)',
+        [("drv_1", "b1"), ("drv_2", "b2"), ("drv_1", "b9"), ("drv_3", "b3"),
+         ("drv_3", "b_all_dups"), ("drv_1", "b_ambiguous"), ("drv_nobody", "b_unknown")],
+    )  # fmt: skip
+
+
+async def test_003_moves_rows_in_place_and_scopes_the_guards(old_db: asyncpg.Connection) -> None:
+    conn = old_db
+    await _insert_old(conn)
+    before = await conn.fetch(
+        'SELECT "orgId", "tripId", "driverId", "timestamp", "batchId" FROM "TripLocation" ORDER BY 2, 4'
+    )
+    applied = await migrate(conn, ROOT / "sql")
+    assert "003_org_scoped_keys.sql" in applied
+
+    after = await conn.fetch(
+        'SELECT "orgId", "tripId", "driverId", "timestamp", "batchId" FROM "TripLocation" ORDER BY 2, 4'
+    )
+    assert len(after) == len(before) == len(ROWS)  # nothing lost, nothing merged
+    assert [tuple(r)[1:] for r in after] == [tuple(r)[1:] for r in before]
+    assert {r["orgId"] for r in after if r["tripId"] == "legacy"} == {""}
+
+    batches = {
+        (r["driverId"], r["batchId"]): r["orgId"]
+        for r in await conn.fetch('SELECT "orgId", "driverId", "batchId" FROM "IngestBatch"')
+    }
+    assert batches == {
+        ("drv_1", "b1"): "org_a",  # from the rows the batch stored
+        ("drv_2", "b2"): "org_a",
+        ("drv_1", "b9"): "org_b",
+        ("drv_3", "b3"): "org_b",
+        ("drv_3", "b_all_dups"): "org_b",  # drv_3 is known in one org only
+        ("drv_1", "b_ambiguous"): "",  # drv_1 is in two orgs: unattributed
+        ("drv_nobody", "b_unknown"): "",
+    }
+    owners = {
+        (r["orgId"], r["tripId"]): r["driverId"]
+        for r in await conn.fetch('SELECT "orgId", "tripId", "driverId" FROM "IngestTrip"')
+    }
+    assert owners == {
+        ("org_a", "trip_1"): "drv_1",
+        ("org_b", "trip_2"): "drv_1",
+        ("org_b", "trip_3"): "drv_3",
+        ("", "legacy"): "drv_x",
+    }
+
+    # The guard is per org now: org_b may store org_a's (trip, timestamp); org_a may not twice.
+    insert = """INSERT INTO "TripLocation" ("orgId", "tripId", "driverId", "latitude",
+                "longitude", "timestamp") VALUES ($1, 'trip_1', 'drv_1', 0, 0, $2)"""
+    await conn.execute(insert, "org_b", T0)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(insert, "org_a", T0)
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await conn.execute(insert, None, T0 + timedelta(seconds=1))
+    # Partitions created after the migration get the new guard too.
+    await partitions.ensure(conn, [partitions.add_months(partitions.month_start(T0), 1)])
+    later = partitions.add_months(partitions.month_start(T0), 1)
+    ts = datetime(later.year, later.month, 2, tzinfo=UTC)
+    await conn.execute(insert, "org_a", ts)
+    await conn.execute(insert, "org_b", ts)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(insert, "org_b", ts)
+    # Batch ids per org: the same driver and batch id in another org is a new claim.
+    await conn.execute(
+        """INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId") VALUES ('org_b', 'drv_1', 'b1')"""
+    )
+    # The CHECKs that proved NOT NULL are gone; the old guard is gone.
+    names = {r[0] for r in await conn.fetch("SELECT conname FROM pg_constraint")}
+    assert not [n for n in names if n.endswith("_orgId_not_null")]
+    assert "TripLocation_tripId_timestamp_key" not in names
+
+
+async def test_003_resumes_after_an_interrupted_prepare(old_db: asyncpg.Connection) -> None:
+    """A pod killed halfway through the concurrent index build leaves an invalid index and a
+    half-made CHECK: running the migration again finishes the job."""
+    conn = old_db
+    await _insert_old(conn)
+    part = partitions.partition_name(partitions.month_start(T0))
+    await conn.execute(
+        f'ALTER TABLE "{part}" ADD CONSTRAINT "{part}_orgId_not_null" CHECK ("orgId" IS NOT NULL) NOT VALID'
+    )
+    await conn.execute(f'UPDATE "{part}" SET "orgId" = \'\' WHERE "orgId" IS NULL')
+    await conn.execute(
+        f'CREATE UNIQUE INDEX "{part}_org_trip_ts_key" ON "{part}" ("orgId", "tripId", "timestamp")'
+    )
+    await conn.execute(  # what an interrupted CREATE INDEX CONCURRENTLY leaves behind
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1::regclass",
+        f'"{part}_org_trip_ts_key"',
+    )
+    assert "003_org_scoped_keys.sql" in await migrate(conn, ROOT / "sql")
+    assert await conn.fetchval(
+        "SELECT bool_and(indisvalid) FROM pg_index WHERE indexrelid::regclass::text LIKE '%org_trip_ts_key%'"
+    )
+    assert await conn.fetchval('SELECT count(*) FROM "TripLocation"') == len(ROWS)
