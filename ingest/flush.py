@@ -103,9 +103,9 @@ class Flusher:
                     await self._commit_with_retry(single)
                 return
             except Exception as exc:
-                # Not an answer from PostgreSQL (connection lost, timeout): if the transaction
-                # got as far as COMMIT, it may have committed. Ask before retrying.
-                if batch.xid is not None and not isinstance(exc, asyncpg.PostgresError):
+                # If the transaction got as far as COMMIT before the connection was lost (or
+                # timed out, or the server shut down), it may have committed: ask, then retry.
+                if batch.xid is not None:
                     if await self._committed_after_all(batch, exc):
                         self._done(batch, None, started)
                         return

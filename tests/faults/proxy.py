@@ -16,12 +16,13 @@ import contextlib
 
 
 class _Link:
-    __slots__ = ("client", "dead", "server")
+    __slots__ = ("client", "dead", "muted", "server")
 
     def __init__(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> None:
         self.client = client
         self.server = server
         self.dead = False
+        self.muted = False  # the server's answers are no longer passed on
 
 
 class BlackholeProxy:
@@ -31,7 +32,15 @@ class BlackholeProxy:
         self.tasks: set[asyncio.Task[None]] = set()
         self.blackholed = 0
         self._server: asyncio.Server | None = None
+        self._cut: tuple[bytes, asyncio.Future[None]] | None = None
         self.port = 0
+
+    def cut_after(self, marker: bytes) -> asyncio.Future[None]:
+        """The next time a client sends bytes containing ``marker``: pass them to the server,
+        pass nothing back, then cut both sides (the server did get the request; the client
+        never learns its outcome). The future is done once cut."""
+        self._cut = (marker, asyncio.get_running_loop().create_future())
+        return self._cut[1]
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -96,6 +105,18 @@ class BlackholeProxy:
                 if link.dead:
                     if to_server:
                         continue  # swallowed: the client's bytes go nowhere
+                    return
+                if not to_server and link.muted:
+                    continue
+                cut = self._cut if to_server else None
+                if cut is not None and cut[0] in data:
+                    self._cut = None
+                    link.muted = True
+                    link.server.write(data)
+                    await asyncio.sleep(0.3)  # the server acts on it; its answer is dropped
+                    link.client.transport.abort()
+                    link.server.transport.abort()
+                    cut[1].set_result(None)
                     return
                 dst = link.server if to_server else link.client
                 dst.write(data)
