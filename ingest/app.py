@@ -23,9 +23,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import (
-    dashboard, ingest_api, maintenance, metrics, ops, phone_apps, read_api, trips_api, ws,
-)  # fmt: skip
+from . import dashboard, ingest_api, maintenance, metrics, ops, phone_apps, read_api, trips_api, ws
 from . import log as logsetup
 from .auth import Verifier
 from .buffer import Buffer

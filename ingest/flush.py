@@ -105,10 +105,9 @@ class Flusher:
             except Exception as exc:
                 # If the transaction got as far as COMMIT before the connection was lost (or
                 # timed out, or the server shut down), it may have committed: ask, then retry.
-                if batch.xid is not None:
-                    if await self._committed_after_all(batch, exc):
-                        self._done(batch, None, started)
-                        return
+                if batch.xid is not None and await self._committed_after_all(batch, exc):
+                    self._done(batch, None, started)
+                    return
                 delay = await self._outage(batch, exc, delay)
                 continue
             self._done(batch, owners, started)

@@ -157,10 +157,13 @@ async def submit(
     wait for their commit. Shared by the native and the phone-app endpoints."""
     settings = app[SETTINGS]
     labels: list[str] = []
-    records, rejected = to_records(
-        batch, principal.org, batch_id, datetime.now(UTC),
-        settings.max_clock_skew_s, settings.max_ping_age_days, labels,
-    )  # fmt: skip
+    try:
+        records, rejected = to_records(
+            batch, principal.org, batch_id, datetime.now(UTC),
+            settings.max_clock_skew_s, settings.max_ping_age_days, labels,
+        )  # fmt: skip
+    except BatchError as exc:  # a timestamp that is not RFC 3339: malformed, like msgspec's 400
+        return Submitted(400, batch_id, [], error=("invalid_payload", str(exc)))
     metrics.PINGS_RECEIVED.inc(len(batch.locations))
     for label in labels:
         metrics.PINGS_REJECTED.labels(label).inc()
@@ -171,9 +174,9 @@ async def submit(
         )
 
     buffer = app[BUFFER]
-    # Buffered acks answer before the flush checks the trip's owner: only when this pod saw
-    # the driver own the trip moments ago; otherwise the request waits for its flush.
-    buffered = settings.ack_mode == "buffered" and app[FLUSHER].owners.owned_by(
+    # Buffered acks answer before the flush checks the trip's owner, except where this pod saw
+    # another driver own the trip moments ago: that request waits for its flush (403).
+    buffered = settings.ack_mode == "buffered" and not app[FLUSHER].owners.owned_by_another(
         principal.org, batch.tripId, batch.driverId
     )
     try:

@@ -50,7 +50,8 @@ async def prepare_003(conn: asyncpg.Connection) -> None:
         )  # fmt: skip
         if has_check is None:
             await conn.execute(
-                f'ALTER TABLE "{part}" ADD CONSTRAINT "{check}" CHECK ("orgId" IS NOT NULL) NOT VALID'
+                f'ALTER TABLE "{part}" ADD CONSTRAINT "{check}"'
+                ' CHECK ("orgId" IS NOT NULL) NOT VALID'
             )
         if not has_check:
             # SHARE UPDATE EXCLUSIVE: reads and writes go on while it scans.
@@ -62,7 +63,8 @@ async def prepare_003(conn: asyncpg.Connection) -> None:
             await conn.execute(f'DROP INDEX CONCURRENTLY "{index}"')
         if not valid:
             await conn.execute(
-                f'CREATE UNIQUE INDEX CONCURRENTLY "{index}" ON "{part}" ("orgId", "tripId", "timestamp")'
+                f'CREATE UNIQUE INDEX CONCURRENTLY "{index}"'
+                f' ON "{part}" ("orgId", "tripId", "timestamp")'
             )
 
 

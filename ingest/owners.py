@@ -2,11 +2,10 @@
 
 Ownership itself is checked in each flush's transaction, against "IngestTrip" (store.py):
 that check is what holds across pods, restarts and handovers. In ACK_MODE=buffered a request
-is answered 202 before its flush; it gets that early answer only if this cache says its driver
-owned the trip at a flush less than OWNER_CACHE_TTL_S ago, and otherwise waits for its flush
-like a durable request. So a 202 for rows the flush then refuses can only follow a handover
-made in the last OWNER_CACHE_TTL_S on another pod (counted in
-ingest_batches_refused_total).
+is answered 202 before its flush, unless this cache says another driver owned its trip at a
+flush less than OWNER_CACHE_TTL_S ago: then it waits for its flush like a durable request and
+gets the 403. A 202 for rows the flush then refuses (a trip this pod has not seen lately) is
+counted in ingest_batches_refused_total; those rows are dropped, never stored.
 """
 
 from __future__ import annotations
@@ -23,10 +22,11 @@ class OwnerCache:
         self.clock = clock
         self._owners: dict[tuple[str, str], tuple[str, float]] = {}
 
-    def owned_by(self, org: str, trip: str, driver: str) -> bool:
-        """True if ``driver`` owned the trip at a flush less than the TTL ago."""
+    def owned_by_another(self, org: str, trip: str, driver: str) -> bool:
+        """True if another driver than ``driver`` owned the trip at a flush less than the
+        TTL ago."""
         hit = self._owners.get((org, trip))
-        return hit is not None and hit[0] == driver and hit[1] > self.clock()
+        return hit is not None and hit[0] != driver and hit[1] > self.clock()
 
     def update(self, owners: Mapping[tuple[str, str], str]) -> None:
         if len(self._owners) + len(owners) > _MAX_ENTRIES:

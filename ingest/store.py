@@ -143,8 +143,10 @@ def _allowed(pending: list[Pending], owners: Owners, trips_per_day: int) -> list
         owner = owners.get((p.org, p.trip))
         if owner == p.driver_id:
             allowed.append(p)
+        elif owner is None:  # a new trip its driver may not start today
+            p.refused = _too_many_trips(trips_per_day)
         else:
-            p.refused = _too_many_trips(trips_per_day) if owner is None else _owned_by_another(p.trip)
+            p.refused = _owned_by_another(p.trip)
     return allowed
 
 

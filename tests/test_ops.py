@@ -167,11 +167,11 @@ async def test_a_flush_refused_by_postgres_is_committed_request_by_request_and_c
     assert (await (await client.post(PING, json=stored, headers=auth())).json())["accepted"] == 3
     real, calls = store.commit, []
 
-    async def refused_once(conn, flush):
+    async def refused_once(conn, flush, trips_per_day):
         calls.append(len(flush.rows))
         if len(calls) == 1:  # PostgreSQL refuses the flush as a whole
             raise asyncpg.DataError("refused")
-        return await real(conn, flush)
+        return await real(conn, flush, trips_per_day)
 
     monkeypatch.setattr(store, "commit", refused_once)
     before = await scrape(client)

@@ -395,19 +395,18 @@ async def test_a_driver_reads_only_its_own_trips(client):
         assert await colleague.json() == {"error": "not_found", "detail": "no trip 'trip_1'"}
 
 
-async def test_the_dedup_guard_spans_orgs_but_reads_stay_per_org(client, db):
-    """The contract's guard is on ("tripId", "timestamp"), across orgs: trip ids are expected to
-    be globally unique (README, Security). Another org reusing a trip id and instant gets
-    "duplicates", but can still read nothing of the first org's trip."""
+async def test_the_dedup_guard_is_per_org_and_reads_stay_per_org(client, db):
+    """The guard is on ("orgId", "tripId", "timestamp"): another org reusing a trip id, driver
+    id, batch id and instant stores its own pings, learns nothing, and reads only its own."""
     body = batch(2)
-    assert (await client.post(PING, json=body, headers=auth())).status == 200
-    body["batchId"] = "other-org-batch"
+    assert (await (await client.post(PING, json=body, headers=auth())).json())["accepted"] == 2
     resp = await client.post(PING, json=body, headers=auth("driver", "drv_1", "org_2"))
     assert resp.status == 200
-    assert (await resp.json())["duplicates"] == 2
-    got = await client.get(LATEST.format("trip_1"), headers=auth("dispatcher", "d", "org_2"))
-    assert got.status == 404
-    assert await db.fetchval('SELECT count(*) FROM "TripLocation"') == 2
+    assert (await resp.json())["accepted"] == 2 and (await resp.json())["duplicates"] == 0
+    own = await client.get(LATEST.format("trip_1"), headers=auth("dispatcher", "d", "org_2"))
+    assert own.status == 200
+    counts = await db.fetch('SELECT "orgId", count(*) FROM "TripLocation" GROUP BY 1 ORDER BY 1')
+    assert [tuple(r) for r in counts] == [("org_1", 2), ("org_2", 2)]
 
 
 async def test_org_ids_with_a_colon_do_not_meet_in_redis(client):
@@ -959,7 +958,9 @@ async def test_per_driver_rate_limit_is_429_with_retry_after(make_client):
         "error": "rate_limited",
         "detail": "too many requests for this driver",
     }
-    other = await client.post(PING, json=batch(1, driver="drv_2"), headers=auth("driver", "drv_2"))
+    other = await client.post(
+        PING, json=batch(1, trip="trip_2", driver="drv_2"), headers=auth("driver", "drv_2")
+    )
     assert other.status == 200
 
 
