@@ -4,21 +4,29 @@ and publish the new pings of each trip once, as a ready-to-send WebSocket messag
 Both happen in one Lua script call per flush, so a flush costs one Redis round trip
 whatever the number of trips; it runs in its own task, off the ack path, with a bounded
 backlog: a slow or absent Redis delays live data, never ingest.
+
+A latest update that never reached Redis (the script call failed, or its flush was dropped
+from the backlog) is remembered by (org, trip), up to LATEST_REPAIR_MAX_TRIPS, and set again
+from PostgreSQL's newest row once Redis takes writes again (docs/reliability.md, "Latest
+location after Redis trouble"). Nothing of this runs while Redis is healthy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import operator
 import time
+from collections.abc import Iterable
 from datetime import UTC
 
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from . import metrics
 from .constants import FLEET_KEY, LATEST_KEY, LIVE_CHANNEL
@@ -28,6 +36,8 @@ from .validate import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS,
 log = logging.getLogger("ingest.live")
 
 _BACKLOG_FLUSHES = 256
+# Trips repaired per PostgreSQL query and Redis call; live publishing goes on between chunks.
+_REPAIR_CHUNK = 500
 _MSGPACK = msgspec.msgpack.Encoder()
 _JSON = msgspec.json.Encoder()
 
@@ -37,9 +47,14 @@ _JSON = msgspec.json.Encoder()
 TRUST_MISSING_MS = 120_000  # 2 min
 
 # ARGV[1]: msgpack list of
-#   [latest key, ts ms, latest JSON, channel, message, fleet key, trip, org (unused by Lua)]
+#   [latest key, ts ms, latest JSON, channel, message, fleet key, trip, org (unused by Lua),
+#    fleet score ms]
 # ARGV[2]: TTL seconds. ARGV[3]: a missing key is set only for ts >= this (epoch ms).
 # An empty channel publishes nothing. Returns {updated, skipped, {indexes left unset}}.
+# The fleet score is min(ts, the time it was written), raised only (GT): a clock running ahead
+# ranks a trip as "now", never above the trucks that report after it. It is raised whether or
+# not the latest moved (a trip whose latest lies ahead still reports now); the latest itself
+# compares ping timestamps only, so the score never makes it go back.
 _UPDATE_AND_PUBLISH = """
 local items = cmsgpack.unpack(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -50,13 +65,15 @@ for i, it in ipairs(items) do
   if (cur and tonumber(cur) < it[2]) or ((not cur) and it[2] >= trust_from) then
     redis.call('HSET', it[1], 'ts', it[2], 'v', it[3])
     redis.call('EXPIRE', it[1], ttl)
-    redis.call('ZADD', it[6], 'GT', it[2], it[7])
-    redis.call('EXPIRE', it[6], ttl)
     updated = updated + 1
   elseif cur then
     skipped = skipped + 1
   else
     unsure[#unsure + 1] = i - 1
+  end
+  if cur or it[2] >= trust_from then
+    redis.call('ZADD', it[6], 'GT', it[9], it[7])
+    redis.call('EXPIRE', it[6], ttl)
   end
   if it[4] ~= '' then
     redis.call('PUBLISH', it[4], it[5])
@@ -68,7 +85,7 @@ _LATEST_OF = """
 SELECT t.org, t.trip, l.* FROM unnest($1::text[], $2::text[]) AS t(org, trip)
 CROSS JOIN LATERAL (
     SELECT "driverId", "latitude", "longitude", "timestamp", "accuracy", "speed", "heading",
-           "altitude"
+           "altitude", "createdAt"
     FROM "TripLocation" WHERE "tripId" = t.trip AND "orgId" = t.org
     ORDER BY "timestamp" DESC LIMIT 1) l
 """
@@ -131,16 +148,22 @@ def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[objec
         items.append([
             latest_key(prefix, org, trip), ts_ms, latest,
             trip_channel(prefix, org, trip), message, fleet_key(prefix, org), trip, org or "",
+            min(ts_ms, now_ms),
         ])  # fmt: skip
     return items
+
+
+def _trip_of_item(item: list[object]) -> tuple[str, str]:
+    return str(item[7]), str(item[6])
 
 
 class Live:
     """Owns the Redis client used for latest locations and publishing."""
 
     def __init__(
-        self, redis: aioredis.Redis, prefix: str, latest_ttl_s: int, pool: asyncpg.Pool | None
-    ) -> None:
+        self, redis: aioredis.Redis, prefix: str, latest_ttl_s: int, pool: asyncpg.Pool | None,
+        repair_max_trips: int = 100_000, repair_interval_s: float = 1.0,
+    ) -> None:  # fmt: skip
         self.redis = redis
         self.pool = pool
         self.prefix = prefix
@@ -150,25 +173,56 @@ class Live:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self.redis_ok = True
+        # Trips whose latest update was lost: (org, trip) -> number of the last loss that
+        # named it. A repair forgets a trip only if no newer loss named it meanwhile.
+        self._lost: dict[tuple[str, str], int] = {}
+        self._losses = 0
+        self._repair_max = repair_max_trips
+        self._repair_interval = repair_interval_s
+        self._repair_at = 0.0  # loop time of the next repair attempt
+        # A chunk read from PostgreSQL but not yet written: retried as is while Redis refuses.
+        self._chunk: tuple[list[tuple[tuple[str, str], int]], list[list[object]]] | None = None
+        # Counts of the current repair episode (first loss until nothing is pending), logged
+        # once at its end.
+        self._episode = {"repaired": 0, "overflow": 0, "failed_attempts": 0}
+
+    @property
+    def repair_pending(self) -> int:
+        """Trips whose latest location waits to be set again from PostgreSQL."""
+        return len(self._lost)
 
     def committed(self, rows: list[Record]) -> None:
         """Called by the flusher after each commit; never blocks it."""
         if len(self._backlog) >= _BACKLOG_FLUSHES:
             dropped = self._backlog.popleft()
-            metrics.PUBLISH_DROPPED.inc(len({(r[ORG], r[TRIP]) for r in dropped}))
+            trips = {(r[ORG] or "", r[TRIP]) for r in dropped}
+            metrics.PUBLISH_DROPPED.inc(len(trips))
+            self._lose(trips)
         self._backlog.append(rows)
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Publish committed rows until stop(): then publish what is left and return.
+        """Publish committed rows until stop(): then publish what is left and return. While
+        some latest update is lost, also repair it, one chunk per turn, between publishes.
 
         Stopped by a flag, not by cancellation: redis-py may swallow a CancelledError
         that lands inside a command, which would leave the task waiting forever.
         """
+        loop = asyncio.get_running_loop()
         while not self._stopping:
-            await self._wakeup.wait()
+            if not self._lost:
+                await self._wakeup.wait()
+            elif (delay := self._repair_at - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+            else:
+                await asyncio.sleep(0)  # between chunks: never hold the loop
             self._wakeup.clear()
             await self.drain()
+            if self._lost and not self._stopping and loop.time() >= self._repair_at:
+                await self.repair_step()
+        if self._lost:
+            log.warning("latest_repair_abandoned", extra={"trips": len(self._lost)})
 
     def stop(self) -> None:
         self._stopping = True
@@ -189,16 +243,22 @@ class Live:
             updated, skipped, unsure = await self._script(
                 args=[_MSGPACK.encode(items), self.ttl, now_ms - TRUST_MISSING_MS]
             )
-            if unsure:
-                updated += await self._latest_from_postgres([items[i] for i in unsure])
         except Exception as exc:
             self.redis_ok = False
             metrics.REDIS_ERRORS.labels("publish").inc()
             metrics.PUBLISH_DROPPED.inc(len(items))
             log.warning("publish_failed", extra={"error": repr(exc), "trips": len(items)})
+            self._lose(map(_trip_of_item, items))
             return
         self.redis_ok = True
         metrics.PUBLISHED.inc(len(items))
+        if unsure:
+            fill = [items[i] for i in unsure]
+            try:
+                updated += await self._latest_from_postgres(fill)
+            except Exception as exc:
+                log.warning("latest_fill_failed", extra={"error": repr(exc), "trips": len(fill)})
+                self._lose(map(_trip_of_item, fill))
         metrics.LATEST_UPDATED.inc(updated)
         if skipped:
             metrics.LATEST_SKIPPED.inc(skipped)
@@ -206,24 +266,97 @@ class Live:
     async def _latest_from_postgres(self, items: list[list[object]]) -> int:
         """Set the latest of trips Redis has no key for from PostgreSQL, whose newest row
         is at least as new as the late upload that was just committed."""
-        if self.pool is None:
-            return 0
-        trips = [str(it[6]) for it in items]
-        orgs = [str(it[7]) for it in items]
-        rows = await self.pool.fetch(_LATEST_OF, orgs, trips)
-        fixed: list[list[object]] = []
-        for r in rows:
-            org, trip, driver = r[0], r[1], r[2]
-            loc = StoredLocation(r[3], r[4], r[5].astimezone(UTC), r[6], r[7], r[8], r[9])
-            fixed.append([
-                latest_key(self.prefix, org, trip), int(r[5].timestamp() * 1000),
-                _JSON.encode(LatestLocation(trip, driver, loc)).decode(), "", "",
-                fleet_key(self.prefix, org), trip, org,
-            ])  # fmt: skip
+        fixed = await self._newest_stored([_trip_of_item(it) for it in items])
         if not fixed:
             return 0
         updated, _, _ = await self._script(args=[_MSGPACK.encode(fixed), self.ttl, 0])
         return int(updated)
+
+    async def _newest_stored(self, trips: list[tuple[str, str]]) -> list[list[object]]:
+        """Script items (no message to publish) of the newest stored row of each trip. The
+        fleet score is min(ts, the row's commit time), as a flush would have written it."""
+        if self.pool is None or not trips:
+            return []
+        rows = await self.pool.fetch(_LATEST_OF, [o for o, _ in trips], [t for _, t in trips])
+        items: list[list[object]] = []
+        for r in rows:
+            org, trip, driver = r[0], r[1], r[2]
+            loc = StoredLocation(r[3], r[4], r[5].astimezone(UTC), r[6], r[7], r[8], r[9])
+            ts_ms = int(r[5].timestamp() * 1000)
+            items.append([
+                latest_key(self.prefix, org, trip), ts_ms,
+                _JSON.encode(LatestLocation(trip, driver, loc)).decode(), "", "",
+                fleet_key(self.prefix, org), trip, org, min(ts_ms, int(r[10].timestamp() * 1000)),
+            ])  # fmt: skip
+        return items
+
+    # -- repair of lost latest updates ------------------------------------------------------
+
+    def _lose(self, trips: Iterable[tuple[str, str]]) -> None:
+        """Remember trips whose latest update did not reach Redis. Beyond the bound, new trips
+        are counted and logged, not remembered (docs/reliability.md says why)."""
+        if self.pool is None:
+            return
+        self._losses += 1
+        n, lost = self._losses, self._lost
+        room, refused = self._repair_max - len(lost), 0
+        for key in trips:
+            if key in lost:
+                lost[key] = n  # keeps its place in the queue
+            elif room > 0:
+                lost[key] = n
+                room -= 1
+            else:
+                refused += 1
+        if refused:
+            if not self._episode["overflow"]:
+                log.warning(
+                    "latest_repair_overflow",
+                    extra={"max_trips": self._repair_max, "first_refused": refused},
+                )
+            self._episode["overflow"] += refused
+            metrics.LATEST_REPAIR_OVERFLOW.inc(refused)
+        metrics.LATEST_REPAIR_PENDING.set(len(lost))
+        # Not at once: Redis just failed; the next attempt comes one interval later.
+        self._repair_at = asyncio.get_running_loop().time() + self._repair_interval
+
+    async def repair_step(self) -> bool:
+        """Set the latest of the next chunk of lost trips from PostgreSQL's newest rows;
+        forget those no newer loss named meanwhile. False if PostgreSQL or Redis failed
+        (the chunk is kept and tried again after LATEST_REPAIR_INTERVAL_S)."""
+        try:
+            if self._chunk is None:
+                chunk = list(itertools.islice(self._lost.items(), _REPAIR_CHUNK))
+                self._chunk = (chunk, await self._newest_stored([k for k, _ in chunk]))
+            chunk, items = self._chunk
+            if items:
+                # Forward-only, from newest stored rows: never older than what a flush wrote.
+                await self._script(args=[_MSGPACK.encode(items), self.ttl, 0])
+        except Exception as exc:
+            self._repair_at = asyncio.get_running_loop().time() + self._repair_interval
+            if isinstance(exc, RedisError):
+                metrics.REDIS_ERRORS.labels("repair").inc()
+            if not self._episode["failed_attempts"]:  # once: Redis may be away for long
+                log.warning("latest_repair_failed", extra={"error": repr(exc)})
+            self._episode["failed_attempts"] += 1
+            return False
+        self._chunk = None
+        self.redis_ok = True
+        # Trips without a stored row (none, unless deleted) are forgotten with the rest.
+        lost, before = self._lost, len(self._lost)
+        for key, n in chunk:
+            if lost.get(key) == n:
+                del lost[key]
+        repaired = before - len(lost)
+        self._episode["repaired"] += repaired
+        metrics.LATEST_REPAIRED.inc(repaired)
+        metrics.LATEST_REPAIR_PENDING.set(len(lost))
+        if not lost:
+            episode, self._episode = self._episode, dict.fromkeys(self._episode, 0)
+            log.info("latest_repaired", extra=episode)
+        return True
+
+    # -- reads ------------------------------------------------------------------------------
 
     async def latest(self, org: str, trip: str) -> bytes | None:
         """The stored latest location JSON of ``trip`` in ``org``; raises on Redis errors."""
@@ -238,7 +371,8 @@ class Live:
         return result
 
     async def fleet_trips(self, org: str, limit: int) -> list[str]:
-        """Trips of ``org`` with a latest location younger than the TTL, newest first."""
+        """Trips of ``org`` with a latest location younger than the TTL, newest first (by
+        min(ping time, time written): a phone clock running ahead does not rank first)."""
         min_ms = int((time.time() - self.ttl) * 1000)
         key = fleet_key(self.prefix, org)
         raw = await self.redis.zrange(key, "+inf", min_ms, desc=True, byscore=True, offset=0,

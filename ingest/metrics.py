@@ -154,3 +154,34 @@ LATEST_REPAIR_OVERFLOW = Counter(
     "Lost latest-location updates not remembered for repair (LATEST_REPAIR_MAX_TRIPS reached)",
 )
 REDIS_ERRORS.labels("repair")
+
+# -- WebSocket limits and token lifetime (docs/live.md) ------------------------------------
+WS_REFUSED = Counter(
+    "ingest_ws_refused_total",
+    "WebSockets (too_many_sockets) and subscribe messages (too_many_subscriptions) refused"
+    " by a per-pod limit",
+    ["reason"],
+)
+for _reason in ("too_many_sockets", "too_many_subscriptions"):
+    WS_REFUSED.labels(_reason)
+WS_SUBSCRIBE_FAILED = Counter(
+    "ingest_ws_subscribe_failed_total",
+    "Channels and patterns Redis did not confirm within WS_SUBSCRIBE_TIMEOUT_S",
+)
+WS_TOKEN_EXPIRED = Counter(
+    "ingest_ws_token_expired_total", "WebSockets closed (4001) because their token expired"
+)
+
+# -- HTTP connections (ingest/http_server.py, docs/security.md) ----------------------------
+HTTP_CONNECTIONS = Gauge("ingest_http_connections", "Open HTTP connections, WebSockets included")
+HTTP_CLOSED = Counter(
+    "ingest_http_connections_closed_total",
+    "Connections the server closed to protect itself: header_timeout, body_timeout, evicted"
+    " (waited longest for its client when HTTP_MAX_CONNECTIONS was reached), over_capacity"
+    " (a new one, when every other connection was busy)",
+    ["reason"],
+)
+HTTP_CLOSED_BY = {
+    reason: HTTP_CLOSED.labels(reason)
+    for reason in ("header_timeout", "body_timeout", "evicted", "over_capacity")
+}

@@ -123,6 +123,35 @@ async def test_latest_falls_back_to_postgres_and_404s_unknown(client, redis, red
     assert missing.status == 404 and (await missing.json())["error"] == "not_found"
 
 
+async def test_fleet_ranks_a_clock_running_ahead_as_now_not_first(client, redis, redis_prefix):
+    """A phone clock ahead of the server (inside MAX_CLOCK_SKEW_S) must not rank its trip above
+    the trucks that report after it in the fleet snapshot order; its latest never goes back."""
+    live = client.server.app[LIVE]
+    key = live_module.fleet_key(redis_prefix, "org_1")
+    ahead = batch(1, trip="ahead", start_ms=now_ms(240))  # 4 min ahead
+    await ping(client, ahead)
+    await published(client, "ahead")
+    assert await redis.zscore(key, "ahead") <= now_ms()
+    await asyncio.sleep(0.05)
+    await ping(client, batch(1, trip="real", start_ms=now_ms()))
+    await published(client, "real")
+    assert await live.fleet_trips("org_1", 10) == ["real", "ahead"]
+
+    # The same phone reports again with a right clock: it ranks first again (its score rises
+    # though its latest does not move), and its latest stays the newer ping from ahead.
+    before = await redis.zscore(key, "ahead")
+    await ping(client, batch(1, trip="ahead", start_ms=now_ms()))
+    for _ in range(100):
+        if await redis.zscore(key, "ahead") > before:
+            break
+        await asyncio.sleep(0.02)
+    assert await live.fleet_trips("org_1", 10) == ["ahead", "real"]
+    body = json.loads(await live.latest("org_1", "ahead") or b"{}")
+    assert datetime.fromisoformat(body["location"]["timestamp"]) == datetime.fromisoformat(
+        ahead["locations"][0]["timestamp"]
+    )
+
+
 # -- history -----------------------------------------------------------------------------
 
 
@@ -248,7 +277,8 @@ async def test_fleet_and_trip_subscription_deliver_once(client):
     assert await nothing_more(ws)
 
 
-async def test_message_is_encoded_once_whatever_the_subscribers(client, monkeypatch):
+async def test_message_is_encoded_once_whatever_the_subscribers(make_client, monkeypatch):
+    client = await make_client(ws_max_sockets_per_subject=25)  # one subject, 25 sockets
     calls = []
     real = live_module._JSON
 
