@@ -8,11 +8,14 @@ it passes x-gzip through undecoded.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 from aiohttp import web
 
+from . import http_server
 from .responses import error
+from .typedefs import SETTINGS
 
 ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 _MAX_MEMBERS = 64  # gzip members in one body (RFC 1952 allows several, concatenated)
@@ -26,14 +29,25 @@ def unsupported(request: web.Request) -> web.Response | None:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | web.Response:
-    """The decoded body, or the 415 / 413 / 400 answer."""
+    """The decoded body, or the 415 / 413 / 408 / 400 answer."""
     refused = unsupported(request)
     if refused is not None:
         return refused
     try:
-        raw = await request.read()  # at most client_max_size (MAX_BODY_BYTES) on the wire
+        if request.content.is_eof():  # the usual case: the body came with the head
+            raw = await request.read()  # at most client_max_size (MAX_BODY_BYTES) on the wire
+        else:
+            raw = await _read_in_time(request)
     except web.HTTPRequestEntityTooLarge:
         return _too_large(limit)
+    except TimeoutError:
+        http_server.body_timed_out(request)
+        timeout = request.app[SETTINGS].http_body_timeout_s
+        response = error(408, "request_timeout", f"body not received within {timeout:g} s")
+        response.force_close()
+        return response
+    except ConnectionError:  # the client went away, or was closed as the slowest one waiting
+        return error(400, "invalid_payload", "the connection closed before the body ended")
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding in ("", "identity"):
         return raw
@@ -42,6 +56,13 @@ async def read_body(request: web.Request, limit: int) -> bytes | web.Response:
     except zlib.error as exc:
         return error(400, "invalid_payload", f"body is not valid {encoding}: {exc}")
     return _too_large(limit) if body is None else body
+
+
+async def _read_in_time(request: web.Request) -> bytes:
+    """The rest of the body, within HTTP_BODY_TIMEOUT_S (TimeoutError if not)."""
+    with http_server.waiting_for_body(request):
+        async with asyncio.timeout(request.app[SETTINGS].http_body_timeout_s):
+            return await request.read()
 
 
 def _too_large(limit: int) -> web.Response:
