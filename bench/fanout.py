@@ -194,7 +194,10 @@ async def _service(
     ctx: Context, spec: list[list[str]], token: str, sizes: tuple[int, ...], phase_s: float
 ) -> list[dict[str, Any]]:
     results = []
-    server = ctx.server("service-fanout", SERVICE.argv(), SERVICE.ready_path)
+    # Every subscriber socket uses one dispatcher token: lift the per-subject socket cap.
+    server = ctx.server(
+        "service-fanout", SERVICE.argv(), SERVICE.ready_path, WS_MAX_SOCKETS_PER_SUBJECT="1000000"
+    )
     await server.start()
     try:
         clients = await _connect(ctx, server, spec, token)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -49,18 +50,24 @@ class Verifier:
         self._cache: dict[str, tuple[Principal, float]] = {}  # token -> (principal, exp)
 
     def verify(self, token: str | None) -> Principal:
+        return self.verify_exp(token)[0]
+
+    def verify_exp(self, token: str | None) -> tuple[Principal, float]:
+        """verify(), and the token's ``exp`` (epoch seconds; infinite for the development
+        principal). Like HTTP, whoever holds the token is served until ``exp`` + JWT_LEEWAY_S
+        (``self.leeway``): a WebSocket is closed then."""
         if token is None:
             if self.disabled:
-                return DEV_PRINCIPAL
+                return _DEV_FOREVER
             raise AuthError("missing bearer token")
         hit = self._cache.get(token)
         if hit is not None:
             if hit[1] + self.leeway >= self.clock():
-                return hit[0]
+                return hit
             del self._cache[token]
             raise AuthError("token expired")
         if self.key is None:  # auth disabled and no key to check a given token with
-            return DEV_PRINCIPAL
+            return _DEV_FOREVER
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -80,16 +87,16 @@ class Verifier:
             exp = float(claims["exp"])
         except (TypeError, ValueError, OverflowError):
             raise AuthError("invalid token: claim 'exp' must be a number") from None
-        self._remember(token, principal, exp)
-        return principal
+        return self._remember(token, principal, exp)
 
-    def _remember(self, token: str, principal: Principal, exp: float) -> None:
+    def _remember(self, token: str, principal: Principal, exp: float) -> tuple[Principal, float]:
         if len(self._cache) >= _CACHE_MAX:
             now = self.clock()
             self._cache = {t: v for t, v in self._cache.items() if v[1] + self.leeway >= now}
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
-        self._cache[token] = (principal, exp)
+        verified = self._cache[token] = (principal, exp)
+        return verified
 
 
 def verification_key(settings: Settings) -> tuple[Any, list[str]]:
@@ -149,6 +156,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
 # With AUTH_DISABLED and no token: a dispatcher of the "dev" org, who may also post as anyone.
 DEV_ORG = "dev"
 DEV_PRINCIPAL = Principal(sub="*", role="dispatcher", org=DEV_ORG)
+_DEV_FOREVER = (DEV_PRINCIPAL, math.inf)
 
 
 def may_post_as(principal: Principal, driver_id: str, disabled: bool) -> bool:

@@ -4,6 +4,9 @@ A message arrives already encoded as the WebSocket text message; it is framed on
 same frame is written to every subscriber's transport: no decode, no re-encode, no await
 per subscriber. A socket whose unsent data exceeds WS_SEND_BUFFER_BYTES is closed (1013)
 so a dashboard that stopped reading never slows the others or grows memory.
+
+A closing socket leaves every channel table synchronously (``detach``) before its Close
+frame is queued: delivery then never sees it, at no cost per subscriber per message.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -22,6 +26,7 @@ from . import metrics
 log = logging.getLogger("ingest.fanout")
 
 _PUBLISHED_AT = b'{"type":"locations","publishedAt":'
+_KEEPALIVE = "__ingest_keepalive__"
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -39,7 +44,7 @@ def text_frame(payload: bytes) -> bytes:
 class Subscriber:
     """A socket's side of the fan-out: where to write, and how much it may lag."""
 
-    __slots__ = ("close_slow", "fleet", "org", "transport", "trips")
+    __slots__ = ("close_slow", "closed", "fleet", "org", "transport", "trips")
 
     def __init__(self, transport: asyncio.Transport, org: str, close_slow: Callable[[], None]):
         self.transport = transport
@@ -47,6 +52,15 @@ class Subscriber:
         self.trips: set[str] = set()
         self.fleet = False
         self.close_slow = close_slow
+        self.closed = False  # set (with detach) before the socket's Close frame is queued
+
+
+class TooManySubscriptions(Exception):
+    """The pod already holds WS_MAX_SUBSCRIPTIONS_PER_POD channels and patterns."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
 class Fanout:
@@ -55,56 +69,106 @@ class Fanout:
         self.limit = send_buffer_bytes
         self.channels: dict[bytes, set[Subscriber]] = {}
         self.patterns: dict[bytes, set[Subscriber]] = {}
+        # Names whose SUBSCRIBE (PSUBSCRIBE) Redis has not confirmed yet, resolved by the
+        # listener; a reconnect subscribes them again, so a waiter outlives a lost connection.
+        self._pending: dict[bytes, asyncio.Future[None]] = {}
+        self._pending_patterns: dict[bytes, asyncio.Future[None]] = {}
         self._pubsub: aioredis.client.PubSub | None = None
-        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Future[object]] = set()
         self.connected = asyncio.Event()
         self._stopping = False
         self.frames_built = 0  # counted by tests: one per message, whatever the subscribers
+        self.sockets: dict[tuple[str, str], int] = {}  # open sockets per (org, sub)
+
+    # -- sockets -------------------------------------------------------------------------
+
+    def admit(self, subject: tuple[str, str], limit: int) -> bool:
+        """Count one more socket of ``subject``; False (nothing counted) at ``limit``."""
+        n = self.sockets.get(subject, 0)
+        if n >= limit:
+            return False
+        self.sockets[subject] = n + 1
+        return True
+
+    def release(self, subject: tuple[str, str]) -> None:
+        n = self.sockets.get(subject, 0) - 1
+        if n > 0:
+            self.sockets[subject] = n
+        else:
+            self.sockets.pop(subject, None)
 
     # -- subscriptions -------------------------------------------------------------------
 
-    async def add(self, sub: Subscriber, channel: str) -> None:
-        await self._add(self.channels, sub, channel.encode(), pattern=False)
+    async def subscribe(
+        self, sub: Subscriber, channels: Sequence[str], patterns: Sequence[str],
+        limit: int, timeout: float,
+    ) -> tuple[list[str], list[str]]:  # fmt: skip
+        """Add ``sub`` to each channel and pattern; return the channels and patterns Redis
+        did not confirm within ``timeout`` seconds (``sub`` has left those again). Raises
+        TooManySubscriptions, changing nothing, if the names new to this pod would take it
+        past ``limit`` distinct channels and patterns."""
+        names = [c.encode() for c in channels]
+        pnames = [p.encode() for p in patterns]
+        new = [n for n in names if n not in self.channels]
+        pnew = [n for n in pnames if n not in self.patterns]
+        if len(self.channels) + len(self.patterns) + len(new) + len(pnew) > limit:
+            raise TooManySubscriptions(limit)
+        # Tables change synchronously, so concurrent subscribes count against the same limit.
+        waits = self._join(self.channels, self._pending, sub, names)
+        pwaits = self._join(self.patterns, self._pending_patterns, sub, pnames)
+        metrics.WS_SUBSCRIPTIONS.inc(len(new) + len(pnew))
+        if not waits and not pwaits:
+            return [], []
+        pubsub = self._pubsub
+        if pubsub is not None and self.connected.is_set():
+            # Else the listener subscribes every table entry when it (re)connects.
+            if new:
+                self._spawn(pubsub.subscribe(*new))
+            if pnew:
+                self._spawn(pubsub.psubscribe(*pnew))
+        await asyncio.wait([*waits.values(), *pwaits.values()], timeout=timeout)
+        failed = [n for n, w in waits.items() if not w.done()]
+        pfailed = [n for n, w in pwaits.items() if not w.done()]
+        for name in failed:
+            self._remove(self.channels, self._pending, sub, name, pattern=False)
+        for name in pfailed:
+            self._remove(self.patterns, self._pending_patterns, sub, name, pattern=True)
+        if failed or pfailed:
+            metrics.WS_SUBSCRIBE_FAILED.inc(len(failed) + len(pfailed))
+            log.warning(
+                "subscribe_failed",
+                extra={"channels": len(failed) + len(pfailed), "timeout_s": timeout},
+            )
+        return [n.decode() for n in failed], [n.decode() for n in pfailed]
 
-    async def add_pattern(self, sub: Subscriber, pattern: str) -> None:
-        await self._add(self.patterns, sub, pattern.encode(), pattern=True)
+    def _join(
+        self, table: dict[bytes, set[Subscriber]], pending: dict[bytes, asyncio.Future[None]],
+        sub: Subscriber, names: list[bytes],
+    ) -> dict[bytes, asyncio.Future[None]]:  # fmt: skip
+        """Add ``sub`` to each name; the confirmations still awaited, by name."""
+        waits: dict[bytes, asyncio.Future[None]] = {}
+        loop = asyncio.get_running_loop()
+        for name in names:
+            subs = table.get(name)
+            if subs is None:
+                table[name] = {sub}
+                waits[name] = pending[name] = loop.create_future()
+            else:
+                subs.add(sub)
+                if (waiter := pending.get(name)) is not None:
+                    waits[name] = waiter
+        return waits
 
     def remove(self, sub: Subscriber, channel: str) -> None:
-        self._remove(self.channels, sub, channel.encode(), pattern=False)
+        self._remove(self.channels, self._pending, sub, channel.encode(), pattern=False)
 
     def remove_pattern(self, sub: Subscriber, pattern: str) -> None:
-        self._remove(self.patterns, sub, pattern.encode(), pattern=True)
-
-    async def _add(
-        self, table: dict[bytes, set[Subscriber]], sub: Subscriber, name: bytes, pattern: bool
-    ) -> None:
-        subs = table.get(name)
-        if subs is not None:
-            subs.add(sub)
-            waiter = self._confirmed.get(name)
-            if waiter is not None:
-                await asyncio.shield(waiter)
-            return
-        table[name] = {sub}
-        metrics.WS_SUBSCRIPTIONS.inc()
-        if self._pubsub is None or not self.connected.is_set():
-            return  # the listener subscribes everything when it (re)connects
-        waiter = asyncio.get_running_loop().create_future()
-        self._confirmed[name] = waiter
-        try:
-            if pattern:
-                await self._pubsub.psubscribe(name)
-            else:
-                await self._pubsub.subscribe(name)
-            await asyncio.wait_for(asyncio.shield(waiter), 5.0)
-        except Exception as exc:
-            log.warning("subscribe_failed", extra={"error": repr(exc)})
-        finally:
-            self._confirmed.pop(name, None)
+        self._remove(self.patterns, self._pending_patterns, sub, pattern.encode(), pattern=True)
 
     def _remove(
-        self, table: dict[bytes, set[Subscriber]], sub: Subscriber, name: bytes, pattern: bool
-    ) -> None:
+        self, table: dict[bytes, set[Subscriber]], pending: dict[bytes, asyncio.Future[None]],
+        sub: Subscriber, name: bytes, pattern: bool,
+    ) -> None:  # fmt: skip
         subs = table.get(name)
         if subs is None or sub not in subs:
             return
@@ -112,11 +176,23 @@ class Fanout:
         if subs:
             return
         del table[name]
+        pending.pop(name, None)
         metrics.WS_SUBSCRIPTIONS.dec()
         if self._pubsub is not None and self.connected.is_set():
             cmd = self._pubsub.punsubscribe if pattern else self._pubsub.unsubscribe
-            task = asyncio.ensure_future(cmd(name))
-            task.add_done_callback(_ignore_result)
+            self._spawn(cmd(name))
+
+    def _spawn(self, command: Awaitable[Any]) -> None:
+        """Send a (P)(UN)SUBSCRIBE without waiting: its reply reaches the listener."""
+        task = asyncio.ensure_future(command)
+        self._tasks.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Future[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The listener sees the broken connection too, reconnects and resubscribes.
+            log.warning("pubsub_command_failed", extra={"error": repr(exc)})
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -168,9 +244,6 @@ class Fanout:
             finally:
                 self.connected.clear()
                 self._pubsub = None
-                for waiter in self._confirmed.values():
-                    if not waiter.done():
-                        waiter.set_result(None)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
             if not self._stopping:
@@ -187,15 +260,18 @@ class Fanout:
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
         # A placeholder channel keeps the connection in subscribed mode even with no sockets.
-        await pubsub.subscribe("__ingest_keepalive__")
-        if self.channels:
-            await pubsub.subscribe(*self.channels)
-        if self.patterns:
-            await pubsub.psubscribe(*self.patterns)
+        await pubsub.subscribe(_KEEPALIVE)
         self._pubsub = pubsub
+        # The names of now, subscribed below; a name added from here on is subscribed by
+        # subscribe() itself, so none falls between the two.
+        channels, patterns = list(self.channels), list(self.patterns)
         self.connected.set()
-        log.info("pubsub_connected", extra={"channels": len(self.channels)})
-        deliver = self.deliver
+        if channels:
+            await pubsub.subscribe(*channels)
+        if patterns:
+            await pubsub.psubscribe(*patterns)
+        log.info("pubsub_connected", extra={"channels": len(channels) + len(patterns)})
+        deliver, pending, pending_patterns = self.deliver, self._pending, self._pending_patterns
         while not self._stopping:
             msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=5.0)
             if msg is None:
@@ -206,12 +282,9 @@ class Fanout:
                 deliver(kind, msg["channel"], msg["data"])
             elif kind == "pmessage":
                 deliver(kind, msg["pattern"], msg["data"])
-            elif kind in ("subscribe", "psubscribe"):
-                waiter = self._confirmed.get(msg["channel"])
+            elif kind == "subscribe" or kind == "psubscribe":
+                waiter = (pending if kind == "subscribe" else pending_patterns).pop(
+                    msg["channel"], None
+                )
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
-
-
-def _ignore_result(task: asyncio.Future[object]) -> None:
-    if not task.cancelled():
-        task.exception()
