@@ -68,12 +68,13 @@ class FlushBatch:
     """What one flush commits: rows in arrival order and the requests they belong to; while
     committing, the transaction's id and what it stores (to resolve a lost COMMIT reply)."""
 
-    __slots__ = ("backend_pid", "pending", "rows", "stored", "xid")
+    __slots__ = ("backend_pid", "flush_id", "pending", "rows", "stored", "xid")
 
     def __init__(self, rows: list[Record], pending: list[Pending]) -> None:
         self.rows = rows
         self.pending = pending
-        self.xid: str | None = None
+        self.flush_id = 0  # the "IngestFlush" row of the current attempt (store.py)
+        self.xid: str | None = None  # its transaction, once it has one
         self.backend_pid = 0
         self.stored: list[Record] = []
 

@@ -7,13 +7,17 @@ and the phone retries with the same batchId.
 
 A commit whose reply was lost (COMMIT sent, connection gone) has an unknown outcome; retrying
 it blindly would find its own batch claims and call every ping a duplicate. It is resolved by
-asking PostgreSQL what became of the transaction's id (pg_xact_status), never by guessing.
+what the flush itself wrote: each attempt inserts a row of its own into "IngestFlush" in its
+transaction; once that transaction is certainly over (its backend gone, ended if need be), the
+row is there if and only if it committed. (A transaction id alone would not do: after a crash
+PostgreSQL may hand the id of a transaction that never reached the WAL to another one.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -34,6 +38,16 @@ _POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 _IN_PROGRESS_LIMIT_S = 2.0
 
 OnCommitted = Callable[[list[Record]], None]
+
+_RUNNING = "SELECT true FROM pg_stat_activity WHERE pid = $1 AND backend_xid::text = $2"
+_FLUSHED = 'SELECT true FROM "IngestFlush" WHERE "id" = $1'
+
+
+def new_flush_id() -> int:
+    """Unique enough, and ordered by time so that old ones are deleted by range: epoch ms in
+    the high bits, 20 random bits below (a collision fails that flush's insert; it is then
+    committed request by request, with new ids)."""
+    return (time.time_ns() // 1_000_000) << 20 | secrets.randbits(20)
 
 
 class ShuttingDown(Exception):
@@ -76,7 +90,7 @@ class Flusher:
         delay = s.flush_retry_min_ms / 1000
         while True:
             started = time.perf_counter()
-            batch.xid = None
+            batch.xid, batch.flush_id = None, new_flush_id()
             try:
                 async with self.pool.acquire() as conn:
                     owners = await asyncio.wait_for(
@@ -119,6 +133,9 @@ class Flusher:
         metrics.FLUSH_ROWS.observe(len(batch.rows))
         if owners:
             self.owners.update(owners)
+        for p in batch.pending:
+            if p.refused is not None and p.refused.status == 429:
+                self.owners.limited(p.org, p.driver_id)
         refused = store.refused_counts(batch.pending)
         for code, n in refused.items():
             metrics.BATCHES_REFUSED.labels(code).inc(n)
@@ -147,16 +164,20 @@ class Flusher:
 
     async def _committed_after_all(self, batch: FlushBatch, exc: BaseException) -> bool:
         """Whether the transaction of a flush that failed without PostgreSQL's answer committed.
-        Asks until PostgreSQL can tell: committed, or aborted (then the flush is retried)."""
-        s, xid, pid = self.settings, batch.xid, batch.backend_pid
+        Waits until it is certainly over (its backend ending it after a lost connection, or
+        ended here after _IN_PROGRESS_LIMIT_S), then looks for the flush's own row."""
+        s, xid, pid, flush_id = self.settings, batch.xid, batch.backend_pid, batch.flush_id
         delay, first = s.flush_retry_min_ms / 1000, time.monotonic()
-        log.warning("commit_outcome_unknown", extra={"error": repr(exc), "xid": xid})
+        log.warning("commit_outcome_unknown", extra={"error": repr(exc), "flush_id": flush_id})
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
-                    if status == "in progress" and time.monotonic() - first > _IN_PROGRESS_LIMIT_S:
+                    # Our backend, still in our transaction: the pid and the transaction id
+                    # both match (either alone may have been reused after a restart).
+                    running = await conn.fetchval(_RUNNING, pid, xid)
+                    if running and time.monotonic() - first > _IN_PROGRESS_LIMIT_S:
                         await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+                    committed = None if running else await conn.fetchval(_FLUSHED, flush_id)
             except Exception as exc2:
                 self.db_ok = False
                 metrics.DB_ERRORS.labels("flush").inc()
@@ -165,15 +186,13 @@ class Flusher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, s.flush_retry_max_ms / 1000)
                 continue
-            if status == "committed":
-                metrics.COMMITS_RESOLVED.labels("committed").inc()
-                log.info("commit_outcome_resolved", extra={"xid": xid, "status": status})
-                return True
-            if status in ("aborted", None):  # None: a transaction id too old to know (never)
-                metrics.COMMITS_RESOLVED.labels("aborted").inc()
-                log.info("commit_outcome_resolved", extra={"xid": xid, "status": status})
-                return False
-            await asyncio.sleep(0.05)
+            if running:
+                await asyncio.sleep(0.05)
+                continue
+            outcome = "committed" if committed else "aborted"
+            metrics.COMMITS_RESOLVED.labels(outcome).inc()
+            log.info("commit_outcome_resolved", extra={"flush_id": flush_id, "outcome": outcome})
+            return bool(committed)
 
     async def _create_partitions(self, rows: list[Record]) -> None:
         months = partitions.months_of(r[TS] for r in rows)

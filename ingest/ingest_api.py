@@ -175,8 +175,8 @@ async def submit(
 
     buffer = app[BUFFER]
     # Buffered acks answer before the flush checks the trip's owner, except where this pod saw
-    # another driver own the trip moments ago: that request waits for its flush (403).
-    buffered = settings.ack_mode == "buffered" and not app[FLUSHER].owners.owned_by_another(
+    # moments ago that it would refuse: then the request waits for its flush (403 or 429).
+    buffered = settings.ack_mode == "buffered" and not app[FLUSHER].owners.must_wait(
         principal.org, batch.tripId, batch.driverId
     )
     try:

@@ -1,5 +1,5 @@
 """Periodic upkeep run by every ingest pod, made safe by advisory locks: partitions ahead of
-need, partitions past retention dropped, expired batch-id records deleted.
+need, partitions past retention dropped, expired batch-id and flush-id records deleted.
 
 Every pod runs it every MAINTENANCE_INTERVAL_S; whichever gets the lock does the work, the
 others find nothing to do. The same run is ``python -m ingest partitions --maintain``.
@@ -26,6 +26,9 @@ DELETE FROM "IngestBatch" WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM "IngestBatch"
     WHERE "createdAt" < now() - make_interval(hours => $1) LIMIT {_EXPIRE_CHUNK}))
 """
+# Flush ids (flush.py) are needed only while a flush resolves a lost COMMIT reply: minutes.
+FLUSH_ID_TTL_S = 6 * 3600
+_EXPIRE_FLUSHES = 'DELETE FROM "IngestFlush" WHERE "id" < $1'
 
 
 async def run_once(
@@ -42,6 +45,8 @@ async def run_once(
     keep_from = partitions.month_start(now - timedelta(days=settings.max_ping_age_days))
     dropped = await partitions.drop_expired(conn, now, settings.retention_months, keep_from)
     expired = await expire_batch_ids(conn, settings.batch_id_ttl_hours)
+    cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
+    await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
     await update_partition_metrics(conn, now)
     return {"created": created, "dropped": dropped, "batch_ids_expired": expired}
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -17,6 +19,11 @@ CREATE TABLE IF NOT EXISTS "_ingest_migrations" (
     "appliedAt" timestamptz NOT NULL DEFAULT now()
 )
 """
+
+
+# A migration's statements wait this long for a lock before the file is tried again.
+LOCK_TIMEOUT = "2s"
+LOCK_ATTEMPTS = 60
 
 
 class MigrationError(Exception):
@@ -35,14 +42,51 @@ async def _partitions(conn: asyncpg.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def prepare_003(conn: asyncpg.Connection) -> None:
-    """The slow part of 003_org_scoped_keys.sql, done without blocking ingest, one partition
-    at a time and outside any transaction (CREATE INDEX CONCURRENTLY cannot run in one):
-    NULL orgIds filled, NOT NULL proven by a validated CHECK (so SET NOT NULL needs no scan
-    under its exclusive lock), the new unique index built. Safe to run again after a crash:
-    an index left invalid by an interrupted build is dropped and built again."""
+_PREPARE_SECTION = re.compile(r"^-- ingest:prepare\b.*?^-- ingest:end-prepare$", re.M | re.S)
+# Existing batch ids get the org of the rows their batch stored; else the one org their
+# driver id is known in; else they keep '' (docs/tenancy.md).
+_BATCH_ORGS = (
+    """UPDATE "IngestBatch" b SET "orgId" = t."orgId"
+       FROM (SELECT DISTINCT "orgId", "driverId", "batchId" FROM "TripLocation"
+             WHERE "batchId" IS NOT NULL) t
+       WHERE b."orgId" = '' AND t."driverId" = b."driverId" AND t."batchId" = b."batchId"
+         AND t."orgId" <> ''""",
+    """UPDATE "IngestBatch" b SET "orgId" = d."orgId"
+       FROM (SELECT "driverId", min("orgId") AS "orgId" FROM "TripLocation"
+             GROUP BY "driverId" HAVING count(DISTINCT "orgId") = 1) d
+       WHERE b."orgId" = '' AND d."driverId" = b."driverId" """,
+)
+_TRIP_OWNERS = """
+INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId", "createdAt")
+SELECT DISTINCT ON ("orgId", "tripId") "orgId", "tripId", "driverId", "createdAt"
+FROM "TripLocation"
+ORDER BY "orgId", "tripId", "timestamp"
+ON CONFLICT DO NOTHING
+"""
+
+
+async def _build_index(conn: asyncpg.Connection, name: str, definition: str) -> None:
+    """CREATE UNIQUE INDEX CONCURRENTLY, again if an interrupted build left it invalid."""
+    valid = await conn.fetchval(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", f'"{name}"'
+    )
+    if valid is False:
+        await conn.execute(f'DROP INDEX CONCURRENTLY "{name}"')
+    if not valid:
+        await conn.execute(f'CREATE UNIQUE INDEX CONCURRENTLY "{name}" ON {definition}')
+
+
+async def prepare_003(conn: asyncpg.Connection, sql: str) -> None:
+    """The slow part of 003_org_scoped_keys.sql, done without blocking ingest and outside
+    any transaction (CREATE INDEX CONCURRENTLY cannot run in one), each statement taking only
+    short locks. Safe to run again after a crash.
+
+    Per partition: NULL orgIds filled, NOT NULL proven by a validated CHECK (so SET NOT NULL
+    needs no scan under its exclusive lock), the new unique index built. Then the batch-id
+    table gets its org column (NOT NULL DEFAULT '': no rewrite), orgs for existing records and
+    the new key's index; the trip-owner table is created and filled."""
     for part in await _partitions(conn):
-        check, index = f"{part}_orgId_not_null", f"{part}_org_trip_ts_key"
+        check = f"{part}_orgId_not_null"
         await conn.execute(f'UPDATE "{part}" SET "orgId" = \'\' WHERE "orgId" IS NULL')
         has_check = await conn.fetchval(
             "SELECT convalidated FROM pg_constraint WHERE conrelid = $1::regclass AND conname = $2",
@@ -56,20 +100,25 @@ async def prepare_003(conn: asyncpg.Connection) -> None:
         if not has_check:
             # SHARE UPDATE EXCLUSIVE: reads and writes go on while it scans.
             await conn.execute(f'ALTER TABLE "{part}" VALIDATE CONSTRAINT "{check}"')
-        valid = await conn.fetchval(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", f'"{index}"'
+        await _build_index(
+            conn, f"{part}_org_trip_ts_key", f'"{part}" ("orgId", "tripId", "timestamp")'
         )
-        if valid is False:
-            await conn.execute(f'DROP INDEX CONCURRENTLY "{index}"')
-        if not valid:
-            await conn.execute(
-                f'CREATE UNIQUE INDEX CONCURRENTLY "{index}"'
-                f' ON "{part}" ("orgId", "tripId", "timestamp")'
-            )
+    await conn.execute(
+        'ALTER TABLE "IngestBatch" ADD COLUMN IF NOT EXISTS "orgId" text NOT NULL DEFAULT \'\''
+    )
+    for statement in _BATCH_ORGS:
+        await conn.execute(statement)
+    await _build_index(
+        conn, "IngestBatch_org_driver_batch_key", '"IngestBatch" ("orgId", "driverId", "batchId")'
+    )
+    section = _PREPARE_SECTION.search(sql)
+    assert section is not None, "003_org_scoped_keys.sql lost its prepare section"
+    await conn.execute(section.group(0))
+    await conn.execute(_TRIP_OWNERS)
 
 
 # Work a migration needs done before its transaction, outside it, keyed by file name.
-PREPARE: dict[str, Callable[[asyncpg.Connection], Awaitable[None]]] = {
+PREPARE: dict[str, Callable[[asyncpg.Connection, str], Awaitable[None]]] = {
     "003_org_scoped_keys.sql": prepare_003,
 }
 
@@ -105,15 +154,32 @@ async def migrate(conn: asyncpg.Connection, sql_dir: str | Path) -> list[str]:
                 continue
             prepare = PREPARE.get(path.name)
             if prepare is not None:
-                await prepare(conn)
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute(
-                    'INSERT INTO "_ingest_migrations" ("name", "sha256") VALUES ($1, $2)',
-                    path.name,
-                    digest,
-                )
+                await prepare(conn, sql)
+            await _apply(conn, path.name, sql, digest)
             applied.append(path.name)
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+
+
+async def _apply(conn: asyncpg.Connection, name: str, sql: str, digest: str) -> None:
+    """Apply one file in one transaction whose statements wait at most LOCK_TIMEOUT for a
+    lock: a migration queued behind a long reader would make every flush queue behind it.
+    Tried again after a pause, up to LOCK_ATTEMPTS times."""
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                await conn.execute(sql)
+                await conn.execute(
+                    'INSERT INTO "_ingest_migrations" ("name", "sha256") VALUES ($1, $2)',
+                    name, digest,
+                )  # fmt: skip
+            return
+        except asyncpg.LockNotAvailableError:
+            if attempt == LOCK_ATTEMPTS:
+                raise MigrationError(
+                    f"{name}: a lock it needs stayed taken for {LOCK_ATTEMPTS} attempts"
+                    " (a long transaction on these tables?); try again later"
+                ) from None
+            await asyncio.sleep(min(0.5 * attempt, 5.0))

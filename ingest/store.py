@@ -1,10 +1,11 @@
 """PostgreSQL writes: one flush = one transaction = one binary COPY, with ownership and dedup.
 
 In one transaction, in this order:
-1. Trip owners: one query reads the owner of every trip in the flush (and the transaction id,
-   to resolve a lost COMMIT reply later); only a flush that starts new trips claims them,
-   within each driver's daily limit. A request posting to a trip another driver owns is
-   refused (403) and stores nothing, not even its batch id.
+1. One statement records the flush's id (to resolve a lost COMMIT reply later: flush.py) and
+   reads the owner of every trip in the flush, FOR SHARE, so that a handover waits for the
+   flushes that read the old owner. Only a flush that starts new trips claims them, within each
+   driver's daily limit. A request posting to a trip another driver owns is refused (403) and
+   stores nothing, not even its batch id.
 2. Batch ids of the allowed requests are claimed per (org, driver, batchId); a request whose
    id was stored before (or earlier in this flush) is a replay and stores nothing.
 3. Fast path: COPY every row of the new requests straight into "TripLocation". Only when the
@@ -27,11 +28,23 @@ from .partitions import PARENT
 from .validate import COLUMNS, ORG, TRIP, TS, Record
 
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)
-# Every (org, trip) of the flush with its owner (NULL: a new trip), and this transaction's id.
+# The flush's id (first row: the transaction id too), then the owner of every known trip.
 _OWNERS = """
-SELECT w.org, w.trip, t."driverId", pg_current_xact_id()::text, pg_backend_pid()
-FROM unnest($1::text[], $2::text[]) AS w(org, trip)
-LEFT JOIN "IngestTrip" t ON t."orgId" = w.org AND t."tripId" = w.trip
+WITH flush AS (
+    INSERT INTO "IngestFlush" ("id") VALUES ($3) RETURNING pg_current_xact_id()::xid::text
+), owners AS (
+    SELECT t."orgId", t."tripId", t."driverId" FROM "IngestTrip" t
+    WHERE (t."orgId", t."tripId") IN (SELECT * FROM unnest($1::text[], $2::text[]))
+    FOR SHARE OF t
+)
+SELECT * FROM flush, (VALUES (NULL::text, NULL::text, NULL::text)) AS n
+UNION ALL
+SELECT NULL, * FROM owners
+"""
+# Serialises the trip starts of one driver across pods, so the daily limit holds.
+_LOCK_DRIVERS = """
+SELECT pg_advisory_xact_lock(hashtextextended(w.org || ':' || w.driver, 7))
+FROM unnest($1::text[], $2::text[]) AS w(org, driver)
 """
 _TRIPS_STARTED = """
 SELECT w.org, w.driver, count(t.*)::int
@@ -51,6 +64,7 @@ _OWNERS_AGAIN = """
 SELECT t."orgId", t."tripId", t."driverId"
 FROM unnest($1::text[], $2::text[]) AS w(org, trip)
 JOIN "IngestTrip" t ON t."orgId" = w.org AND t."tripId" = w.trip
+FOR SHARE OF t
 """
 _CLAIM_BATCHES = """
 INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId")
@@ -97,30 +111,34 @@ def _too_many_trips(limit: int) -> Refused:
 async def _owners(
     conn: asyncpg.Connection, batch: FlushBatch, pending: list[Pending], trips_per_day: int
 ) -> Owners:
-    """The owner of every trip in ``pending``, claiming new trips for the first driver that
-    posts to each, unless that driver has started ``trips_per_day`` trips in the last day."""
+    """The owner of every trip in ``pending``, claiming each new trip for the first driver
+    posting to it who has started fewer than ``trips_per_day`` trips in the last day."""
     keys = list(dict.fromkeys((p.org, p.trip) for p in pending))
-    rows = await conn.fetch(_OWNERS, [k[0] for k in keys], [k[1] for k in keys])
-    batch.xid, batch.backend_pid = rows[0][3], rows[0][4]
-    owners: Owners = {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
+    rows = await conn.fetch(_OWNERS, [k[0] for k in keys], [k[1] for k in keys], batch.flush_id)
+    owners: Owners = {}
+    for r in rows:
+        if r[1] is None:  # the flush's own row
+            batch.xid, batch.backend_pid = r[0], conn.get_server_pid()
+        else:
+            owners[(r[1], r[2])] = r[3]
     if len(owners) == len(keys):
         return owners
-    # New trips (rare: a trip's first flush). The first request of each claims it.
-    starters: dict[tuple[str, str], str] = {}
-    for p in pending:
-        key = (p.org, p.trip)
-        if key not in owners and key not in starters:
-            starters[key] = p.driver_id
-    drivers = list(dict.fromkeys((org, d) for (org, _), d in starters.items()))
+    # New trips (rare: a trip's first flush).
+    new = [p for p in pending if (p.org, p.trip) not in owners]
+    drivers = sorted({(p.org, p.driver_id) for p in new})  # sorted: pods lock in one order
+    await conn.execute(_LOCK_DRIVERS, [d[0] for d in drivers], [d[1] for d in drivers])
     started = {
         (r[0], r[1]): r[2]
         for r in await conn.fetch(_TRIPS_STARTED, [d[0] for d in drivers], [d[1] for d in drivers])
     }
     claim: list[tuple[str, str, str]] = []
-    for (org, trip), driver in starters.items():
-        if started[(org, driver)] < trips_per_day:
-            started[(org, driver)] += 1
-            claim.append((org, trip, driver))
+    claimed: set[tuple[str, str]] = set()
+    for p in new:
+        key = (p.org, p.trip)
+        if key not in claimed and started[(p.org, p.driver_id)] < trips_per_day:
+            started[(p.org, p.driver_id)] += 1
+            claimed.add(key)
+            claim.append((p.org, p.trip, p.driver_id))
     if claim:
         won = {
             (r[0], r[1])
@@ -194,12 +212,13 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int
         if not rows:
             return owners
         try:
-            async with conn.transaction():  # savepoint: a conflict falls back, not aborts
-                await conn.copy_records_to_table(PARENT, records=rows, columns=COLUMNS)
-        except asyncpg.UniqueViolationError:
-            batch.stored = await _insert_new_only(conn, batch, fresh)
-            return owners
-        except asyncpg.CheckViolationError as exc:
+            try:
+                async with conn.transaction():  # savepoint: a conflict falls back, not aborts
+                    await conn.copy_records_to_table(PARENT, records=rows, columns=COLUMNS)
+            except asyncpg.UniqueViolationError:
+                batch.stored = await _insert_new_only(conn, batch, fresh)
+                return owners
+        except asyncpg.CheckViolationError as exc:  # from the COPY or the fallback INSERT
             if "no partition" in str(exc):
                 raise MissingPartition(rows) from exc
             raise

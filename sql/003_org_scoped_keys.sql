@@ -1,11 +1,13 @@
 -- Tenancy (API v1.1): the dedup guard and the batch-id key are scoped by org, and every trip
 -- has an owner. Two orgs may use the same tripId, driverId and batchId and never touch.
 --
--- Before this file's transaction, migrate.py (prepare_003) does the slow work on each existing
--- partition without blocking ingest: fills a NULL "orgId" with '' (rows imported from outside
--- the service; no org can read them either way), proves NOT NULL with a validated CHECK, and
--- builds the new unique index CONCURRENTLY. What is left here takes short locks: no scan, no
--- index build, except on a partition created in between (small: it has just begun).
+-- Before this file's transaction, migrate.py (prepare_003) does every slow part without
+-- blocking ingest: on each partition it fills a NULL "orgId" with '' (rows imported from outside
+-- the service; no org can read them either way), proves NOT NULL with a validated CHECK and
+-- builds the new unique index CONCURRENTLY; it moves "IngestBatch" to the new key and fills
+-- "IngestTrip" (below). What is left here takes short locks and reads no table whole, except a
+-- partition created in between (small: it has just begun). Statements wait at most
+-- lock_timeout for their locks; migrate.py retries the file if one times out.
 
 -- TripLocation: ("orgId", "tripId", "timestamp") replaces ("tripId", "timestamp").
 DO $$
@@ -52,35 +54,26 @@ END $$;
 
 ALTER TABLE "TripLocation" DROP CONSTRAINT "TripLocation_tripId_timestamp_key";
 
--- IngestBatch: batch ids remembered per ("orgId", "driverId", "batchId"). Existing records get
--- the org of the rows their batch stored; failing that (a batch whose every ping was a
--- duplicate), the one org the driver id is known in; failing that (unknown, or a driver id in
--- several orgs), '' which no org's claim ever matches: that batch id is forgotten early, and
--- an identical resend is still caught by the per-ping guard.
-ALTER TABLE "IngestBatch" ADD COLUMN "orgId" text;
-
-UPDATE "IngestBatch" b SET "orgId" = t."orgId"
-FROM (SELECT DISTINCT "orgId", "driverId", "batchId" FROM "TripLocation"
-      WHERE "batchId" IS NOT NULL) t
-WHERE t."driverId" = b."driverId" AND t."batchId" = b."batchId";
-
-UPDATE "IngestBatch" b SET "orgId" = d."orgId"
-FROM (SELECT "driverId", min("orgId") AS "orgId" FROM "TripLocation"
-      GROUP BY "driverId" HAVING count(DISTINCT "orgId") = 1) d
-WHERE b."orgId" IS NULL AND d."driverId" = b."driverId";
-
-UPDATE "IngestBatch" SET "orgId" = '' WHERE "orgId" IS NULL;
-
--- A pod still running the previous version claims without an org: '' (see above).
-ALTER TABLE "IngestBatch" ALTER COLUMN "orgId" SET DEFAULT '';
-ALTER TABLE "IngestBatch" ALTER COLUMN "orgId" SET NOT NULL;
+-- IngestBatch: batch ids remembered per ("orgId", "driverId", "batchId"). prepare_003 added the
+-- column (NOT NULL DEFAULT '': no rewrite, no scan), gave existing records their org (the org of
+-- the rows their batch stored; failing that, the one org their driver id is known in; failing
+-- that '', which no org's claim ever matches: that batch id is forgotten early, and an identical
+-- resend is still caught by the per-ping guard) and built the new key's index CONCURRENTLY.
+-- A pod still running the previous version claims without an org: ''.
+ALTER TABLE "IngestBatch" ADD COLUMN IF NOT EXISTS "orgId" text NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX IF NOT EXISTS "IngestBatch_org_driver_batch_key"
+    ON "IngestBatch" ("orgId", "driverId", "batchId");
 ALTER TABLE "IngestBatch" DROP CONSTRAINT "IngestBatch_pkey";
-ALTER TABLE "IngestBatch" ADD PRIMARY KEY ("orgId", "driverId", "batchId");
+ALTER TABLE "IngestBatch" ADD CONSTRAINT "IngestBatch_pkey"
+    PRIMARY KEY USING INDEX "IngestBatch_org_driver_batch_key";
 
+-- ingest:prepare (run by prepare_003 before the transaction too, then it fills "IngestTrip")
 -- Trip ownership: a trip belongs to the driver whose ping first created it, within its org;
 -- a dispatcher hands it over (PUT /api/v1/tracking/trips/{tripId}/driver). Checked and
--- claimed once per flush, in the flush's transaction (ingest/store.py).
-CREATE TABLE "IngestTrip" (
+-- claimed once per flush, in the flush's transaction (ingest/store.py). prepare_003 fills it
+-- with the trips stored before, each owned by the driver of its first ping; a trip that a
+-- previous-version pod starts after that is claimed by the first driver posting to it.
+CREATE TABLE IF NOT EXISTS "IngestTrip" (
     "orgId"     text NOT NULL,
     "tripId"    text NOT NULL,
     "driverId"  text NOT NULL,
@@ -88,10 +81,11 @@ CREATE TABLE "IngestTrip" (
     PRIMARY KEY ("orgId", "tripId")
 );
 -- Counts the trips a driver started in the last day (MAX_TRIPS_PER_DRIVER_PER_DAY).
-CREATE INDEX "IngestTrip_driver_createdAt_idx" ON "IngestTrip" ("orgId", "driverId", "createdAt");
+CREATE INDEX IF NOT EXISTS "IngestTrip_driver_createdAt_idx"
+    ON "IngestTrip" ("orgId", "driverId", "createdAt");
 
--- Trips stored before: owned by the driver of their first ping.
-INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId", "createdAt")
-SELECT DISTINCT ON ("orgId", "tripId") "orgId", "tripId", "driverId", "createdAt"
-FROM "TripLocation"
-ORDER BY "orgId", "tripId", "timestamp";
+-- One row per flush attempt, written in its transaction: a flush whose COMMIT reply was lost
+-- looks for its row to learn whether it committed (ingest/flush.py). Ids are epoch ms << 20 plus
+-- random bits; maintenance deletes those older than a few hours by range.
+CREATE TABLE IF NOT EXISTS "IngestFlush" ("id" bigint PRIMARY KEY);
+-- ingest:end-prepare

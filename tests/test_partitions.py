@@ -314,3 +314,13 @@ async def test_batch_ids_expire_and_pings_stay_deduplicated(make_client, make_se
         "batchId": body["batchId"], "accepted": 0, "duplicates": 3, "rejected": [],
     }  # fmt: skip
     assert await count(db) == 3
+
+
+async def test_flush_ids_expire_by_range(make_settings, db):
+    """The rows flushes write to resolve a lost COMMIT reply are kept a few hours only."""
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    old = (now_ms - maintenance.FLUSH_ID_TTL_S * 1000 - 60_000) << 20
+    recent = (now_ms - 60_000) << 20 | 5
+    await db.executemany('INSERT INTO "IngestFlush" ("id") VALUES ($1)', [(old,), (recent,)])
+    await maintenance.run_once(db, make_settings())
+    assert [r[0] for r in await db.fetch('SELECT "id" FROM "IngestFlush"')] == [recent]
