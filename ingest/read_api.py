@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -13,8 +14,9 @@ from . import metrics
 from .auth import AuthError, Principal
 from .ingest_api import authenticate, unauthorized
 from .responses import error, json_response
-from .schema import LatestLocation, LocationPage, StoredLocation, encoder
+from .schema import LatestLocation, LocationPage, StoredLocation
 from .typedefs import LIVE, POOL
+from .validate import parse_rfc3339, rfc3339_problem
 
 log = logging.getLogger("ingest.read")
 
@@ -41,6 +43,7 @@ WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3) L
 _MIN = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX = datetime(9999, 1, 1, tzinfo=UTC)
 _latest_decoder = msgspec.json.Decoder(LatestLocation)
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "+1", " 1", "1_0", other digits
 
 
 class BadQuery(ValueError):
@@ -86,19 +89,24 @@ async def latest(request: web.Request) -> web.Response:
 
 
 def parse_time(value: str, name: str) -> datetime:
-    """RFC 3339 with an offset, or epoch milliseconds."""
-    if value.lstrip("-").isdigit():
+    """RFC 3339 with an offset, or epoch milliseconds: in UTC, cut to the millisecond as
+    stored pings are (validate.parse_rfc3339). Beyond the years 1-9999 in UTC: BadQuery."""
+    if _INTEGER.fullmatch(value):
+        digits = value.lstrip("-").lstrip("0")
         try:
-            return _MIN + timedelta(milliseconds=int(value))
+            if len(digits) > 20:  # out of range anyway; and int() refuses 4300 digits
+                raise OverflowError(value)
+            ms = int(digits or "0")
+            return _MIN + timedelta(milliseconds=-ms if value[0] == "-" else ms)
         except OverflowError:
             raise BadQuery(f"{name}: epoch milliseconds out of range") from None
     try:
-        ts = msgspec.json.decode(encoder.encode(value), type=datetime)
-    except msgspec.ValidationError:
-        raise BadQuery(f"{name}: expected RFC 3339 time with offset or epoch ms") from None
-    if ts.tzinfo is None:
-        raise BadQuery(f"{name}: the time needs an offset, e.g. Z")
-    return ts
+        ts = parse_rfc3339(value)
+        return ts if ts.tzinfo is UTC else ts.astimezone(UTC)  # asyncpg would, unguarded
+    except ValueError:
+        raise BadQuery(f"{name}: {rfc3339_problem(value)}") from None
+    except OverflowError:
+        raise BadQuery(f"{name}: out of range (the years 1 to 9999, in UTC)") from None
 
 
 def encode_cursor(ts: datetime) -> str:
@@ -110,7 +118,7 @@ def decode_cursor(cursor: str) -> datetime:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         version, us = raw.split(":")
-        if version != "v1":
+        if version != "v1" or not _INTEGER.fullmatch(us) or len(us) > 30:
             raise ValueError(version)
         return _MIN + timedelta(microseconds=int(us))
     except (ValueError, UnicodeDecodeError, OverflowError):

@@ -10,7 +10,9 @@ import msgspec
 # 1-64 characters, no control characters (C0, DEL and C1: they reach logs and dashboards).
 CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"  # as a regex character range
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=f"^[^{CONTROL_CHARS}]+$")]
-Timestamp = Annotated[datetime, msgspec.Meta(tz=True)] | int
+# RFC 3339 text (validate.parse_rfc3339 reads it, so that digits below the millisecond are
+# cut, not rounded as msgspec's datetime would), or epoch milliseconds.
+Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})] | int
 
 
 # gc=False: these hold only scalars, never cycles, so the garbage collector can skip them.
@@ -32,6 +34,16 @@ class PingBatch(msgspec.Struct):
     driverId: Ident
     locations: Annotated[list[Location], msgspec.Meta(min_length=1)]
     batchId: Ident | None = None
+
+
+# msgpack also has a timestamp extension type (-1); JSON Schema has no word for it, so only
+# the msgpack decoder's subclasses take it (validate.to_records reads its seconds and ns).
+class _PackedLocation(Location, gc=False):
+    timestamp: Timestamp | msgspec.msgpack.Ext  # type: ignore[assignment]
+
+
+class _PackedBatch(PingBatch):
+    locations: Annotated[list[_PackedLocation], msgspec.Meta(min_length=1)]  # type: ignore[assignment]
 
 
 class Rejected(msgspec.Struct):
@@ -120,7 +132,26 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="type"):
     fleet: bool = False
 
 
-ClientMessage = Subscribe | Unsubscribe
+class Refresh(msgspec.Struct, tag="refresh", tag_field="type"):
+    """A new token of the same subject, org and role: the socket then lives until its exp."""
+
+    token: str
+
+
+class LiveRefreshed(msgspec.Struct, tag="refreshed", tag_field="type"):
+    exp: int | None  # the new token's exp, epoch seconds (None: never, auth disabled)
+
+
+class LiveSubscribeFailed(msgspec.Struct, tag="error", tag_field="type"):
+    """error "subscribe_failed": what Redis did not confirm in time (not subscribed)."""
+
+    error: str
+    detail: str
+    trips: list[str]
+    fleet: bool
+
+
+ClientMessage = Subscribe | Unsubscribe | Refresh
 
 # What decoding a client's bytes can raise besides msgspec's errors (a ValidationError is a
 # DecodeError): RecursionError for nesting deeper than the stack, even in an ignored field,
@@ -128,6 +159,6 @@ ClientMessage = Subscribe | Unsubscribe
 DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 json_batch_decoder = msgspec.json.Decoder(PingBatch)
-msgpack_batch_decoder = msgspec.msgpack.Decoder(PingBatch)
+msgpack_batch_decoder: msgspec.msgpack.Decoder[PingBatch] = msgspec.msgpack.Decoder(_PackedBatch)
 client_message_decoder = msgspec.json.Decoder(ClientMessage)
 encoder = msgspec.json.Encoder()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -20,8 +21,8 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.schema import json_batch_decoder, msgpack_batch_decoder
-from ingest.validate import BatchError, batch_id_of, to_records
+from ingest.schema import Location, PingBatch, json_batch_decoder, msgpack_batch_decoder
+from ingest.validate import BatchError, batch_id_of, parse_rfc3339, to_records
 
 from .conftest import auth, token
 
@@ -49,8 +50,72 @@ numbers = (
     | st.integers(-(2**70), 2**70)
     | st.sampled_from([1e308, -1e308, 5e-324, 90.0, -180.0, 360.0])
 )
+
+
+def _digits(lo: int, hi: int, width: int = 2) -> st.SearchStrategy[str]:
+    return st.integers(lo, hi).map(lambda n: f"{n:0{width}d}")
+
+
+# RFC 3339 look-alikes: every field a little beyond its range, every separator and offset
+# form msgspec took or not, any number of fraction digits; then maybe one character changed.
+_offsets = st.one_of(
+    st.sampled_from(["Z", "z", "", "+00:00", "-00:00", "+01", "+01:00:00", " Z"]),
+    st.builds(
+        "{}{}{}{}".format, st.sampled_from("+-"), _digits(0, 25), st.sampled_from([":", ""]),
+        _digits(0, 61),
+    ),
+)  # fmt: skip
+_years = st.sampled_from(["0001", "9999", "2026", "0000"]) | _digits(0, 9999, 4)
+_rfc3339ish = st.builds(
+    "{}-{}-{}{}{}:{}:{}{}{}".format,
+    _years, _digits(0, 13), _digits(0, 32), st.sampled_from("Tt x"), _digits(0, 24),
+    _digits(0, 60), _digits(0, 61),
+    st.just("") | st.text("0123456789", max_size=12).map(lambda d: "." + d),
+    _offsets,
+)  # fmt: skip
+# The driver app's form, which validate.to_records reads on a fast path of its own.
+_app_form = st.builds(
+    "{}-{}-{}T{}:{}:{}.{}Z".format,
+    _years, _digits(0, 13), _digits(0, 32), _digits(0, 24), _digits(0, 60), _digits(0, 61),
+    _digits(0, 999, 3),
+)  # fmt: skip
+# The ends of the representable range, where an offset moves the time to year 0 or 10000.
+_edges = st.builds(
+    "{}{}{}".format,
+    st.sampled_from(["0001-01-01T00:00:00", "9999-12-31T23:59:59", "0001-01-01 23:59:59"]),
+    st.just("") | st.text("0123456789", min_size=1, max_size=10).map(lambda d: "." + d),
+    _offsets,
+)
+_odd_chars = st.sampled_from([*"0159Zz+-:.T t,W\x00\u0663\u00b2", "\ud7ff", "\U0001f600", "Z\x00"])
+
+
+def _mutate(text: str, at: int, char: str, how: str) -> str:
+    at %= len(text) + 1
+    if how == "replace":
+        return text[:at] + char + text[at + len(char) :]
+    if how == "insert":
+        return text[:at] + char + text[at:]
+    return text[:at] + text[at + 1 :]
+
+
+timestamp_texts = st.one_of(
+    _rfc3339ish,
+    st.builds(
+        _mutate, _rfc3339ish, st.integers(0, 40), _odd_chars,
+        st.sampled_from(["replace", "insert", "delete"]),
+    ),
+    _app_form,
+    st.builds(_mutate, _app_form, st.integers(0, 23), _odd_chars, st.just("replace")),
+    _edges,
+    st.text(max_size=30),
+)  # fmt: skip
+far_ints = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([10**20, -(10**20), 2**63, -(2**63), 2**64 - 1, 10**400, -(10**400)]),
+)
 timestamps = st.one_of(
     st.integers(-(2**70), 2**70),
+    timestamp_texts,
     st.integers(-40 * 86_400_000, 600_000).map(lambda d: _now_ms() + d),
     st.datetimes(timezones=st.timezones() | st.just(UTC)).map(lambda d: d.isoformat()),
     st.datetimes().map(lambda d: d.isoformat()),  # no offset: a 400
@@ -153,7 +218,11 @@ def test_decoder_and_validator_raise_only_documented_errors(doc, fmt, ascii_only
         assert str(exc).startswith("$.locations[")
         return
     now = datetime.now(UTC)
-    records, rejected = to_records(batch, "org_1", batch_id, now, SKEW_S, AGE_DAYS)
+    try:
+        records, rejected = to_records(batch, "org_1", batch_id, now, SKEW_S, AGE_DAYS)
+    except BatchError as exc:  # a string that is not an RFC 3339 time with an offset
+        assert re.match(r"\$\.locations\[\d+\]\.timestamp: ", str(exc)), exc
+        return
     assert len(records) + len(rejected) == len(batch.locations)
     assert [r.index for r in rejected] == sorted({r.index for r in rejected})
     assert all(r.reason for r in rejected)
@@ -168,6 +237,42 @@ def test_decoder_and_validator_raise_only_documented_errors(doc, fmt, ascii_only
         assert alt is None or abs(alt) < float("inf")
         assert ts.tzinfo is not None and ts.microsecond % 1000 == 0
         assert lo - timedelta(milliseconds=1) <= ts <= hi
+
+
+# msgspec rounds beyond the microsecond: compare with its reading of the text cut there.
+_BEYOND_US = re.compile(r"(?<=:[0-9]{2}\.[0-9]{6})[0-9]+")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=timestamp_texts)
+def test_timestamps_are_read_as_msgspec_did_but_cut_to_the_ms(text):
+    """parse_rfc3339 and to_records (with its fast path) accept exactly what msgspec's
+    datetime took, with the same instant and offset, the digits below the ms dropped."""
+    try:
+        old: datetime | None = msgspec.json.decode(
+            msgspec.json.encode(_BEYOND_US.sub("", text)), type=datetime
+        )
+    except msgspec.ValidationError:
+        old = None
+    if old is not None and old.tzinfo is None:
+        old = None  # msgspec took it, but Meta(tz=True) refused it: a 400 too
+    try:
+        new = parse_rfc3339(text)
+    except ValueError:
+        assert old is None, (text, old)
+    else:
+        assert old is not None, (text, new)
+        assert new == old.replace(microsecond=old.microsecond // 1000 * 1000), text
+        assert new.utcoffset() == old.utcoffset(), text
+    batch = PingBatch("trip_1", "drv_1", [Location(1.0, 2.0, text)])
+    try:
+        records, _ = to_records(batch, "org_1", None, datetime.now(UTC), SKEW_S, 10**5)
+    except BatchError:
+        assert old is None, (text, old)
+    else:
+        assert old is not None, text
+        if records:
+            assert records[0][-2] == new.astimezone(UTC) and records[0][-2].tzinfo is UTC
 
 
 # -- through the running service -------------------------------------------------------
@@ -222,6 +327,68 @@ async def test_the_service_never_answers_500(client):
 
     await asyncio.to_thread(prop)
     assert seen[200] and seen[400], seen  # both the storage and the rejection paths ran
+
+
+async def test_no_timestamp_of_any_form_or_size_gives_a_500(client):
+    """The native endpoint (JSON, msgpack), the history's from/to, OsmAnd and Overland."""
+    call = in_thread(asyncio.get_running_loop())
+    headers = auth()
+    reader = auth("dispatcher", "disp_1")
+    counter = iter(range(10**9))
+    seen: Counter[tuple[str, int]] = Counter()
+
+    async def exchange(stamp: str | int) -> None:
+        good = {"latitude": 1.0, "longitude": 2.0, "timestamp": _now_ms() - next(counter)}
+        doc = {"tripId": "trip_1", "driverId": "drv_1",
+               "locations": [{"latitude": 1.0, "longitude": 2.0, "timestamp": stamp}, good]}  # fmt: skip
+        for fmt in ("json", "msgpack"):
+            raw = encode(doc, fmt, True)
+            if raw is None:
+                continue
+            resp = await client.post(
+                PING, data=raw, headers={**headers, "Content-Type": f"application/{fmt}"}
+            )
+            body = await resp.json()
+            seen[(fmt, resp.status)] += 1
+            if resp.status == 200:
+                assert body["accepted"] + body["duplicates"] == 2 - len(body["rejected"])
+                assert [r["index"] for r in body["rejected"]] in ([], [0]), body
+            else:
+                assert resp.status == 400 and body["error"] == "invalid_payload", body
+                assert "$.locations[0].timestamp" in body["detail"], body
+        text = str(stamp)
+        if text.strip():
+            for name in ("from", "to"):
+                resp = await client.get(
+                    "/api/v1/tracking/trips/trip_1/locations", params={name: text}, headers=reader
+                )
+                seen[(name, resp.status)] += 1
+                assert resp.status in (200, 400), (text, resp.status, await resp.text())
+                if resp.status == 400:
+                    assert (await resp.json())["detail"].startswith(f"{name}:")
+            resp = await client.post(
+                "/api/v1/ingest/osmand",
+                params={"id": "trip_1", "lat": "1", "lon": "2", "timestamp": text},
+                headers=headers,
+            )
+            seen[("osmand", resp.status)] += 1
+            assert resp.status in (200, 400), (text, resp.status, await resp.text())
+        if isinstance(stamp, str):
+            point = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [2.0, 1.0]},
+                     "properties": {"timestamp": stamp, "device_id": "trip_1"}}  # fmt: skip
+            resp = await client.post(
+                "/api/v1/ingest/overland", json={"locations": [point]}, headers=headers
+            )
+            seen[("overland", resp.status)] += 1
+            assert resp.status in (200, 400), (text, resp.status, await resp.text())
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(stamp=timestamp_texts | far_ints)
+    def prop(stamp: str | int) -> None:
+        call(exchange(stamp))
+
+    await asyncio.to_thread(prop)
+    assert seen[("json", 200)] and seen[("json", 400)] and seen[("from", 400)], seen
 
 
 # -- the WebSocket -----------------------------------------------------------------------

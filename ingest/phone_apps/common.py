@@ -35,6 +35,7 @@ _INT32_MAX = 2_147_483_647
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _CONTROL = re.compile(f"[{CONTROL_CHARS}]")  # the rule of schema.Ident
+_DECIMAL = re.compile(r"([+-]?)([0-9]*)(?:\.([0-9]*))?")  # epoch seconds or ms, as text
 
 BEARER = "Bearer"
 BASIC = 'Basic realm="ingest", charset="UTF-8"'
@@ -98,6 +99,11 @@ def ident(value: str, field: str) -> str:
     value = value.strip()
     if not 1 <= len(value) <= 64 or _CONTROL.search(value):
         raise FormatError(f"{field}: must be 1-64 characters, without control characters")
+    if not value.isascii():  # a header's bytes that are not UTF-8 arrive as lone surrogates
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise FormatError(f"{field}: must be valid UTF-8") from None
     return value
 
 
@@ -130,12 +136,28 @@ def course(value: float | None) -> float | None:
 
 
 def epoch_ms(value: float, field: str) -> int:
-    """Epoch seconds (below 2^31) or milliseconds, as integer milliseconds."""
-    if isinstance(value, bool) or not math.isfinite(value):
+    """Epoch seconds (below 2^31) or milliseconds, as integer milliseconds.
+
+    Any magnitude: one far from now is that fix's rejection (the accepted window). A float
+    is rounded to the ms: a binary fraction has no decimal digits to cut (time_ms cuts text).
+    """
+    if isinstance(value, bool):
         raise FormatError(f"{field}: must be a finite number")
-    if abs(value) < _INT32_MAX:
-        return round(value * 1000)
-    return value if isinstance(value, int) else round(value)
+    if isinstance(value, int):  # exact; math.isfinite() would overflow beyond 1e308
+        return value * 1000 if abs(value) < _INT32_MAX else value
+    if not math.isfinite(value):
+        raise FormatError(f"{field}: must be a finite number")
+    return round(value * 1000) if abs(value) < _INT32_MAX else round(value)
+
+
+def _decimal_ms(sign: str, whole: str, fraction: str) -> int:
+    """Epoch ms of a plain decimal's text, exactly: digits below the millisecond are cut."""
+    whole = whole.lstrip("0")
+    if len(whole) > 20:  # beyond any window, and int() refuses 4300 digits
+        whole = "9" * 21
+    seconds = int(whole or "0")
+    ms = seconds * 1000 + int(f"{fraction[:3]:0<3}") if seconds < _INT32_MAX else seconds
+    return -ms if sign == "-" else ms
 
 
 def datetime_ms(value: datetime) -> int:
@@ -144,23 +166,30 @@ def datetime_ms(value: datetime) -> int:
     return (value - _EPOCH) // _MS  # whole milliseconds, as the native endpoint stores them
 
 
+def iso_ms(text: str) -> int:
+    """Epoch ms of an ISO 8601 time (any offset form; none means UTC). Digits below the
+    millisecond are dropped, never rounded: fromisoformat truncates to the microsecond and
+    datetime_ms floors. Raises ValueError; also for a NUL, as fromisoformat ends the text at a
+    NUL after a 'Z' ("10:Z\x00:00Z" would be 10:00Z)."""
+    if "\x00" in text:
+        raise ValueError(text)
+    return datetime_ms(datetime.fromisoformat(text))
+
+
 def time_ms(text: str, field: str) -> int:
-    """Epoch seconds, epoch milliseconds or ISO 8601 (any offset form; none means UTC)."""
+    """Epoch seconds, epoch milliseconds or ISO 8601 (iso_ms); digits below the millisecond
+    are dropped, never rounded."""
     text = text.strip()
-    try:
-        whole = int(text)
-    except ValueError:
-        pass
-    else:
-        return epoch_ms(whole, field)
-    try:
+    if (plain := _DECIMAL.fullmatch(text)) and (plain[2] or plain[3]):
+        return _decimal_ms(plain[1], plain[2], plain[3] or "")
+    try:  # exponents: 1.78e9
         number = float(text)
     except ValueError:
         pass
     else:
         return epoch_ms(number, field)
     try:
-        return datetime_ms(datetime.fromisoformat(text))
+        return iso_ms(text)
     except ValueError:
         raise FormatError(
             f"{field}: expected epoch seconds, epoch milliseconds or an ISO 8601 time,"

@@ -8,7 +8,6 @@ committed, and anything else (503 + Retry-After, 500, 4xx) makes it retry.
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
 
 import msgspec
 from aiohttp import web
@@ -24,10 +23,10 @@ from .common import (
     authorize,
     batches,
     course,
-    datetime_ms,
     failure,
     identity,
     invalid,
+    iso_ms,
     read_body,
     submit_all,
     unknown_if_negative,
@@ -77,7 +76,7 @@ def to_location(f: Feature, where: str) -> Location:
     if p.timestamp is None:
         raise FormatError(f"{where}.properties.timestamp: required")
     try:
-        stamp = datetime_ms(datetime.fromisoformat(p.timestamp.strip()))
+        stamp = iso_ms(p.timestamp.strip())
     except ValueError:
         raise FormatError(
             f"{where}.properties.timestamp: expected an ISO 8601 time, got {p.timestamp[:40]!r}"
