@@ -14,7 +14,16 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .schema import Error, LatestLocation, LocationPage, PingAck, PingBatch, PingQueued
+from .schema import (
+    Error,
+    Handover,
+    LatestLocation,
+    LocationPage,
+    PingAck,
+    PingBatch,
+    PingQueued,
+    TripOwner,
+)  # fmt: skip
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -115,16 +124,41 @@ def _paths() -> dict[str, Any]:
                     "202": {"description": "Queued (buffered ack)", **_json("PingQueued")},
                     "400": _err("Malformed batch; detail names the JSON path"),
                     **_AUTH_ERRORS,
-                    "403": _err("driverId is not the token's subject"),
+                    "403": _err(
+                        "driverId is not the token's subject (forbidden), or the trip belongs"
+                        " to another driver (trip_owned_by_another_driver; docs/tenancy.md)"
+                    ),
+                    "408": _err("The body did not arrive within HTTP_BODY_TIMEOUT_S"),
                     "413": _err("Body or decompressed body too large"),
                     "415": _err("Unsupported Content-Type or Content-Encoding"),
                     "422": _err("No ping passed the range rules; see rejected"),
-                    "429": {**_err("Per-driver rate limit"), "headers": retry},
+                    "429": {
+                        **_err(
+                            "Per-driver rate limit (rate_limited, with Retry-After), or the"
+                            " driver's daily trip limit (too_many_trips)"
+                        ),
+                        "headers": {"Retry-After": {**retry["Retry-After"], "required": False}},
+                    },
                     "503": {**_err("Overloaded or storage unavailable"), "headers": retry},
                 },
             }
         },
         **_phone_app_paths(retry),
+        "/api/v1/tracking/trips/{tripId}/driver": {
+            "put": {
+                "summary": "Hand a trip over to another driver of the org (dispatchers)",
+                "security": [{"bearer": []}],
+                "parameters": [_TRIP],
+                "requestBody": {"required": True, **_json("Handover")},
+                "responses": {
+                    "200": {"description": "The trip's new owner", **_json("TripOwner")},
+                    "400": _err("Malformed body; detail names the field"),
+                    **_AUTH_ERRORS,
+                    "403": _err("Not a dispatcher token"),
+                    "404": _err("Unknown trip (or of another org)"),
+                },
+            }
+        },
         "/api/v1/tracking/trips/{tripId}/latest": {
             "get": {
                 "summary": "Newest location of a trip",
@@ -197,7 +231,16 @@ def _paths() -> dict[str, Any]:
 
 @functools.cache
 def openapi_document() -> bytes:
-    types = (PingBatch, PingAck, PingQueued, Error, LatestLocation, LocationPage)
+    types = (
+        PingBatch,
+        PingAck,
+        PingQueued,
+        Error,
+        LatestLocation,
+        LocationPage,
+        Handover,
+        TripOwner,
+    )
     _, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )

@@ -74,6 +74,17 @@ class Error(msgspec.Struct, omit_defaults=True):
     rejected: list[Rejected] | None = None
 
 
+class Handover(msgspec.Struct, forbid_unknown_fields=True):
+    """PUT .../trips/{tripId}/driver: the driver the trip is handed over to."""
+
+    driverId: Ident
+
+
+class TripOwner(msgspec.Struct):
+    tripId: str
+    driverId: str
+
+
 class StoredLocation(msgspec.Struct, omit_defaults=True, gc=False):
     """A committed location as the read API and live messages carry it."""
 

@@ -17,7 +17,7 @@ from .auth import AuthError
 from .body import read_body
 from .ingest_api import authenticate, unauthorized
 from .responses import error, json_response
-from .schema import DECODE_ERRORS, Ident
+from .schema import DECODE_ERRORS, Handover, TripOwner
 from .typedefs import FLUSHER, POOL, SETTINGS
 
 log = logging.getLogger("ingest.trips")
@@ -26,15 +26,6 @@ _HAND_OVER = """
 UPDATE "IngestTrip" SET "driverId" = $3 WHERE "orgId" = $1 AND "tripId" = $2
 RETURNING "driverId"
 """
-
-
-class Handover(msgspec.Struct, forbid_unknown_fields=True):
-    driverId: Ident
-
-
-class TripOwner(msgspec.Struct):
-    tripId: str
-    driverId: str
 
 
 _decoder = msgspec.json.Decoder(Handover)

@@ -89,6 +89,7 @@ def run(base_url: str, statuses: Counter[tuple[str, int]]) -> list[str]:
     headers = {
         "POST": {"Authorization": f"Bearer {token('driver', DRIVER)}"},
         "GET": {"Authorization": f"Bearer {token('dispatcher', 'disp_1')}"},
+        "PUT": {"Authorization": f"Bearer {token('dispatcher', 'disp_1')}"},
     }
     failures: list[str] = []
     for result in schema.get_all_operations():
