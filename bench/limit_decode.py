@@ -8,7 +8,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from ingest.schema import json_batch_decoder
+from .wire import json_batch_decoder
 
 from .httpserve import serve
 

@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from ingest.schema import json_batch_decoder
+from .wire import json_batch_decoder
 
 from .httpserve import serve
 
@@ -77,7 +77,7 @@ async def post_ping(request: web.Request) -> web.Response:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return web.json_response({"error": "invalid_payload", "detail": str(exc)}, status=400)
     rows = [
-        (b.tripId, b.driverId, None, p.latitude, p.longitude, p.accuracy, p.speed, p.heading,
+        (b.tripId, b.driverId, "bench", p.latitude, p.longitude, p.accuracy, p.speed, p.heading,
          p.altitude, p.timestamp, b.batchId)
         for p in b.locations
     ]  # fmt: skip

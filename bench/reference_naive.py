@@ -21,7 +21,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from ingest.schema import json_batch_decoder
+from .wire import json_batch_decoder
 
 from .httpserve import serve
 
