@@ -8,9 +8,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from .wire import json_batch_decoder
-
 from .httpserve import serve
+from .wire import json_batch_decoder
 
 
 async def post_ping(request: web.Request) -> web.Response:

@@ -16,9 +16,8 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from .wire import json_batch_decoder
-
 from .httpserve import serve
+from .wire import json_batch_decoder
 
 COLUMNS = ("tripId", "driverId", "orgId", "latitude", "longitude", "accuracy", "speed",
            "heading", "altitude", "timestamp", "batchId")  # fmt: skip

@@ -21,9 +21,8 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from .wire import json_batch_decoder
-
 from .httpserve import serve
+from .wire import json_batch_decoder
 
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis")

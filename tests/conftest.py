@@ -26,6 +26,9 @@ from ingest.auth import issue_token
 from ingest.migrate import migrate
 from ingest.settings import Settings, load_settings
 
+from .faults.procs import PrivatePostgres, PrivateRedis, postgres_bin
+from .faults.procs import run_cli as faults_run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 # TEST_DATABASE_URL / TEST_REDIS_URL when set; else servers listening on the default local
 # ports; else throwaway ones started for this session (see ingest/devservices.py).
@@ -217,3 +220,33 @@ async def fail_on_loop_errors() -> AsyncIterator[None]:
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
     assert not errors, [e.get("message") for e in errors]
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test's own, migrated with ``python -m ingest migrate``."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL server binaries not installed")
+    pg = PrivatePostgres()
+    try:
+        pg.init()
+        pg.start()
+        result = faults_run_cli("migrate", env={"DATABASE_URL": pg.url, "JWT_SECRET": SECRET})
+        assert result.returncode == 0, result.stderr
+        assert "created partition TripLocation_" in result.stdout, result.stdout
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    try:
+        r = PrivateRedis()
+    except FileNotFoundError:
+        pytest.skip("redis-server not installed")
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()

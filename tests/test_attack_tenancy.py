@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,9 @@ from aiohttp.test_utils import TestClient
 from ingest import partitions
 from ingest.migrate import migrate, prepare_003
 
-from .conftest import PG_URL, ROOT, SECRET, auth, batch, db_url, iso, now_ms, token
-from .faults.procs import PrivatePostgres, postgres_bin, run_cli
+from .conftest import ROOT, auth, batch, db_url, iso, now_ms, token
+from .faults.procs import PrivatePostgres
+from .old_schema import old_schema_database
 
 Client = TestClient[web.Request, web.Application]
 Factory = Callable[..., Awaitable[Client]]
@@ -52,24 +51,8 @@ async def rows(db: asyncpg.Connection, trip: str, org: str = A) -> int:
 # -- the lost COMMIT, resolved by a transaction id another transaction can be given -----------
 
 
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL cluster of this test's own (it is crashed), migrated."""
-    if postgres_bin() is None:
-        pytest.fail("PostgreSQL server binaries not installed")
-    pg = PrivatePostgres()
-    try:
-        pg.init()
-        pg.start()
-        result = run_cli("migrate", env={"DATABASE_URL": pg.url, "JWT_SECRET": SECRET})
-        assert result.returncode == 0, result.stderr
-        yield pg
-    finally:
-        pg.cleanup()
-
-
 async def test_a_flush_cut_by_a_crash_is_never_acknowledged_unless_stored(
-    make_client: Factory, private_pg: PrivatePostgres
+    make_client: Factory, private_postgres: PrivatePostgres
 ) -> None:
     """HIGH. A flush whose server crashes (or fails over) mid-transaction is resolved by
     pg_xact_status(xid). After the crash the xid was never written to the WAL, so the
@@ -79,7 +62,7 @@ async def test_a_flush_cut_by_a_crash_is_never_acknowledged_unless_stored(
 
     Fix: resolve by something the flush itself wrote (e.g. its IngestBatch claim or a
     flush-id row), or at least treat "transaction ID is in the future" as aborted."""
-    pg = private_pg
+    pg = private_postgres
     client = await make_client(
         database_url=pg.url, ack_timeout_ms=60_000, flush_retry_min_ms=50,
         flush_retry_max_ms=200,
@@ -359,16 +342,7 @@ MANY = 20_000  # stands for a production table: what matters is what is read, no
 async def old_db(tmp_path: Path) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
     """A database migrated to 002 only (before tenancy), with this month's partition, and
     its URL."""
-    name = f"ingest_m_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    old_sql = tmp_path / "sql"
-    old_sql.mkdir()
-    for f in ("001_trip_location.sql", "002_ingest_batch.sql"):
-        shutil.copy(ROOT / "sql" / f, old_sql / f)
-    conn = await asyncpg.connect(db_url(name))
-    try:
-        await migrate(conn, old_sql)
+    async with old_schema_database(tmp_path) as (conn, url):
         await partitions.ensure(conn, [partitions.month_start(T0)])
         await conn.execute(
             """INSERT INTO "TripLocation" ("orgId", "tripId", "driverId", "latitude",
@@ -384,11 +358,7 @@ async def old_db(tmp_path: Path) -> AsyncIterator[tuple[asyncpg.Connection, str]
                ON CONFLICT DO NOTHING"""
         )
         await conn.execute('ANALYZE "TripLocation"')
-        yield conn, db_url(name)
-    finally:
-        await conn.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        yield conn, url
 
 
 async def test_003_reads_no_table_scan_under_its_exclusive_lock(

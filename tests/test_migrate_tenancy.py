@@ -3,8 +3,6 @@ nothing lost, nothing merged, and the new guards hold afterwards."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,31 +13,19 @@ import pytest
 from ingest import partitions
 from ingest.migrate import migrate
 
-from .conftest import PG_URL, ROOT, db_url
+from .conftest import ROOT
+from .old_schema import old_schema_database
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
 
 @pytest.fixture
 async def old_db(tmp_path: Path) -> AsyncIterator[asyncpg.Connection]:
-    """A database migrated to 002 only (the schema before tenancy), with partitions."""
-    name = f"ingest_m_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    old_sql = tmp_path / "sql"
-    old_sql.mkdir()
-    for f in ("001_trip_location.sql", "002_ingest_batch.sql"):
-        shutil.copy(ROOT / "sql" / f, old_sql / f)
-    conn = await asyncpg.connect(db_url(name))
-    try:
-        assert await migrate(conn, old_sql) == ["001_trip_location.sql", "002_ingest_batch.sql"]
+    """A database at the schema before tenancy, with last month's and this month's partitions."""
+    async with old_schema_database(tmp_path) as (conn, _):
         await partitions.ensure(conn, [partitions.month_start(T0 - timedelta(days=40)),
                                        partitions.month_start(T0)])  # fmt: skip
         yield conn
-    finally:
-        await conn.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 ROWS = [

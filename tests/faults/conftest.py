@@ -9,14 +9,14 @@ never stopped: a scenario that stops a server gets a private one (``private_post
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ..conftest import REDIS_URL, SECRET
-from .procs import PrivatePostgres, PrivateRedis, ServiceProcess, postgres_bin, run_cli
+from .procs import ServiceProcess
 
 
 def service_env(database_url: str, redis_url: str, prefix: str, **over: Any) -> dict[str, str]:
@@ -77,33 +77,3 @@ def shared_env(database: str, redis_prefix: str) -> Callable[..., dict[str, str]
         return service_env(database, REDIS_URL, redis_prefix, **over)
 
     return make
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL cluster of this test's own, migrated with ``python -m ingest migrate``."""
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL server binaries not installed")
-    pg = PrivatePostgres()
-    try:
-        pg.init()
-        pg.start()
-        result = run_cli("migrate", env={"DATABASE_URL": pg.url, "JWT_SECRET": SECRET})
-        assert result.returncode == 0, result.stderr
-        assert "created partition TripLocation_" in result.stdout, result.stdout
-        yield pg
-    finally:
-        pg.cleanup()
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    try:
-        r = PrivateRedis()
-    except FileNotFoundError:
-        pytest.skip("redis-server not installed")
-    r.start()
-    try:
-        yield r
-    finally:
-        r.stop()

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 
 from ingest import metrics
 from ingest.typedefs import FANOUT, LIVE
 
 from ..conftest import auth, batch, token
+from ..test_ws_limits import reply, subscribe
 from .procs import PrivateRedis
-
-
-async def reply(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
-    msg = await ws.receive(timeout=timeout)
-    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data)
-    return json.loads(msg.data)
-
-
-async def subscribe(ws: aiohttp.ClientWebSocketResponse, **body: Any) -> list[dict[str, Any]]:
-    await ws.send_json({"type": "subscribe", **body})
-    got = [await reply(ws)]
-    while got[-1]["type"] != "subscribed":
-        got.append(await reply(ws))
-    return got
 
 
 async def test_unconfirmed_subscribe_is_reported_and_not_acked(make_client, private_redis):
