@@ -56,14 +56,13 @@ class ShuttingDown(Exception):
 
 class Flusher:
     def __init__(
-        self, settings: Settings, buffer: Buffer, pool: asyncpg.Pool, on_committed: OnCommitted,
-        owners: OwnerCache | None = None,
-    ) -> None:  # fmt: skip
+        self, settings: Settings, buffer: Buffer, pool: asyncpg.Pool, on_committed: OnCommitted
+    ) -> None:
         self.settings = settings
         self.buffer = buffer
         self.pool = pool
         self.on_committed = on_committed
-        self.owners = owners if owners is not None else OwnerCache(settings.owner_cache_ttl_s)
+        self.owners = OwnerCache(settings.owner_cache_ttl_s)
         self.db_ok = True  # false from a failed flush until the next successful one
         self._current: FlushBatch | None = None
 
@@ -134,11 +133,10 @@ class Flusher:
         if owners:
             self.owners.update(owners)
         for p in batch.pending:
-            if p.refused is not None and p.refused.status == 429:
-                self.owners.limited(p.org, p.driver_id)
-        refused = store.refused_counts(batch.pending)
-        for code, n in refused.items():
-            metrics.BATCHES_REFUSED.labels(code).inc(n)
+            if p.refused is not None:
+                metrics.BATCHES_REFUSED.labels(p.refused.code).inc()
+                if p.refused.status == 429:
+                    self.owners.limited(p.org, p.driver_id)
         _resolve(batch.pending)
         stored = batch.stored
         if stored:
@@ -149,16 +147,21 @@ class Flusher:
             metrics.PINGS_DUPLICATE.inc(dups)
 
     async def _outage(self, batch: FlushBatch, exc: BaseException, delay: float) -> float:
-        """Count and log a failed attempt, drop the pooled connections, back off; return the
-        next delay."""
+        """A failed flush attempt: back off (_backoff); return the next delay."""
+        extra: dict[str, object] = {"rows": len(batch.rows), "retry_in_s": delay}
+        return await self._backoff("flush_failed", exc, delay, extra)
+
+    async def _backoff(
+        self, event: str, exc: BaseException, delay: float, extra: dict[str, object]
+    ) -> float:
+        """Count and log a failed PostgreSQL attempt, drop the pooled connections, sleep
+        ``delay``; return the next delay."""
         self.db_ok = False
         metrics.DB_ERRORS.labels("flush").inc()
         # After a failover or a silent network, no pooled connection can be trusted:
         # replace them all rather than time out on each in turn.
         await self.pool.expire_connections()
-        log.warning(
-            "flush_failed", extra={"error": repr(exc), "rows": len(batch.rows), "retry_in_s": delay}
-        )
+        log.warning(event, extra={"error": repr(exc), **extra})
         await asyncio.sleep(delay)
         return min(delay * 2, self.settings.flush_retry_max_ms / 1000)
 
@@ -179,12 +182,7 @@ class Flusher:
                         await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
                     committed = None if running else await conn.fetchval(_FLUSHED, flush_id)
             except Exception as exc2:
-                self.db_ok = False
-                metrics.DB_ERRORS.labels("flush").inc()
-                await self.pool.expire_connections()
-                log.warning("commit_outcome_check_failed", extra={"error": repr(exc2)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, s.flush_retry_max_ms / 1000)
+                delay = await self._backoff("commit_outcome_check_failed", exc2, delay, {})
                 continue
             if running:
                 await asyncio.sleep(0.05)

@@ -49,7 +49,7 @@ BUFFER_LIMIT = Gauge("ingest_buffer_limit_rows", "BUFFER_MAX_ROWS")
 DB_ERRORS = Counter("ingest_db_errors_total", "PostgreSQL errors by operation", ["operation"])
 DB_OPERATIONS = ("flush", "flush_refused", "readiness", "maintenance")
 REDIS_ERRORS = Counter("ingest_redis_errors_total", "Redis errors by operation", ["operation"])
-REDIS_OPERATIONS = ("publish", "pubsub", "latest", "snapshot", "probe")
+REDIS_OPERATIONS = ("publish", "pubsub", "latest", "snapshot", "probe", "repair")
 DATABASE_UP = Gauge(
     "ingest_database_up", "1 if PostgreSQL answered this pod's last check (at most 1 s old)"
 )
@@ -111,16 +111,6 @@ MAINTENANCE_LAST_SUCCESS = Gauge(
     "Unix time of this pod's last successful maintenance run",
 )
 
-for _counter, _values in (
-    (PINGS_REJECTED, REJECT_REASONS),
-    (BATCHES, BATCH_OUTCOMES),
-    (DB_ERRORS, DB_OPERATIONS),
-    (REDIS_ERRORS, REDIS_OPERATIONS),
-    (MAINTENANCE_RUNS, ("ok", "failed")),
-):
-    for _value in _values:
-        _counter.labels(_value)
-
 # The hot path counts every batch: label lookups cost more than the increment, so keep them.
 BATCH = {outcome: BATCHES.labels(outcome) for outcome in BATCH_OUTCOMES}
 
@@ -130,15 +120,11 @@ BATCHES_REFUSED = Counter(
     "Batches a flush refused whole (trip owned by another driver, trip limit)",
     ["reason"],
 )
-for _reason in ("trip_owned_by_another_driver", "too_many_trips"):
-    BATCHES_REFUSED.labels(_reason)
 COMMITS_RESOLVED = Counter(
     "ingest_commit_outcomes_resolved_total",
     "Flushes whose COMMIT reply was lost, by what PostgreSQL said became of them",
     ["outcome"],
 )
-for _outcome in ("committed", "aborted"):
-    COMMITS_RESOLVED.labels(_outcome)
 TRIP_HANDOVERS = Counter("ingest_trip_handovers_total", "Trips handed over to another driver")
 
 # -- latest-location repair after failed Redis writes (docs/reliability.md) ------------------
@@ -153,7 +139,6 @@ LATEST_REPAIR_OVERFLOW = Counter(
     "ingest_latest_repair_overflow_total",
     "Lost latest-location updates not remembered for repair (LATEST_REPAIR_MAX_TRIPS reached)",
 )
-REDIS_ERRORS.labels("repair")
 
 # -- WebSocket limits and token lifetime (docs/live.md) ------------------------------------
 WS_REFUSED = Counter(
@@ -162,8 +147,6 @@ WS_REFUSED = Counter(
     " by a per-pod limit",
     ["reason"],
 )
-for _reason in ("too_many_sockets", "too_many_subscriptions"):
-    WS_REFUSED.labels(_reason)
 WS_SUBSCRIBE_FAILED = Counter(
     "ingest_ws_subscribe_failed_total",
     "Channels and patterns Redis did not confirm within WS_SUBSCRIBE_TIMEOUT_S",
@@ -185,3 +168,16 @@ HTTP_CLOSED_BY = {
     reason: HTTP_CLOSED.labels(reason)
     for reason in ("header_timeout", "body_timeout", "evicted", "over_capacity")
 }
+
+for _counter, _values in (
+    (PINGS_REJECTED, REJECT_REASONS),
+    (BATCHES, BATCH_OUTCOMES),
+    (DB_ERRORS, DB_OPERATIONS),
+    (REDIS_ERRORS, REDIS_OPERATIONS),
+    (MAINTENANCE_RUNS, ("ok", "failed")),
+    (BATCHES_REFUSED, ("trip_owned_by_another_driver", "too_many_trips")),
+    (COMMITS_RESOLVED, ("committed", "aborted")),
+    (WS_REFUSED, ("too_many_sockets", "too_many_subscriptions")),
+):
+    for _value in _values:
+        _counter.labels(_value)

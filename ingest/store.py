@@ -13,12 +13,11 @@ In one transaction, in this order:
    the rows and inserting them with ON CONFLICT DO NOTHING, which tells which rows were new.
 
 Everything a request is told (accepted, duplicates, refused) is settled before COMMIT, so a
-commit whose outcome is unknown can be resolved by the transaction's id alone (flush.py).
+commit whose outcome is unknown needs only to learn whether it committed (flush.py).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import datetime
 
 import asyncpg
@@ -250,8 +249,3 @@ async def _insert_new_only(
                 accepted += 1
         p.accepted, p.duplicates = accepted, p.count - accepted
     return stored
-
-
-def refused_counts(pending: list[Pending]) -> Counter[str]:
-    """Refused requests by reason code, for metrics."""
-    return Counter(p.refused.code for p in pending if p.refused is not None)

@@ -48,6 +48,31 @@ async def rows(db: asyncpg.Connection, trip: str, org: str = A) -> int:
     return n
 
 
+async def hold_batch_claim(
+    conn: asyncpg.Connection, org: str, body: dict[str, Any]
+) -> asyncpg.transaction.Transaction:
+    """Claim ``body``'s batch id in a transaction left open: the flush of that batch then
+    waits at its own batch-id claim, inside its transaction, until this one ends."""
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute(
+        'INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId") VALUES ($1, $2, $3)',
+        org, body["driverId"], body["batchId"],
+    )  # fmt: skip
+    return tx
+
+
+async def until_a_flush_waits(watcher: asyncpg.Connection, tries: int = 250) -> bool:
+    """Whether some transaction came to wait for another's (the held flush) within the tries."""
+    for _ in range(tries):
+        if await watcher.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+        ):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 # -- the lost COMMIT, resolved by a transaction id another transaction can be given -----------
 
 
@@ -73,21 +98,10 @@ async def test_a_flush_cut_by_a_crash_is_never_acknowledged_unless_stored(
     # Hold the flush inside its transaction (xid assigned, nothing written to the WAL yet):
     # an uncommitted claim of the same batch id makes its batch-id INSERT wait.
     blocker = await asyncpg.connect(pg.url)
-    tx = blocker.transaction()
-    await tx.start()
-    await blocker.execute(
-        'INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId") VALUES ($1, $2, $3)',
-        "org_1", "drv_1", body["batchId"],
-    )  # fmt: skip
+    await hold_batch_claim(blocker, "org_1", body)
     request = asyncio.ensure_future(post(client, body, "org_1"))
     watcher = await asyncpg.connect(pg.url)
-    for _ in range(200):
-        waiting = await watcher.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-        )
-        if waiting:
-            break
-        await asyncio.sleep(0.02)
+    waiting = await until_a_flush_waits(watcher, tries=200)
     assert waiting, "the flush never reached its batch-id claim"
     await watcher.close()
 
@@ -179,21 +193,11 @@ async def test_two_pods_cannot_start_more_trips_than_the_daily_limit_together(
     first = batch(1, "trip_a", "drv_1", now_ms(-900))
     # Pod 1's flush held up after it claimed trip_a (as a concurrent claim of the same batch
     # id, a lock, a slow disk would): an uncommitted claim of its batch id.
-    blocker = db.transaction()
-    await blocker.start()
-    await db.execute(
-        'INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId") VALUES ($1, $2, $3)',
-        A, "drv_1", first["batchId"],
-    )  # fmt: skip
+    blocker = await hold_batch_claim(db, A, first)
     held = asyncio.ensure_future(post(pod1, first))
     watcher = await asyncpg.connect(db_url(await db.fetchval("SELECT current_database()")))
     try:
-        for _ in range(250):
-            if await watcher.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-            ):
-                break
-            await asyncio.sleep(0.02)
+        await until_a_flush_waits(watcher)
         # Meanwhile the same driver starts another trip through pod 2.
         second = asyncio.ensure_future(post(pod2, batch(1, "trip_b", "drv_1", now_ms(-800))))
         await asyncio.sleep(0.5)
@@ -224,12 +228,7 @@ async def test_after_a_handovers_200_the_old_driver_stores_nothing(
     client = await make_client()
     assert (await post(client, batch(1, "trip_1", "drv_1", now_ms(-900))))[0] == 200
     late = batch(2, "trip_1", "drv_1", now_ms(-800))
-    blocker = db.transaction()
-    await blocker.start()
-    await db.execute(
-        'INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId") VALUES ($1, $2, $3)',
-        A, "drv_1", late["batchId"],
-    )  # fmt: skip
+    blocker = await hold_batch_claim(db, A, late)
     held = asyncio.ensure_future(post(client, late))  # past its ownership read, then held
     watcher = await asyncpg.connect(db_url(await db.fetchval("SELECT current_database()")))
 
@@ -245,12 +244,7 @@ async def test_after_a_handovers_200_the_old_driver_stores_nothing(
         return n  # the old driver's rows when the dispatcher is told the trip is handed over
 
     try:
-        for _ in range(250):
-            if await watcher.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-            ):
-                break
-            await asyncio.sleep(0.02)
+        await until_a_flush_waits(watcher)
         handover = asyncio.ensure_future(hand_over())
         await asyncio.sleep(0.5)
         await blocker.rollback()

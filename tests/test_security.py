@@ -438,13 +438,14 @@ async def ws_connect(client, tok: str | None = None, **kw: Any):
     return await client.ws_connect(url, **kw)
 
 
-async def next_message(ws, timeout: float = 5.0) -> dict[str, Any]:
+async def next_message(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
     msg = await ws.receive(timeout=timeout)
-    assert msg.type == aiohttp.WSMsgType.TEXT, msg
-    return json.loads(msg.data)
+    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data)
+    decoded: dict[str, Any] = json.loads(msg.data)
+    return decoded
 
 
-async def quiet(ws, wait: float = 0.4) -> list[dict[str, Any]]:
+async def quiet(ws: aiohttp.ClientWebSocketResponse, wait: float = 0.4) -> list[dict[str, Any]]:
     """Every message that arrives within ``wait``."""
     got = []
     while True:

@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient
 from ingest.typedefs import LIVE
 
 from .conftest import auth, batch, iso, now_ms, token
+from .test_security import next_message, quiet
 
 Client = TestClient[web.Request, web.Application]
 Factory = Callable[..., Awaitable[Client]]
@@ -157,23 +158,6 @@ async def view(client: Client, db: asyncpg.Connection, org: str, trip: str = TRI
 
 def points(locations: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
     return [(loc["latitude"], loc["longitude"], ms(loc["timestamp"])) for loc in locations]
-
-
-async def next_message(ws: Socket, timeout: float = 5.0) -> dict[str, Any]:
-    msg = await ws.receive(timeout=timeout)
-    assert msg.type == aiohttp.WSMsgType.TEXT, msg
-    decoded: dict[str, Any] = json.loads(msg.data)
-    return decoded
-
-
-async def quiet(ws: Socket, wait: float = 0.3) -> list[dict[str, Any]]:
-    """Every message that arrives within ``wait``."""
-    got = []
-    while True:
-        try:
-            got.append(await next_message(ws, wait))
-        except TimeoutError:
-            return got
 
 
 async def exactly(ws: Socket, n: int) -> list[dict[str, Any]]:

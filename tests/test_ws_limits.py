@@ -21,6 +21,7 @@ from ingest import metrics
 from ingest import ws as ws_module
 
 from .conftest import auth, batch, now_ms, token
+from .test_security import next_message
 
 LIVE = "/api/v1/live"
 CLOSE, TEXT = 0x8, 0x1
@@ -38,18 +39,12 @@ async def connect(client: TestClient, tok: str | None = None) -> aiohttp.ClientW
     return await client.ws_connect(f"{LIVE}?access_token={tok or dispatcher_token()}")
 
 
-async def reply(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
-    msg = await ws.receive(timeout=timeout)
-    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data)
-    return json.loads(msg.data)
-
-
 async def subscribe(ws: aiohttp.ClientWebSocketResponse, **body: Any) -> list[dict[str, Any]]:
     """Send a subscribe; the replies up to and including 'subscribed'."""
     await ws.send_json({"type": "subscribe", **body})
     got = []
     while not got or got[-1]["type"] != "subscribed":
-        got.append(await reply(ws))
+        got.append(await next_message(ws))
     return got
 
 
@@ -187,7 +182,7 @@ async def test_socket_closes_with_4001_when_its_token_expires(make_client):
     exp = exp_of(tok)
     ws = await connect(client, tok)
     await subscribe(ws, trips=["trip_1"])
-    msg = await reply(ws, timeout=5)
+    msg = await next_message(ws, timeout=5)
     at = time.time()
     assert msg["type"] == "error" and msg["error"] == "token_expired", msg
     assert exp - 0.05 <= at <= exp + 1.5, (at, exp)
@@ -207,7 +202,7 @@ async def test_expiry_honours_the_leeway(make_client):
     ws = await connect(client, tok)
     with pytest.raises(TimeoutError):  # still open at exp + 1 (leeway 2)
         await ws.receive(timeout=max(0.1, exp + 1 - time.time()))
-    msg = await reply(ws, timeout=3)
+    msg = await next_message(ws, timeout=3)
     assert msg["error"] == "token_expired" and time.time() >= exp + 2 - 0.05
     assert (await ws.receive(timeout=3)).data == 4001
 
@@ -218,14 +213,14 @@ async def test_refresh_moves_the_expiry(make_client):
     ws = await connect(client, first)
     later = dispatcher_token(ttl_s=4)
     await ws.send_json({"type": "refresh", "token": later})
-    assert await reply(ws) == {"type": "refreshed", "exp": exp_of(later)}
+    assert await next_message(ws) == {"type": "refreshed", "exp": exp_of(later)}
     # Open past the first token's exp: a live message still arrives.
     await asyncio.sleep(max(0.0, exp_of(first) + 0.5 - time.time()))
     await subscribe(ws, trips=["trip_1"])
     resp = await client.post("/api/v1/tracking/ping", json=batch(1), headers=auth())
     assert resp.status == 200
-    assert (await reply(ws))["type"] == "locations"
-    msg = await reply(ws, timeout=5)
+    assert (await next_message(ws))["type"] == "locations"
+    msg = await next_message(ws, timeout=5)
     assert msg["error"] == "token_expired" and time.time() >= exp_of(later) - 0.05
     assert (await ws.receive(timeout=3)).data == 4001
 
@@ -244,12 +239,12 @@ async def test_refresh_with_a_token_of_another_subject_org_or_role_is_refused(ma
     }
     for why, other in refused.items():
         await ws.send_json({"type": "refresh", "token": other})
-        msg = await reply(ws)
+        msg = await next_message(ws)
         assert msg["type"] == "error" and msg["error"] == "invalid_refresh", msg
         assert why in msg["detail"], (why, msg)
         assert other not in msg["detail"]
     # Nothing moved: the socket still closes at the first token's exp.
-    msg = await reply(ws, timeout=5)
+    msg = await next_message(ws, timeout=5)
     assert msg["error"] == "token_expired" and exp - 0.05 <= time.time() <= exp + 1.5
     assert (await ws.receive(timeout=3)).data == 4001
 
@@ -295,20 +290,20 @@ async def test_subscriptions_per_pod_are_capped_and_the_socket_stays_open(make_c
     assert (await subscribe(b, trips=["trip_b"]))[-1]["trips"] == ["trip_b"]  # a channel held
     # trip_c and trip_d would make 4 channels on this pod: refused whole, named.
     await b.send_json({"type": "subscribe", "trips": ["trip_c", "trip_d"]})
-    msg = await reply(b)
+    msg = await next_message(b)
     assert msg["type"] == "error" and msg["error"] == "too_many_subscriptions", msg
     assert "3" in msg["detail"] and "WS_MAX_SUBSCRIPTIONS_PER_POD" in msg["detail"]
     # The socket stays open and usable; a fleet pattern counts as one more.
     assert (await subscribe(b, trips=["trip_c"]))[-1]["trips"] == ["trip_b", "trip_c"]
     await a.send_json({"type": "subscribe", "fleet": True})
-    assert (await reply(a))["error"] == "too_many_subscriptions"
+    assert (await next_message(a))["error"] == "too_many_subscriptions"
     await a.send_json({"type": "unsubscribe", "trips": ["trip_a"]})
     assert (await subscribe(a, fleet=True))[-1] == {
         "type": "subscribed", "trips": ["trip_b"], "fleet": True,
     }  # fmt: skip
     resp = await client.post("/api/v1/tracking/ping", json=batch(1, trip="trip_c"), headers=auth())
     assert resp.status == 200
-    assert (await reply(b))["tripId"] == "trip_c"
+    assert (await next_message(b))["tripId"] == "trip_c"
     await a.close()
     await b.close()
 
@@ -417,7 +412,7 @@ async def test_fleet_snapshot_is_capped_by_fleet_snapshot_max(make_client, redis
     got = []
     while True:
         try:
-            got.append(await reply(ws, timeout=0.5))
+            got.append(await next_message(ws, timeout=0.5))
         except TimeoutError:
             break
     assert [m["type"] for m in got] == ["snapshot"] * 7

@@ -10,7 +10,8 @@ from ingest import metrics
 from ingest.typedefs import FANOUT, LIVE
 
 from ..conftest import auth, batch, token
-from ..test_ws_limits import reply, subscribe
+from ..test_security import next_message as reply
+from ..test_ws_limits import subscribe
 from .procs import PrivateRedis
 
 
