@@ -137,7 +137,7 @@ async def migrate(conn: asyncpg.Connection, sql_dir: str | Path) -> list[str]:
     then finds everything recorded and applies nothing.
     """
     files = migration_files(sql_dir)
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    await _take_lock(conn)
     try:
         await conn.execute(_CREATE_LEDGER)
         done = {
@@ -160,6 +160,16 @@ async def migrate(conn: asyncpg.Connection, sql_dir: str | Path) -> list[str]:
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+
+
+async def _take_lock(conn: asyncpg.Connection) -> None:
+    """Poll for the advisory lock instead of blocking in pg_advisory_lock: a session blocked
+    there keeps a virtual transaction open, which CREATE INDEX CONCURRENTLY in the holder's
+    prepare step waits for, and PostgreSQL ends that deadlock by killing one of them."""
+    pause = 0.05
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID):
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
 
 
 async def _apply(conn: asyncpg.Connection, name: str, sql: str, digest: str) -> None:

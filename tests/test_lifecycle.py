@@ -9,6 +9,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from ingest.constants import MIGRATION_LOCK_ID
 from ingest.migrate import migration_files
 
 from .conftest import PG_URL, REDIS_URL, ROOT, SECRET, auth, batch, db_url
@@ -57,9 +58,26 @@ async def test_migrate_applies_each_file_once_and_says_so(empty_database):
 
 
 async def test_concurrent_migrations_are_serialised(empty_database):
-    results = await asyncio.gather(
+    # The test holds the lock until all four are waiting for it, so the winner builds its
+    # indexes CONCURRENTLY while three others wait: a waiter blocked in pg_advisory_lock would
+    # deadlock with that build (it waits for every open transaction, theirs included).
+    holder = await asyncpg.connect(empty_database)
+    await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    runs = asyncio.gather(
         *(asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database) for _ in range(4))
     )
+    for _ in range(200):
+        waiting = await holder.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        if waiting == 4:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    await holder.close()
+    results = await runs
     assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
     files = len(migration_files(ROOT / "sql"))
     applied = sum(r.stdout.count("applied 0") for r in results)
