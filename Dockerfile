@@ -27,8 +27,8 @@ COPY pyproject.toml README.md ./
 COPY ingest/ ingest/
 RUN pip install --no-deps .
 
-# --- runtime: slim Python, no compiler, no build tools, non-root.
-FROM python:3.11.14-slim-bookworm AS runtime
+# --- base: slim Python, no compiler, no build tools, non-root. The image is `runtime` below.
+FROM python:3.11.14-slim-bookworm AS base
 
 LABEL org.opencontainers.image.title="ingest" \
       org.opencontainers.image.description="GPS ingestion: HTTP ingest, PostgreSQL group commit, live WebSocket fan-out" \
@@ -40,14 +40,12 @@ RUN groupadd --system --gid 10001 app \
       --shell /usr/sbin/nologin app
 
 COPY --from=build /opt/venv /opt/venv
-COPY sql/ /app/sql/
 WORKDIR /app
 
 # The root filesystem is read-only in Kubernetes: never try to write .pyc files at run time.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    SQL_DIR=/app/sql \
     PORT=8080
 
 # Numeric ids, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.
@@ -58,3 +56,11 @@ EXPOSE 8080
 # with 1001, final flush, exit 0). `docker run IMAGE migrate` runs the migrations.
 ENTRYPOINT ["python", "-m", "ingest"]
 CMD ["serve"]
+
+# --- dev: the production image plus devtools/ (the driver simulator), for docker compose's
+# simulator only: `docker build --target dev`. Never deployed.
+FROM base AS dev
+COPY devtools/ /app/devtools/
+
+# --- runtime, the default target (the last stage): exactly the base image, no devtools.
+FROM base AS runtime

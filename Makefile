@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock $(wildcard .ci/install-*-to
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/python -m ingest.devrun
+	$(BIN)/python -m devtools.run
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q
@@ -26,12 +26,12 @@ test-fast: install
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check ingest tests bench
-	$(BIN)/ruff format --check ingest tests bench
+	$(BIN)/ruff check ingest devtools tests bench
+	$(BIN)/ruff format --check ingest devtools tests bench
 
 format: install
-	$(BIN)/ruff check --fix ingest tests bench
-	$(BIN)/ruff format ingest tests bench
+	$(BIN)/ruff check --fix ingest devtools tests bench
+	$(BIN)/ruff format ingest devtools tests bench
 
 mypy: install
 	$(BIN)/mypy

@@ -23,8 +23,18 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import dashboard, ingest_api, maintenance, metrics, ops, phone_apps, read_api, trips_api, ws
-from . import log as logsetup
+from . import (
+    dashboard,
+    ingest_api,
+    logs,
+    maintenance,
+    metrics,
+    ops,
+    phone_apps,
+    read_api,
+    trips_api,
+    ws,
+)
 from .auth import Verifier
 from .buffer import Buffer
 from .fanout import Fanout
@@ -65,7 +75,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     a JSON 500."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    with logsetup.request_context(request.headers.get("X-Request-Id")) as request_id:
+    with logs.request_context(request.headers.get("X-Request-Id")) as request_id:
         if route == "/api/v1/live":
             return await handler(request)
         started = time.perf_counter()

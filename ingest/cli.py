@@ -12,8 +12,7 @@ from pathlib import Path
 
 import asyncpg
 
-from . import http_server, maintenance
-from . import log as logsetup
+from . import http_server, logs, maintenance
 from . import migrate as migrations
 from . import partitions as parts
 from .app import HANDLER_SHARE, create_app
@@ -24,8 +23,8 @@ log = logging.getLogger("ingest")
 
 
 def serve(settings: Settings) -> int:
-    logsetup.setup(settings.log_level)
-    logsetup.capture_stderr()
+    logs.setup(settings.log_level)
+    logs.capture_stderr()
     if settings.auth_disabled:
         banner = "AUTH_DISABLED=true: every request is accepted without a token. Development only!"
         print(f"\n{'!' * 80}\n{banner}\n{'!' * 80}\n", file=sys.stderr, flush=True)
@@ -85,7 +84,7 @@ async def _serve(settings: Settings) -> None:
 async def migrate(settings: Settings) -> int:
     conn = await asyncpg.connect(settings.database_url)
     try:
-        applied = await migrations.migrate(conn, Path(settings.sql_dir))
+        applied = await migrations.migrate(conn)
         for name in applied:
             print(f"applied {name}")
         if not applied:

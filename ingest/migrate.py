@@ -1,4 +1,5 @@
-"""Ordered SQL migrations from ``sql/``, each applied once, recorded, under an advisory lock."""
+"""Ordered SQL migrations (``ingest/sql/``, package data), each applied once, recorded, under an
+advisory lock."""
 
 from __future__ import annotations
 
@@ -123,14 +124,18 @@ PREPARE: dict[str, Callable[[asyncpg.Connection, str], Awaitable[None]]] = {
 }
 
 
-def migration_files(sql_dir: str | Path) -> list[Path]:
+# Shipped in the package (pyproject's package-data), so every install has them beside the code.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+
+
+def migration_files(sql_dir: str | Path = SQL_DIR) -> list[Path]:
     files = sorted(Path(sql_dir).glob("*.sql"))
     if not files:
         raise MigrationError(f"no migrations found in {sql_dir}")
     return files
 
 
-async def migrate(conn: asyncpg.Connection, sql_dir: str | Path) -> list[str]:
+async def migrate(conn: asyncpg.Connection, sql_dir: str | Path = SQL_DIR) -> list[str]:
     """Apply pending migrations in name order; return the names applied by this call.
 
     A session-level advisory lock serialises pods that start together: the second waits,

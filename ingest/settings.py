@@ -13,8 +13,6 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
-DEFAULT_SQL_DIR = str(Path(__file__).resolve().parent.parent / "sql")
-
 
 class SettingsError(Exception):
     """A setting is missing or invalid; the message names the variable."""
@@ -66,6 +64,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     ws_heartbeat_s: PositiveFloat = 30.0
     # Auth.
     jwt_secret: str | None = None
+    # The secret read from this file instead (a mounted Kubernetes/Docker secret, `make run`'s
+    # .dev/jwt_secret); surrounding whitespace is dropped.
+    jwt_secret_file: str | None = None
     jwt_public_key: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
@@ -98,7 +99,6 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Shutdown: time allowed for the final flush and closing sockets.
     shutdown_timeout_s: PositiveFloat = 20.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    sql_dir: str = DEFAULT_SQL_DIR
 
     @property
     def runs_ingest(self) -> bool:
@@ -129,6 +129,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         msg = str(exc)
         name = msg.rsplit("$.", 1)[-1].strip("`") if "$." in msg else "?"
         raise SettingsError(f"invalid setting {name}: {msg.split(' - at ')[0]}") from None
+    if settings.jwt_secret_file:
+        settings = _with_secret_from_file(settings)
     if settings.jwt_secret and settings.jwt_public_key:
         raise SettingsError(
             "invalid setting JWT_SECRET: set JWT_SECRET or JWT_PUBLIC_KEY, not both"
@@ -151,3 +153,20 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         if not url.startswith(schemes):
             raise SettingsError(f"invalid setting {name}: must start with {' or '.join(schemes)}")
     return settings
+
+
+def _with_secret_from_file(settings: Settings) -> Settings:
+    if settings.jwt_secret:
+        raise SettingsError(
+            "invalid setting JWT_SECRET_FILE: set JWT_SECRET or JWT_SECRET_FILE, not both"
+        )
+    path = settings.jwt_secret_file or ""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SettingsError(
+            f"invalid setting JWT_SECRET_FILE: cannot read {path}: {exc.strerror}"
+        ) from None
+    if not secret:
+        raise SettingsError(f"invalid setting JWT_SECRET_FILE: {path} is empty")
+    return msgspec.structs.replace(settings, jwt_secret=secret)

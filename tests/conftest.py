@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,20 +21,25 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from ingest import devservices, maintenance
+from devtools import procs
+from devtools import services as devservices
+from devtools.services import PrivatePostgres, PrivateRedis, postgres_bindir
+from ingest import maintenance
 from ingest.app import create_app
 from ingest.auth import issue_token
 from ingest.migrate import migrate
 from ingest.settings import Settings, load_settings
-
-from .faults.procs import PrivatePostgres, PrivateRedis, postgres_bin
-from .faults.procs import run_cli as faults_run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # TEST_DATABASE_URL / TEST_REDIS_URL when set; else servers listening on the default local
 # ports; else throwaway ones started for this session (see ingest/devservices.py).
 PG_URL, REDIS_URL = devservices.for_tests()
 SECRET = "test-secret-0123456789abcdef0123456789"
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m ingest ARGS`` with the test JWT secret and ``env`` on top of ours."""
+    return procs.run_cli(*args, env={"JWT_SECRET": SECRET, **env})
 
 
 def _worker() -> str:
@@ -63,7 +69,7 @@ def template_db() -> Iterator[str]:
             await admin.close()
         conn = await asyncpg.connect(db_url(name))
         try:
-            await migrate(conn, ROOT / "sql")
+            await migrate(conn)
             await maintenance.run_once(conn, load_settings({}, auth_disabled=True))
         finally:
             await conn.close()
@@ -225,13 +231,13 @@ async def fail_on_loop_errors() -> AsyncIterator[None]:
 @pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
     """A PostgreSQL cluster of this test's own, migrated with ``python -m ingest migrate``."""
-    if postgres_bin() is None:
+    if postgres_bindir() is None:
         pytest.skip("PostgreSQL server binaries not installed")
     pg = PrivatePostgres()
     try:
         pg.init()
         pg.start()
-        result = faults_run_cli("migrate", env={"DATABASE_URL": pg.url, "JWT_SECRET": SECRET})
+        result = run_cli("migrate", DATABASE_URL=pg.url)
         assert result.returncode == 0, result.stderr
         assert "created partition TripLocation_" in result.stdout, result.stdout
         yield pg

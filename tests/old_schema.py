@@ -11,7 +11,9 @@ from pathlib import Path
 
 import asyncpg
 
-from .conftest import PG_URL, ROOT, db_url
+from ingest.migrate import SQL_DIR
+
+from .conftest import PG_URL, db_url
 
 BEFORE_TENANCY = ("001_trip_location.sql", "002_ingest_batch.sql")
 
@@ -25,7 +27,7 @@ async def old_schema_database(tmp_path: Path) -> AsyncIterator[tuple[asyncpg.Con
     old_sql = tmp_path / "sql_before_tenancy"
     old_sql.mkdir()
     for f in BEFORE_TENANCY:
-        shutil.copy(ROOT / "sql" / f, old_sql / f)
+        shutil.copy(SQL_DIR / f, old_sql / f)
     conn = await asyncpg.connect(db_url(name))
     try:
         from ingest.migrate import migrate

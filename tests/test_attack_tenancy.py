@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from devtools.services import PrivatePostgres
 from ingest import partitions
-from ingest.migrate import migrate, prepare_003
+from ingest.migrate import SQL_DIR, migrate, prepare_003
 
-from .conftest import ROOT, auth, batch, db_url, iso, now_ms, token
-from .faults.procs import PrivatePostgres
+from .conftest import auth, batch, db_url, iso, now_ms, token
 from .old_schema import old_schema_database
 
 Client = TestClient[web.Request, web.Application]
@@ -370,7 +370,7 @@ async def test_003_reads_no_table_scan_under_its_exclusive_lock(
     prepare_003, before the lock, leaving the transaction only the rows since."""
     conn, _ = old_db
     # What migrate() does for 003: prepare_003, then the file in one transaction.
-    sql = (ROOT / "sql" / "003_org_scoped_keys.sql").read_text()
+    sql = (SQL_DIR / "003_org_scoped_keys.sql").read_text()
     await prepare_003(conn, sql)
     tuples_read = """SELECT sum(seq_tup_read + coalesce(idx_tup_fetch, 0))
                      FROM pg_stat_xact_user_tables WHERE relname LIKE 'TripLocation%'"""
@@ -400,7 +400,7 @@ async def test_003_waiting_for_its_lock_does_not_stop_ingest(
     Fix (migrate.py): SET LOCAL lock_timeout (a second or two) in the migration's
     transaction and retry it after a pause when it expires."""
     conn, url = old_db
-    sql = (ROOT / "sql" / "003_org_scoped_keys.sql").read_text()
+    sql = (SQL_DIR / "003_org_scoped_keys.sql").read_text()
     await prepare_003(conn, sql)  # the concurrent part, done: only the transaction is left
     reader = await asyncpg.connect(url)
     writer = await asyncpg.connect(url)
@@ -409,7 +409,7 @@ async def test_003_waiting_for_its_lock_does_not_stop_ingest(
         export = reader.transaction()
         await export.start()
         await reader.fetchval('SELECT count(*) FROM "TripLocation"')  # a long read, open
-        task = asyncio.ensure_future(migrate(conn, ROOT / "sql"))
+        task = asyncio.ensure_future(migrate(conn))
         for _ in range(250):
             waiting = await writer.fetchval(
                 """SELECT count(*) FROM pg_locks WHERE NOT granted

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.simulate import Config, Fleet
+from devtools.simulate import Config, Fleet
 
 from .conftest import ROOT, SECRET, token
 

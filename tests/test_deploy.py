@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
+import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from ingest.migrate import migration_files
 from ingest.settings import ENV_NAMES, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,10 +148,24 @@ def _dockerfile() -> tuple[tuple[str, str], ...]:
     return tuple(instructions)
 
 
+def _stages() -> dict[str, list[tuple[str, str]]]:
+    """Each stage's instructions, those of the stages it starts FROM first (the image a
+    target builds)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, args in _dockerfile():
+        if keyword == "FROM":
+            base, _, name = args.partition(" AS ")
+            current = [*stages.get(base.strip(), []), (keyword, args)]
+            stages[name.strip() or base.strip()] = current
+        else:
+            current.append((keyword, args))
+    return stages
+
+
 def _final_stage() -> list[tuple[str, str]]:
-    instructions = list(_dockerfile())
-    last_from = max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM")
-    return instructions[last_from:]
+    """The default target (the last stage), with what it inherits."""
+    return list(_stages().values())[-1]
 
 
 @cache
@@ -195,10 +211,11 @@ def test_hadolint_finds_nothing_in_the_dockerfile():
 def test_dockerfile_is_multi_stage_with_a_pinned_slim_non_root_final_stage():
     bases = [args.split()[0] for kw, args in _dockerfile() if kw == "FROM"]
     assert len(bases) >= 2, "build and runtime stages"
+    bases = [b for b in bases if b not in _stages()]  # images, not stages built on stages
     for base in bases:
         assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", base), f"pin {base} to a full version"
-    assert "slim" in bases[-1], "the final stage starts from a slim image (no compiler)"
     final = _final_stage()
+    assert "slim" in final[0][1], "the final stage starts from a slim image (no compiler)"
     final_runs = " ".join(args for kw, args in final if kw == "RUN")
     for tool in ("gcc", "g++", "build-essential", "make ", "pip install"):
         assert tool not in final_runs, f"the final stage installs nothing ({tool})"
@@ -211,9 +228,33 @@ def test_dockerfile_is_multi_stage_with_a_pinned_slim_non_root_final_stage():
 def test_dockerfile_entrypoint_is_python_m_ingest_serve_in_exec_form():
     assert _exec_form("ENTRYPOINT") + _exec_form("CMD") == [*ENTRYPOINT, "serve"]
     assert _image_env()["PATH"].startswith("/opt/venv/bin:"), "`python` is the venv's"
-    # sql/ is copied where SQL_DIR points: an installed package cannot find it next to itself.
+    # The image is the installed package and its locked dependencies: no sources beside it.
     copies = [args.split() for kw, args in _final_stage() if kw == "COPY"]
-    assert ["sql/", _image_env()["SQL_DIR"].rstrip("/") + "/"] in copies
+    assert copies == [["--from=build", "/opt/venv", "/opt/venv"]]
+    assert "SQL_DIR" not in _image_env(), "migrations ship inside the package"
+
+
+def test_the_dev_target_adds_only_devtools_to_the_image():
+    stages = _stages()
+    base, dev = stages["base"], stages["dev"]
+    assert dev[: len(base)] == base, "dev is the production image plus devtools"
+    assert [args.split() for kw, args in dev[len(base) :] if kw == "COPY"] == [
+        ["devtools/", "/app/devtools/"]
+    ]
+
+
+def test_the_package_ships_its_migrations_and_dashboard_and_no_devtools(tmp_path: Path) -> None:
+    """What `pip install --no-deps .` puts in the image: the wheel built from this tree."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("ingest-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(n.removeprefix("ingest/sql/") for n in names if n.startswith("ingest/sql/"))
+    assert shipped == sorted(p.name for p in migration_files())
+    assert "ingest/static/index.html" in names
+    assert not [n for n in names if n.startswith(("devtools/", "tests/", "bench/"))]
 
 
 def test_the_entrypoint_has_the_commands_the_image_and_manifests_run():
@@ -281,7 +322,7 @@ def test_dockerignore_allows_only_what_the_dockerfile_copies():
             for source in sources:
                 assert source.rstrip("/") in allowed, f"{source} is not in the build context"
     assert "README.md" in allowed, "pyproject.toml names it: the package build reads it"
-    assert not allowed & {".venv", ".git", "tests", "bench", "build"}
+    assert not allowed & {".venv", ".git", "tests", "bench", "build", ".dev"}
 
 
 # --- Kubernetes ----------------------------------------------------------------------------
@@ -468,7 +509,10 @@ def test_compose_runs_migrations_once_before_the_service():
     (compose,) = _yaml_all((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"postgres", "redis", "migrate", "ingest"} <= set(services)
-    assert "simulator" not in services, "only a commented-out example until it exists"
+    simulator = services["simulator"]
+    assert simulator["build"]["target"] == "dev", "devtools are not in the production image"
+    assert simulator["entrypoint"][-1] == "devtools.simulate"
+    assert simulator["profiles"] == ["simulator"], "started only when asked for"
     assert services["migrate"]["command"] == ["migrate"]
     assert services["ingest"]["command"] == ["serve"]
     assert services["migrate"]["image"] == services["ingest"]["image"]

@@ -1,5 +1,5 @@
 """First run on a machine with nothing listening: throwaway PostgreSQL and Redis come up,
-take a migration and a ping, and are gone afterwards; `make run` (ingest.devrun) serves the
+take a migration and a ping, and are gone afterwards; `make run` (devtools.run) serves the
 dashboard, stores the simulator's pings and leaves no process behind on Ctrl-C.
 
 INGEST_DEVSERVICES=throwaway makes discovery ignore the servers on 5432/6379 (this machine
@@ -22,10 +22,11 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ingest import devservices
+from devtools import procs
+from devtools import services as devservices
 from ingest.migrate import migrate
 
-from .conftest import ROOT
+from .conftest import ROOT, batch
 
 
 def descendants(pid: int) -> set[int]:
@@ -82,7 +83,7 @@ async def test_throwaway_servers_come_up_take_a_migration_and_a_ping_and_go(tmp_
         assert port_of(services.redis_url) != devservices.REDIS_PORT
         conn = await asyncpg.connect(services.database_url)
         try:
-            applied = await migrate(conn, ROOT / "sql")
+            applied = await migrate(conn)
             assert applied and await conn.fetchval("""SELECT to_regclass('"TripLocation"')""")
         finally:
             await conn.close()
@@ -98,8 +99,8 @@ async def test_throwaway_servers_come_up_take_a_migration_and_a_ping_and_go(tmp_
         services.stop()
     assert not await wait_gone(pids)
     assert not any(d.exists() for d in dirs)
-    assert not devservices.listening(port_of(services.database_url))
-    assert not devservices.listening(port_of(services.redis_url))
+    assert not procs.listening(port_of(services.database_url))
+    assert not procs.listening(port_of(services.redis_url))
 
 
 async def test_given_urls_and_listening_servers_are_used_as_they_are(monkeypatch):
@@ -121,18 +122,18 @@ async def test_a_killed_owner_takes_its_servers_with_it():
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     owner = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ingest.devservices", env=env, cwd=ROOT,
+        sys.executable, "-m", "devtools.services", env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert owner.stdout is not None
     urls = [(await asyncio.wait_for(owner.stdout.readline(), 30)).decode() for _ in range(2)]
     ports = [port_of(u.strip().split("=", 1)[1]) for u in urls]
     servers = descendants(owner.pid)
-    assert servers and all(devservices.listening(p) for p in ports)
+    assert servers and all(procs.listening(p) for p in ports)
     owner.kill()  # no chance to clean up: the kernel's parent-death signal must do it
     await owner.wait()
     assert not await wait_gone(servers)
-    assert not any(devservices.listening(p) for p in ports)
+    assert not any(procs.listening(p) for p in ports)
     # Its directories stay until the next start sweeps the leftovers of dead owners.
     pattern = os.path.join(tempfile.gettempdir(), f"{devservices.DIR_PREFIX}{owner.pid}-*")
     assert len(glob.glob(pattern)) == 2
@@ -140,14 +141,22 @@ async def test_a_killed_owner_takes_its_servers_with_it():
     assert glob.glob(pattern) == []
 
 
-async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly():
+async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly(tmp_path: Path):
     env = {**os.environ, devservices.MODE_ENV: "throwaway", "LOG_LEVEL": "WARNING"}
-    for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "JWT_PUBLIC_KEY", "PORT"):
+    for name in (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "JWT_SECRET",
+        "JWT_SECRET_FILE",
+        "JWT_PUBLIC_KEY",
+        "PORT",
+    ):
         env.pop(name, None)
-    port = devservices.free_port()
+    secret_file = tmp_path / "dev" / "jwt_secret"
+    port = procs.free_port()
     run = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ingest.devrun", "--port", str(port), "--drivers", "3",
-        "--interval", "0.5", env=env, cwd=ROOT,
+        sys.executable, "-m", "devtools.run", "--port", str(port), "--drivers", "3",
+        "--interval", "0.5", "--secret-file", str(secret_file), env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     assert run.stdout is not None
@@ -163,7 +172,19 @@ async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly():
         database = re.search(r"PostgreSQL\s+(postgresql://\S+)\s+\(throwaway", text)
         assert dashboard and database, text
         assert re.search(r"Redis\s+redis://\S+\s+\(throwaway", text), text
-        assert "generated for this run" in text
+        assert f"in {secret_file}" in text
+        assert secret_file.stat().st_mode & 0o077 == 0, "the secret is readable by its owner only"
+        # The token command it prints works by copy and paste in a second terminal.
+        command = re.search(r"A token\s+(.+)", text)
+        assert command, text
+        second = {k: v for k, v in env.items() if not k.startswith("JWT_")}
+        made = await asyncio.create_subprocess_shell(
+            command.group(1), cwd=ROOT, env=second, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        token, err = await made.communicate()
+        assert made.returncode == 0, err
+        driver = {"Authorization": f"Bearer {token.decode().strip()}"}
         processes = descendants(run.pid)
         assert len(processes) >= 4  # postgres, redis, service, simulator (and backends)
 
@@ -175,6 +196,9 @@ async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly():
                 assert r.status == 200 and "<title>Fleet" in await r.text()
             async with http.get(f"{base}/static/dashboard.js") as r:
                 assert r.status == 200
+            ping = f"{base}/api/v1/tracking/ping"
+            async with http.post(ping, json=batch(1, trip="first"), headers=driver) as r:
+                assert r.status == 200, await r.text()
         # The simulator's pings land in the throwaway database.
         conn = await asyncpg.connect(database.group(1))
         try:
@@ -195,8 +219,8 @@ async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly():
         assert code == 0, rest
         assert "nothing left running" in rest
         assert not await wait_gone(processes)
-        assert not devservices.listening(port)
-        assert not devservices.listening(port_of(database.group(1)))
+        assert not procs.listening(port)
+        assert not procs.listening(port_of(database.group(1)))
     finally:
         if run.returncode is None:
             run.kill()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,12 +18,12 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
+from devtools import procs
 from ingest import http_server
 from ingest.app import create_app
 from ingest.settings import Settings
 
 from .conftest import REDIS_URL, SECRET, auth, batch
-from .faults.procs import ROOT, ServiceProcess
 
 PING = "/api/v1/tracking/ping"
 HALF_HEAD = b"POST /api/v1/tracking/ping HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -256,19 +254,9 @@ async def test_a_body_in_several_packets_within_the_deadline_is_accepted(serve: 
 FILES = 400  # the service's RLIMIT_NOFILE (soft = hard, so it cannot raise it)
 
 
-class LimitedService(ServiceProcess):
+def limit_open_files() -> None:
     """The service with a small open-files limit, as a container with a low ulimit has."""
-
-    def spawn(self) -> None:
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (FILES, FILES))
-
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ingest", "serve"], cwd=ROOT, env=self.env,
-                stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit,
-            )  # fmt: skip
-        self.starts += 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FILES, FILES))
 
 
 async def test_a_flood_past_the_open_files_limit_leaves_readyz_answering(
@@ -278,7 +266,7 @@ async def test_a_flood_past_the_open_files_limit_leaves_readyz_answering(
         "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
         "JWT_SECRET": SECRET, "HTTP_HEADER_TIMEOUT_S": "30",  # the cap alone must do it
     }  # fmt: skip
-    service = LimitedService(env, tmp_path)
+    service = procs.service(env, tmp_path, preexec_fn=limit_open_files)
     await service.start()
     attack: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:

@@ -9,11 +9,11 @@ import aiohttp
 import asyncpg
 import pytest
 
+from devtools import procs
 from ingest.constants import MIGRATION_LOCK_ID
 from ingest.migrate import migration_files
 
-from .conftest import PG_URL, REDIS_URL, ROOT, SECRET, auth, batch, db_url
-from .service import Service, run_cli
+from .conftest import PG_URL, REDIS_URL, SECRET, auth, batch, db_url, run_cli
 
 PING = "/api/v1/tracking/ping"
 
@@ -79,7 +79,7 @@ async def test_concurrent_migrations_are_serialised(empty_database):
     await holder.close()
     results = await runs
     assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
-    files = len(migration_files(ROOT / "sql"))
+    files = len(migration_files())
     applied = sum(r.stdout.count("applied 0") for r in results)
     assert applied == files  # each file once, whichever pod got there first
     conn = await asyncpg.connect(empty_database)
@@ -90,13 +90,15 @@ async def test_concurrent_migrations_are_serialised(empty_database):
 
 
 @pytest.mark.parametrize("ack_mode", ["durable", "buffered"])
-async def test_sigterm_commits_everything_buffered_and_exits_0(database, redis_prefix, ack_mode):
-    service = Service({
+async def test_sigterm_commits_everything_buffered_and_exits_0(
+    database, redis_prefix, ack_mode, tmp_path
+):
+    service = procs.service({
         "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
         "JWT_SECRET": SECRET, "ACK_MODE": ack_mode, "LOG_LEVEL": "INFO",
         # A long interval: at SIGTERM, pings are still waiting in the buffer.
         "FLUSH_INTERVAL_MS": "3000", "RATE_LIMIT_PER_S": "1000",
-    })  # fmt: skip
+    }, tmp_path)  # fmt: skip
     await service.start()
     bodies = [batch(10, trip=f"trip_{i}") for i in range(20)]
     try:
@@ -109,12 +111,13 @@ async def test_sigterm_commits_everything_buffered_and_exits_0(database, redis_p
             tasks = [asyncio.ensure_future(post(b)) for b in bodies]
             await asyncio.sleep(0.5)  # requests are in the buffer, not yet flushed
             started = asyncio.get_running_loop().time()
-            code, out, err = await service.stop()
+            code = await service.stop()
             elapsed = asyncio.get_running_loop().time() - started
             answers = await asyncio.gather(*tasks)
     finally:
-        await service.kill()
-    assert code == 0, err
+        await service.stop()
+    out = service.log_text()
+    assert code == 0, out[-2000:]
     assert elapsed < 3.0  # the final flush ran at once, not after the interval
     ok = 200 if ack_mode == "durable" else 202
     assert [status for status, _ in answers] == [ok] * 20

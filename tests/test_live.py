@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import subprocess
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
-import pytest
 
+from devtools import procs
 from ingest import live as live_module
 from ingest.typedefs import FANOUT, LIVE
 
 from .conftest import REDIS_URL, SECRET, auth, batch, iso, now_ms, token
-from .service import Service, free_port
 
 PING = "/api/v1/tracking/ping"
 
@@ -333,12 +330,14 @@ async def test_a_subscriber_that_never_reads_does_not_block_the_others(make_clie
     await fast.close()
 
 
-async def test_two_processes_share_live_data_through_redis(client, database, redis_prefix):
+async def test_two_processes_share_live_data_through_redis(
+    client, database, redis_prefix, tmp_path
+):
     """A ping posted to an ingest-only process reaches a subscriber of another process."""
-    ingest = Service({
+    ingest = procs.service({
         "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
         "JWT_SECRET": SECRET, "ROLE": "ingest", "FLUSH_INTERVAL_MS": "20",
-    })  # fmt: skip
+    }, tmp_path)  # fmt: skip
     await ingest.start()
     try:
         ws = await connect(client)
@@ -352,45 +351,8 @@ async def test_two_processes_share_live_data_through_redis(client, database, red
         assert len(msg["locations"]) == 3
         await ws.close()
     finally:
-        code, _, err = await ingest.stop()
-        assert code == 0, err
-
-
-@pytest.fixture
-async def private_redis():
-    """A Redis of this test's own, so it can be stopped and restarted."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is needed on PATH for this test"
-    port = free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                return proc
-            except OSError:
-                import time
-
-                time.sleep(0.05)
-        raise RuntimeError("private redis did not start")
-
-    state = {"proc": start()}
-
-    class Handle:
-        url = f"redis://127.0.0.1:{port}/0"
-
-        def stop(self) -> None:
-            state["proc"].kill()
-            state["proc"].wait()
-
-        def restart(self) -> None:
-            state["proc"] = start()
-
-    yield Handle()
-    state["proc"].kill()
-    state["proc"].wait()
+        code = await ingest.stop()
+        assert code == 0, ingest.log_tail()
 
 
 async def test_redis_outage_ingest_goes_on_and_live_resumes(make_client, db, private_redis):
@@ -404,7 +366,7 @@ async def test_redis_outage_ingest_goes_on_and_live_resumes(make_client, db, pri
     await ping(client, batch(2, start_ms=now_ms(-400)))  # PostgreSQL still commits
     resp = await client.get("/api/v1/tracking/trips/trip_1/latest", headers=dispatcher())
     assert resp.status == 200  # served from PostgreSQL
-    private_redis.restart()
+    private_redis.start()
     fanout = client.server.app[FANOUT]
     for _ in range(100):
         if fanout.connected.is_set() and (await client.get("/readyz")).status == 200:

@@ -10,11 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from ingest import log as logsetup
-from ingest import ops
+from devtools import procs
+from ingest import logs, ops
 
 from .conftest import REDIS_URL, SECRET, auth, batch
-from .service import Service
 
 PING = "/api/v1/tracking/ping"
 GENERATED = r"[0-9a-f]{8}-[0-9a-f]+"  # a new request id: process prefix, counter
@@ -43,7 +42,7 @@ def lines(stream: io.StringIO) -> list[dict]:
 
 def test_each_record_is_one_json_line_with_time_level_event_and_fields(root_logging):
     stream = io.StringIO()
-    logsetup.setup("INFO", stream)
+    logs.setup("INFO", stream)
     log = logging.getLogger("ingest.test")
     log.info("flush_failed", extra={"rows": 12, "error": "boom\nsecond line", "when": object})
     try:
@@ -64,7 +63,7 @@ def test_each_record_is_one_json_line_with_time_level_event_and_fields(root_logg
 
 def test_fields_never_overwrite_time_level_or_event(root_logging):
     stream = io.StringIO()
-    logsetup.setup("DEBUG", stream)
+    logs.setup("DEBUG", stream)
     logging.getLogger("ingest.test").warning("real_event", extra={"event": "x", "level": "y"})
     (line,) = lines(stream)
     assert line["event"] == "real_event" and line["level"] == "warning"
@@ -81,7 +80,7 @@ def test_fields_never_overwrite_time_level_or_event(root_logging):
 )
 def test_log_level_is_respected(root_logging, level, expected):
     stream = io.StringIO()
-    logsetup.setup(level, stream)
+    logs.setup(level, stream)
     log = logging.getLogger("ingest.test")
     log.debug("d")
     log.info("i")
@@ -93,16 +92,16 @@ def test_log_level_is_respected(root_logging, level, expected):
 
 def test_request_id_is_bound_while_a_request_is_handled(root_logging):
     stream = io.StringIO()
-    logsetup.setup("INFO", stream)
+    logs.setup("INFO", stream)
     log = logging.getLogger("ingest.test")
     log.info("outside")
-    with logsetup.request_context("req-42") as rid:
+    with logs.request_context("req-42") as rid:
         assert rid == "req-42"
         log.info("inside")
-        with logsetup.request_context(None) as generated:
+        with logs.request_context(None) as generated:
             log.info("nested")
         log.info("inside_again")
-    with logsetup.request_context('bad id "with" spaces\n') as replaced:
+    with logs.request_context('bad id "with" spaces\n') as replaced:
         log.info("replaced")
     log.info("after")
     out = {line["event"]: line.get("request_id") for line in lines(stream)}
@@ -121,7 +120,7 @@ async def test_log_lines_of_a_request_carry_its_id(make_client, monkeypatch, roo
     real = ops.openapi
     monkeypatch.setattr(ops, "openapi", logging_handler)  # before create_app binds the route
     stream = io.StringIO()
-    logsetup.setup("INFO", stream)
+    logs.setup("INFO", stream)
     client = await make_client()
     given = await client.get("/openapi.json", headers={"X-Request-Id": "abc-123"})
     fresh = await client.get("/openapi.json")
@@ -134,11 +133,13 @@ async def test_log_lines_of_a_request_carry_its_id(make_client, monkeypatch, roo
 
 
 @pytest.mark.parametrize("level", ["INFO", "WARNING"])
-async def test_the_service_logs_json_lines_on_stdout_at_its_level(database, redis_prefix, level):
-    service = Service({
+async def test_the_service_logs_json_lines_on_stdout_at_its_level(
+    database, redis_prefix, level, tmp_path
+):
+    service = procs.service({
         "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
         "JWT_SECRET": SECRET, "LOG_LEVEL": level.lower(), "RATE_LIMIT_PER_S": "1000",
-    })  # fmt: skip
+    }, tmp_path)  # fmt: skip
     await service.start()
     try:
         import aiohttp
@@ -147,11 +148,13 @@ async def test_the_service_logs_json_lines_on_stdout_at_its_level(database, redi
             for i in range(10):
                 async with s.post(PING, json=batch(5, trip=f"l_{i}"), headers=auth()) as r:
                     assert r.status == 200
-        code, out, err = await service.stop()
+        code = await service.stop()
     finally:
-        await service.kill()
-    assert code == 0, err
-    records = [json.loads(line) for line in out.splitlines()]
+        await service.stop()
+    # stdout and stderr together: every line is JSON (the harness marks each start)
+    out = [line for line in service.log_text().splitlines() if not line.startswith("--- start")]
+    assert code == 0, out[-5:]
+    records = [json.loads(line) for line in out]
     assert all({"time", "level", "event", "logger"} <= set(r) for r in records)
     events = [r["event"] for r in records]
     if level == "INFO":

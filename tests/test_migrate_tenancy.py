@@ -13,7 +13,6 @@ import pytest
 from ingest import partitions
 from ingest.migrate import migrate
 
-from .conftest import ROOT
 from .old_schema import old_schema_database
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -58,7 +57,7 @@ async def test_003_moves_rows_in_place_and_scopes_the_guards(old_db: asyncpg.Con
     before = await conn.fetch(
         'SELECT "orgId", "tripId", "driverId", "timestamp", "batchId" FROM "TripLocation" ORDER BY 2, 4'
     )
-    applied = await migrate(conn, ROOT / "sql")
+    applied = await migrate(conn)
     assert "003_org_scoped_keys.sql" in applied
 
     after = await conn.fetch(
@@ -135,7 +134,7 @@ async def test_003_resumes_after_an_interrupted_prepare(old_db: asyncpg.Connecti
         "UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1::regclass",
         f'"{part}_org_trip_ts_key"',
     )
-    assert "003_org_scoped_keys.sql" in await migrate(conn, ROOT / "sql")
+    assert "003_org_scoped_keys.sql" in await migrate(conn)
     assert await conn.fetchval(
         "SELECT bool_and(indisvalid) FROM pg_index WHERE indexrelid::regclass::text LIKE '%org_trip_ts_key%'"
     )

@@ -17,12 +17,12 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.procs import free_port
 from ingest import metrics, store
-from ingest.settings import DEFAULT_SQL_DIR, Settings
+from ingest.settings import Settings
 from ingest.typedefs import BUFFER, DRAINING, SETTINGS
 
 from .conftest import PG_URL, ROOT, auth, batch, now_ms, token
-from .service import free_port
 
 PING = "/api/v1/tracking/ping"
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
@@ -516,9 +516,6 @@ def test_alert_rules_structure_without_promtool():
 
 
 def _default(field: msgspec.structs.FieldInfo) -> str:
-    if field.name == "sql_dir":
-        assert field.default == DEFAULT_SQL_DIR
-        return "the package's `sql/`"
     v = field.default
     if v is None:
         return "unset"

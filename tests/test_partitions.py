@@ -15,8 +15,7 @@ from ingest import maintenance, metrics, partitions
 from ingest.constants import MAINTENANCE_LOCK_ID
 from ingest.partitions import add_months, month_start, partition_name
 
-from .conftest import auth, batch
-from .service import run_cli
+from .conftest import auth, batch, run_cli
 
 PING = "/api/v1/tracking/ping"
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from ingest import log as logsetup
+from devtools import procs
+from ingest import logs
 
-from .conftest import REDIS_URL, SECRET, token
-from .faults.procs import ROOT, ServiceProcess
+from .conftest import REDIS_URL, ROOT, SECRET, token
 
 JWT = token("driver", "drv_secret", "org_secret")
 HEADER, PAYLOAD, SIGNATURE = JWT.split(".")
@@ -37,7 +37,7 @@ def captured() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     stream = io.StringIO()
-    logsetup.setup("DEBUG", stream)
+    logs.setup("DEBUG", stream)
     yield stream
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -73,7 +73,7 @@ def captured() -> Iterator[io.StringIO]:
     ],
 )  # fmt: skip
 def test_redact_masks_credentials_and_keeps_the_rest(text, secrets, kept):
-    out = logsetup.redact(text)
+    out = logs.redact(text)
     for secret in secrets:
         assert secret not in out, out
     assert kept in out, out
@@ -90,7 +90,7 @@ def test_redact_masks_credentials_and_keeps_the_rest(text, secrets, kept):
     ],
 )
 def test_redact_leaves_lines_without_credentials_alone(text):
-    assert logsetup.redact(text) == text
+    assert logs.redact(text) == text
 
 
 def test_every_line_is_redacted_whoever_logs_it_and_stays_json(captured):
@@ -127,7 +127,7 @@ def test_a_record_that_cannot_be_formatted_still_shows_no_credential(captured, c
         {"name": "redis", "levelno": 40, "msg": "%s %s", "args": (f"Cookie: sid=ck-3 {JWT}",)}
     )
     (handler,) = [  # the service's, not pytest's
-        h for h in logging.getLogger().handlers if isinstance(h.formatter, logsetup.JsonFormatter)
+        h for h in logging.getLogger().handlers if isinstance(h.formatter, logs.JsonFormatter)
     ]
     handler.handle(record)
     out = captured.getvalue()
@@ -137,9 +137,9 @@ def test_a_record_that_cannot_be_formatted_still_shows_no_credential(captured, c
 
 CRASHES = """
 import threading, warnings
-from ingest import log
-log.setup("INFO")
-log.capture_stderr()
+from ingest import logs
+logs.setup("INFO")
+logs.capture_stderr()
 
 class Leaky:
     def __del__(self):
@@ -217,7 +217,7 @@ async def test_malformed_requests_are_logged_without_their_credentials(
         "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
         "JWT_SECRET": SECRET, "LOG_LEVEL": "DEBUG",
     }  # fmt: skip
-    service = ServiceProcess(env, tmp_path)
+    service = procs.service(env, tmp_path)
     await service.start()
     try:
         for request in MALFORMED:

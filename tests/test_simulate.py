@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ingest.simulate import BLOCK_M, Config, Driver, Fleet, Truck, parse_args
+from devtools.simulate import BLOCK_M, Config, Driver, Fleet, Truck, parse_args
 
 from .conftest import SECRET
 

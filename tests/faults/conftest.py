@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from devtools import procs
+from devtools.procs import Process
+
 from ..conftest import REDIS_URL, SECRET
-from .procs import ServiceProcess
 
 
 def service_env(database_url: str, redis_url: str, prefix: str, **over: Any) -> dict[str, str]:
@@ -42,7 +44,7 @@ def service_env(database_url: str, redis_url: str, prefix: str, **over: Any) -> 
     return env
 
 
-ServiceFactory = Callable[..., Awaitable[ServiceProcess]]
+ServiceFactory = Callable[..., Awaitable[Process]]
 
 
 @pytest.fixture
@@ -52,10 +54,10 @@ async def services(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
     Their logs (JSON lines) stay in the test's tmp_path; FAULTS_SHOW_LOGS=1 prints their
     tails after the test (with -s).
     """
-    started: list[ServiceProcess] = []
+    started: list[Process] = []
 
-    async def make(env: dict[str, str], name: str = "ingest", start: bool = True) -> ServiceProcess:
-        svc = ServiceProcess(env, tmp_path, name)
+    async def make(env: dict[str, str], name: str = "ingest", start: bool = True) -> Process:
+        svc = procs.service(env, tmp_path, name=name)
         started.append(svc)
         if start:
             await svc.start()

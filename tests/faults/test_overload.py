@@ -14,8 +14,9 @@ import time
 import aiohttp
 import asyncpg
 
+from devtools.procs import rss_mib
+
 from .load import Fleet, audit, report, scrape
-from .procs import rss_mib
 
 SLOW_FLUSH_S = 0.25
 BUFFER_MAX_ROWS = 1000

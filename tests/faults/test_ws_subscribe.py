@@ -6,13 +6,13 @@ import asyncio
 
 import redis.asyncio as aioredis
 
+from devtools.services import PrivateRedis
 from ingest import metrics
 from ingest.typedefs import FANOUT, LIVE
 
 from ..conftest import auth, batch, token
 from ..test_security import next_message as reply
 from ..test_ws_limits import subscribe
-from .procs import PrivateRedis
 
 
 async def test_unconfirmed_subscribe_is_reported_and_not_acked(make_client, private_redis):

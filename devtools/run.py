@@ -17,21 +17,26 @@ import argparse
 import asyncio
 import os
 import secrets
+import shlex
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from pathlib import Path
 from types import FrameType
 
 import asyncpg
 
-from . import cli, devservices
-from .auth import issue_token
-from .settings import SettingsError, load_settings
+from ingest import cli
+from ingest.auth import issue_token
+from ingest.settings import SettingsError, load_settings
+
+from . import procs
+from . import services as devservices
 
 DEFAULT_PORT = 8080
+# The development JWT secret, kept between runs so that tokens made in another terminal
+# (JWT_SECRET_FILE=.dev/jwt_secret python -m ingest token ...) keep working.
+SECRET_FILE = Path(".dev/jwt_secret")
 READY_TIMEOUT_S = 30.0
 SIMULATOR_STOP_S = 10.0
 
@@ -43,46 +48,40 @@ class Stop(Exception):
 class Devrun:
     def __init__(self) -> None:
         self.stopping = False
-        self.children: list[tuple[str, subprocess.Popen[bytes], float]] = []
+        self.children: list[tuple[procs.Process, float]] = []
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
             self.stopping = True
             raise Stop
         # A second Ctrl-C while shutting down: stop waiting, kill what is left.
-        for _, proc, _ in self.children:
-            if proc.poll() is None:
-                proc.kill()
+        for child, _ in self.children:
+            if child.returncode is None:
+                child.kill9()
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str], stop_timeout: float) -> None:
-        proc = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=devservices.die_with_parent(signal.SIGTERM),
-        )  # fmt: skip
-        self.children.append((name, proc, stop_timeout))
+    def spawn(self, child: procs.Process, stop_timeout: float) -> procs.Process:
+        child.own_session = True  # our Ctrl-C is ours alone: we stop children in order
+        child.preexec_fn = procs.die_with_parent(signal.SIGTERM)
+        child.spawn()
+        self.children.append((child, stop_timeout))
+        return child
 
     def stop_children(self) -> None:
         """Newest first: the simulator, then the service (SIGTERM: final flush, exit 0)."""
         while self.children:
-            name, proc, timeout = self.children.pop()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    print(f"devrun: {name} did not stop within {timeout:g} s, killing it")
-                    proc.kill()
-                    proc.wait()
+            child, timeout = self.children.pop()
+            if not child.stop_sync(timeout):
+                print(f"devrun: {child.name} did not stop within {timeout:g} s, killed it")
 
     def exited(self) -> str | None:
-        for name, proc, _ in self.children:
-            if proc.poll() is not None:
-                return f"{name} exited with code {proc.returncode}"
+        for child, _ in self.children:
+            if (code := child.returncode) is not None:
+                return f"{child.name} exited with code {code}"
         return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ingest.devrun", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m devtools.run", description=__doc__)
     p.add_argument(
         "--port",
         type=int,
@@ -97,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--org", default="demo", help="org of the drivers and the dispatcher token")
     p.add_argument("--interval", type=float, default=5.0, help="simulator upload interval, s")
+    p.add_argument(
+        "--secret-file", type=Path, default=SECRET_FILE,
+        help=f"the development JWT secret, created on the first run (default: {SECRET_FILE})",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     run = Devrun()
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(run: Devrun, services: devservices.DevServices, args: argparse.Namespace) -> int:
-    generated = not os.environ.get("JWT_SECRET") and not os.environ.get("JWT_PUBLIC_KEY")
+    own = not any(os.environ.get(k) for k in ("JWT_SECRET", "JWT_SECRET_FILE", "JWT_PUBLIC_KEY"))
     port = args.port or int(os.environ.get("PORT", "0") or 0) or _default_port()
     env = {
         **os.environ,
@@ -130,8 +133,8 @@ def serve(run: Devrun, services: devservices.DevServices, args: argparse.Namespa
         "PORT": str(port),
         "HOST": os.environ.get("HOST", "127.0.0.1"),
     }
-    if generated:
-        env["JWT_SECRET"] = secrets.token_urlsafe(32)
+    if own:
+        env["JWT_SECRET_FILE"] = str(development_secret(args.secret_file))
     try:
         settings = load_settings(env)
     except SettingsError as exc:
@@ -149,23 +152,28 @@ def serve(run: Devrun, services: devservices.DevServices, args: argparse.Namespa
         print(f"devrun: cannot migrate {services.database_url}: {exc}", file=sys.stderr)
         return 1
 
-    base = f"http://127.0.0.1:{port}"
-    run.spawn("service", [sys.executable, "-m", "ingest", "serve"], env,
-              settings.shutdown_timeout_s + 10)  # fmt: skip
-    if not _wait_ready(run, base):
+    service = run.spawn(
+        procs.service(env, None, name="service", port=port), settings.shutdown_timeout_s + 10
+    )
+    base = service.url
+    if not service.wait_ready(READY_TIMEOUT_S):
         print(f"devrun: the service did not turn ready: {run.exited() or 'timeout'}",
               file=sys.stderr)  # fmt: skip
         return 1
     if args.drivers > 0:
-        run.spawn("simulator", [
-            sys.executable, "-m", "ingest.simulate", "--url", base, "--drivers",
+        sim = procs.Process([
+            sys.executable, "-m", "devtools.simulate", "--url", base, "--drivers",
             str(args.drivers), "--org", args.org, "--interval", str(args.interval),
-        ], env, SIMULATOR_STOP_S)  # fmt: skip
+        ], env, port=port, name="simulator")  # fmt: skip
+        run.spawn(sim, SIMULATOR_STOP_S)
 
     dispatcher = issue_token(settings, "dispatcher-dev", "dispatcher", args.org, 7 * 86_400)
     pg = "throwaway, deleted on exit" if services.started("postgres") else "existing"
     rd = "throwaway, deleted on exit" if services.started("redis") else "existing"
-    secret = "generated for this run" if generated else "from the environment"
+    secret = f"in {args.secret_file}" if own else "from the environment"
+    token_cmd = f"JWT_SECRET_FILE={shlex.quote(str(args.secret_file))} " if own else ""
+    python = os.path.relpath(sys.executable) if sys.prefix.startswith(os.getcwd()) else "python"
+    token_cmd += f"{python} -m ingest token --role driver --sub drv_1 --org {args.org}"
     simulator = f"{args.drivers} drivers of org {args.org!r}" if args.drivers > 0 else "off"
     print(
         f"\n  ingest is running (development)\n\n"
@@ -173,8 +181,9 @@ def serve(run: Devrun, services: devservices.DevServices, args: argparse.Namespa
         f"  API          {base}  (/readyz, /metrics, /openapi.json)\n"
         f"  PostgreSQL   {services.database_url}  ({pg})\n"
         f"  Redis        {services.redis_url}  ({rd})\n"
-        f"  JWT_SECRET   {env['JWT_SECRET']}  ({secret})\n"
+        f"  JWT secret   {secret}\n"
         f"  Dispatcher   {dispatcher}\n"
+        f"  A token      {token_cmd}\n"
         f"  Simulator    {simulator}\n\n"
         f"  Ctrl-C stops everything.\n",
         flush=True,
@@ -187,23 +196,18 @@ def serve(run: Devrun, services: devservices.DevServices, args: argparse.Namespa
         time.sleep(0.5)
 
 
+def development_secret(path: Path) -> Path:
+    """``path``, created (owner-only) with a random secret on the first run."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def _default_port() -> int:
-    return devservices.free_port() if devservices.listening(DEFAULT_PORT) else DEFAULT_PORT
-
-
-def _wait_ready(run: Devrun, base: str) -> bool:
-    end = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < end:
-        if run.exited():
-            return False
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    return False
+    return procs.free_port() if procs.listening(DEFAULT_PORT) else DEFAULT_PORT
 
 
 if __name__ == "__main__":

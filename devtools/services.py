@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import functools
 import glob
 import importlib.util
@@ -37,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from .procs import die_with_parent, free_port, listening
+
 MODE_ENV = "INGEST_DEVSERVICES"
 Mode = Literal["auto", "throwaway", "existing"]
 MODES: tuple[Mode, ...] = ("auto", "throwaway", "existing")
@@ -48,8 +49,6 @@ DEFAULT_REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
 DIR_PREFIX = "ingest-dev-"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-
-_PR_SET_PDEATHSIG = 1
 
 
 class DevServicesError(RuntimeError):
@@ -152,20 +151,6 @@ def for_tests() -> tuple[str, str]:
         os.environ["TEST_DATABASE_URL"] = services.database_url
         os.environ["TEST_REDIS_URL"] = services.redis_url
     return services.database_url, services.redis_url
-
-
-def listening(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- PostgreSQL -------------------------------------------------------------------------
@@ -329,22 +314,6 @@ def _ids(user: pwd.struct_passwd | None) -> _Ids:
     return _Ids(None, None, None) if user is None else _Ids(user.pw_uid, user.pw_gid, [])
 
 
-def die_with_parent(sig: int) -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to send ``sig`` to the child when its parent thread
-    dies (Linux only). Spawn from the main thread: the signal follows the spawning thread."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: nothing to load after
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, sig)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 def _wait(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> bool:
     end = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < end:
@@ -417,12 +386,103 @@ def _tail(log: Path, lines: int = 20) -> str:
         return ""
 
 
+# --- restartable private servers (fault tests stop, crash and restart them) ---------------
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of its own: trust auth, fsync off (the OS cache survives a server
+    crash; only a machine crash would need fsync), on a free port, in a temp directory."""
+
+    def __init__(self) -> None:
+        bindir = postgres_bindir()
+        if bindir is None or not _executable(bindir / "pg_ctl"):
+            raise FileNotFoundError("no PostgreSQL server binaries (pg_ctl) found")
+        self.bin = bindir
+        self.port = free_port()
+        self.user = _unprivileged_user()
+        self.dir = _workdir("private-pg")
+        if self.user is not None:
+            os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        self.data = self.dir / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 60.0) -> None:
+        ids = _ids(self.user)
+        result = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout,
+            user=ids.user, group=ids.group, extra_groups=ids.extra_groups,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {result.stdout}\n{result.stderr}")
+
+    def init(self) -> None:
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+            "--no-sync", "-E", "UTF8",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        opts = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+            " -c full_page_writes=off -c max_connections=50 -c shared_buffers=32MB"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "server.log"),
+            "-w", "-t", "30", "-o", opts, "start",
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """``immediate`` is a crash (no shutdown checkpoint, recovery at the next start)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def cleanup(self) -> None:
+        if self.running():
+            with contextlib.suppress(Exception):
+                self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A redis-server of its own without persistence, restartable on the same port."""
+
+    def __init__(self) -> None:
+        exe = redis_binary()
+        if exe is None:
+            raise FileNotFoundError("redis-server not found")
+        self.exe = exe
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(self.exe), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        if not _wait(self.proc, functools.partial(_redis_ping, self.port)):
+            raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
 def main() -> int:
-    """``python -m ingest.devservices``: start (or find) both, print the URLs, wait."""
+    """``python -m devtools.services``: start (or find) both, print the URLs, wait."""
     try:
         services = discover(os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL"))
     except DevServicesError as exc:
-        print(f"ingest.devservices: {exc}", file=sys.stderr)
+        print(f"devtools.services: {exc}", file=sys.stderr)
         return 1
     with services:
         print(f"DATABASE_URL={services.database_url}")

@@ -1,4 +1,4 @@
-"""A fleet of simulated drivers posting GPS batches: ``python -m ingest.simulate``.
+"""A fleet of simulated drivers posting GPS batches: ``python -m devtools.simulate``.
 
 Each truck drives a street grid around a city centre: straight blocks, turns at
 intersections, red lights, arterials faster than side streets (30-90 km/h), accelerating
@@ -25,6 +25,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -398,12 +399,18 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
 
 def sign_driver_token(secret: str, driver_id: str, org: str, ttl_s: int = 7 * 86_400) -> str:
     """An HS256 driver token, with JWT_ISSUER / JWT_AUDIENCE from the environment if set."""
-    from .auth import issue_token
-    from .settings import load_settings
+    from ingest.auth import issue_token
+    from ingest.settings import load_settings
 
     env = {k: os.environ[k] for k in ("JWT_ISSUER", "JWT_AUDIENCE") if os.environ.get(k)}
     settings = load_settings(env, jwt_secret=secret)
     return issue_token(settings, driver_id, "driver", org, ttl_s)
+
+
+def _secret_from_env() -> str | None:
+    if os.environ.get("JWT_SECRET") or not os.environ.get("JWT_SECRET_FILE"):
+        return os.environ.get("JWT_SECRET")
+    return Path(os.environ["JWT_SECRET_FILE"]).read_text().strip()
 
 
 def _token_sub(token: str) -> str | None:
@@ -426,15 +433,16 @@ def _pair(text: str) -> tuple[float, float]:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
-        prog="python -m ingest.simulate", description=__doc__.split("\n\n")[0] if __doc__ else ""
+        prog="python -m devtools.simulate", description=__doc__.split("\n\n")[0] if __doc__ else ""
     )
     p.add_argument("--url", default="http://127.0.0.1:8080", help="service base URL")
     p.add_argument("--drivers", type=int, default=5, help="number of trucks (default 5)")
     p.add_argument("--org", default="demo", help="org claim of the driver tokens")
     p.add_argument(
         "--secret",
-        default=os.environ.get("JWT_SECRET"),
-        help="HS256 secret to sign driver tokens with (default: $JWT_SECRET)",
+        default=_secret_from_env(),
+        help="HS256 secret to sign driver tokens with (default: $JWT_SECRET, or the contents"
+        " of $JWT_SECRET_FILE)",
     )
     p.add_argument(
         "--token",
