@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tools the benchmark needs beyond the service's own dependencies; safe to run again.
-#   wrk (Debian package): the HTTP load generator, driven by bench/wrk/*.lua
+#   wrk (Debian package): the HTTP load generator, driven by bench/load/wrk/*.lua
 #   matplotlib, py-spy (PyPI, into the project's venv): plots and the profile of the service
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .throughput import Cell
+from .stages.throughput import Cell
 
 HEADLINE = (20, 256)  # batch, connections: the cell the targets are stated for
 LIMITS = ("pipeline", "decode", "copy")

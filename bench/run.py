@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -16,12 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import fanout, infra, overload, plots, report, tokens
+from . import infra
 from . import plan as plans
 from .context import RESULTS, Context
-from .load import check_wrk
-from .profile import profile_service
-from .throughput import Cell, run_cell
+from .load import tokens
+from .load.closedloop import check_wrk
+from .report.machine import loadavg, machine
+from .report.targets import add_ratios, targets
+from .report.write import write
+from .stages import fanout_bench, overload
+from .stages.profile_service import profile_service
+from .stages.throughput import Cell, run_cell
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -92,7 +96,7 @@ async def _main(args: argparse.Namespace) -> int:
     db = infra.BenchDB(args.database_url, f"ingest_bench_{os.getpid()}")
     prefix = f"bench{os.getpid()}:"
     res: dict[str, Any] = {"plan": plan.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "machine": report.machine()}  # fmt: skip
+                           "machine": machine()}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         work = Path(tmp)
         pairs = tokens.drivers(secret, N_DRIVERS)
@@ -110,8 +114,8 @@ async def _main(args: argparse.Namespace) -> int:
             await db.drop()
             await infra.drop_redis_prefix(args.redis_url, prefix)
         res["elapsed_s"] = round(time.monotonic() - ctx.started, 1)
-        res["loadavg_end"] = report.loadavg()
-        _write(ctx, args.out, res)
+        res["loadavg_end"] = loadavg()
+        write(ctx, args.out, res)
     return 0
 
 
@@ -120,7 +124,7 @@ async def _stages(
 ) -> None:
     if "ingest" in stages:
         res["ingest"] = [await _cell(ctx, plan, c) for c in plan.cells]
-        report.add_ratios(res["ingest"])
+        add_ratios(res["ingest"])
     sustainable = _sustainable(res, args.sustainable)
     if "latency" in stages:
         ctx.say(f"latency: open loop at half of {sustainable:,.0f} pings/s")
@@ -128,7 +132,7 @@ async def _stages(
         ctx.say(f"latency: p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms"
                 f" at {r['rate_pings_s']:,} pings/s (target p99 <= {r['target_p99_ms']} ms)")  # fmt: skip
     if "fanout" in stages:
-        res["fanout"] = await fanout.run(
+        res["fanout"] = await fanout_bench.run(
             ctx, plan.fanout_sizes, plan.fanout_modes, plan.fanout_phase_s
         )
     if "overload" in stages:
@@ -138,7 +142,7 @@ async def _stages(
         )
         ctx.say(f"overload: answers {r['totals']}, peak RSS {r['peak_rss_mib']} MiB,"
                 f" after: {r['recovery']['stored_pps']:,} pings/s = {r['recovery']['of_before']:.0%} of before")  # fmt: skip
-    res["targets"] = report.targets(res)
+    res["targets"] = targets(res)
     if "profile" in stages:
         b, c = plans.HEADLINE
         ctx.say(f"profile: py-spy on the service at b{b} c{c} for {plan.profile_s:.0f} s")
@@ -165,19 +169,3 @@ async def _cell(ctx: Context, plan: plans.Plan, cell: Cell) -> dict[str, Any]:
         f"  cpu {r['server_cpu_per_100k']} s/100k  rss {r['peak_rss_mib']} MiB  (others busy: {r['other_busy_cores']} cores)"
     )
     return r
-
-
-def _write(ctx: Context, out: Path, res: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    res["plots"] = plots.all_plots(res, out)
-    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "results.md").write_text(report.markdown(res))
-    ctx.say(f"wrote {out}/results.json, results.md, {', '.join(res['plots'])}")
-    for t in res["targets"]:
-        ctx.say(
-            f"target {'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']} (wanted {t['wanted']})"
-        )
-    summary = {"plan": res["plan"], "elapsed_s": res["elapsed_s"], "targets": res["targets"],
-               "ingest": [{k: r.get(k) for k in ("cell", "stored_pps", "acked_pps", "x_naive", "of_pipeline", "server_cpu_per_100k")}
-                          for r in res.get("ingest", [])]}  # fmt: skip
-    print(json.dumps(summary, indent=1))

@@ -5,7 +5,7 @@ msgspec, PyJWT): per request, verify the token, decode the batch, INSERT its pin
 one transaction of its own (ON CONFLICT DO NOTHING for the (tripId, timestamp) guard),
 then SET the trip's latest location and PUBLISH the new pings in Redis, then answer 200.
 
-Run by the benchmark as ``python -m bench.reference_naive`` with PORT, DATABASE_URL,
+Run by the benchmark as ``python -m bench.contenders.reference_naive`` with PORT, DATABASE_URL,
 REDIS_URL, REDIS_PREFIX and JWT_SECRET in the environment.
 """
 

@@ -12,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .contenders import SERVICE
-from .context import Context
-from .load import run_wrk
+from ..contenders.registry import SERVICE
+from ..context import Context
+from ..load.closedloop import run_wrk
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 _PACKAGES = ("ingest", "aiohttp", "asyncpg", "msgspec", "redis", "jwt", "prometheus_client",

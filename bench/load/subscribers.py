@@ -1,6 +1,6 @@
 """WebSocket subscribers in a process of their own (aiohttp client), driven over stdin.
 
-    python -m bench.subscribers URL TOKEN SPEC_JSON
+    python -m bench.load.subscribers URL TOKEN SPEC_JSON
 
 SPEC_JSON holds one list of trip ids per socket. Commands, one per line on stdin, each
 answered by one JSON line on stdout:

@@ -27,24 +27,24 @@ SERVICE = Contender(
     " Redis latest + publish, metrics",
 )  # fmt: skip
 NAIVE = Contender(
-    "naive", "naive reference", "bench.reference_naive", "/healthz",
-    "REFERENCE (bench/reference_naive.py): per request JWT verify, decode, INSERT in its own"
-    " transaction, then Redis SET latest + PUBLISH",
+    "naive", "naive reference", "bench.contenders.reference_naive", "/healthz",
+    "REFERENCE (bench/contenders/reference_naive.py): per request JWT verify, decode, INSERT"
+    " in its own transaction, then Redis SET latest + PUBLISH",
 )  # fmt: skip
 PIPELINE = Contender(
-    "pipeline", "limit: bare pipeline", "bench.limit_pipeline", "/healthz",
-    "LIMIT (bench/limit_pipeline.py): decode, append, one COPY per flush interval that the"
-    " requests await; nothing else",
+    "pipeline", "limit: bare pipeline", "bench.contenders.limit_pipeline", "/healthz",
+    "LIMIT (bench/contenders/limit_pipeline.py): decode, append, one COPY per flush interval"
+    " that the requests await; nothing else",
 )  # fmt: skip
 DECODE = Contender(
-    "decode", "limit: read+decode", "bench.limit_decode", "/healthz",
-    "LIMIT (bench/limit_decode.py): aiohttp handler that reads and msgspec-decodes the body,"
-    " stores nothing",
+    "decode", "limit: read+decode", "bench.contenders.limit_decode", "/healthz",
+    "LIMIT (bench/contenders/limit_decode.py): aiohttp handler that reads and msgspec-decodes"
+    " the body, stores nothing",
 )  # fmt: skip
 COPY = Contender(
-    "copy", "limit: bare COPY", "bench.limit_copy", "",
-    "LIMIT (bench/limit_copy.py): asyncpg binary COPY of the same rows into the same table,"
-    " one connection, no HTTP",
+    "copy", "limit: bare COPY", "bench.contenders.limit_copy", "",
+    "LIMIT (bench/contenders/limit_copy.py): asyncpg binary COPY of the same rows into the same"
+    " table, one connection, no HTTP",
     http=False,
 )  # fmt: skip
 

@@ -1,6 +1,6 @@
 """Paced load on the service: ack latency at half the sustainable rate, and 3x overload.
 
-Both use the open-loop generator (bench/openloop.py) at batch 20 with durable acks. The
+Both use the open-loop generator (bench/load/openloop.py) at batch 20 with durable acks. The
 sustainable rate is the service's stored pings/s at batch 20 and 256 connections measured
 earlier in the same run. Overload: 3x that for OVERLOAD seconds, the service's RSS sampled
 every second; then closed-loop wrk at 256 connections shows whether it is back to full rate.
@@ -12,12 +12,12 @@ import asyncio
 import time
 from typing import Any
 
-from . import openloop
-from .contenders import SERVICE
-from .context import Context
-from .load import run_wrk
-from .metrics import flush_summary, scrape
-from .procs import Server, machine_busy_s
+from ..contenders.registry import SERVICE
+from ..context import Context
+from ..load import openloop
+from ..load.closedloop import run_wrk
+from ..procs import Server, machine_busy_s
+from .scrape import flush_summary, scrape
 
 BATCH = 20
 MAX_INFLIGHT = 4096  # requests the overload generator keeps outstanding at most

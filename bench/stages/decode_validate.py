@@ -1,7 +1,7 @@
 """STAGE: decode + validate (the schema's decoder, validate.to_records) of one 20-ping batch,
 in process, no HTTP: the per-ping CPU cost of the hot path's first stages, in ns per ping.
 
-    .venv/bin/python -m bench.stage_validate [--pings 20] [--baseline DIR]
+    .venv/bin/python -m bench.stages.decode_validate [--pings 20] [--baseline DIR]
 
 Three bodies: JSON with RFC 3339 timestamps ("...T10:15:00.250Z", as the driver app sends
 them), JSON with epoch milliseconds, and msgpack with RFC 3339 strings. Each figure is the

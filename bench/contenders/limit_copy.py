@@ -4,7 +4,7 @@ One connection, one COPY (its own transaction) after another, each of ROWS_PER_C
 shaped like the load generator's (trips of BATCH pings, 1 ms apart), for DURATION_S
 seconds. Prints "started <epoch>" when the first COPY begins.
 
-    python -m bench.limit_copy DATABASE_URL DURATION_S ROWS_PER_COPY BATCH
+    python -m bench.contenders.limit_copy DATABASE_URL DURATION_S ROWS_PER_COPY BATCH
 """
 
 from __future__ import annotations

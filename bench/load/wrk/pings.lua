@@ -2,7 +2,7 @@
 --
 --   wrk -t T -c C -d D -s pings.lua URL -- DATA_FILE BATCH TAG START_MS THREADS
 --
--- DATA_FILE returns {drivers = {...}, tokens = {...}} (bench/tokens.py). Each wrk thread
+-- DATA_FILE returns {drivers = {...}, tokens = {...}} (bench/load/tokens.py). Each wrk thread
 -- takes every THREADS-th driver and cycles through them, one request each, so concurrent
 -- requests of a thread come from different drivers. Every driver drives one trip
 -- (TAG_driverId) whose timestamps advance 1 ms per ping from START_MS: no two pings of a

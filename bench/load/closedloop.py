@@ -1,4 +1,4 @@
-"""Closed-loop load with wrk (Debian's package) and bench/wrk/pings.lua.
+"""Closed-loop load with wrk (Debian's package) and bench/load/wrk/pings.lua.
 
 wrk runs in its own process with one thread: on 2 cores every cycle it spends is taken
 from the contender, so its CPU time is measured (wait4 rusage) and reported beside the

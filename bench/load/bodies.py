@@ -1,5 +1,5 @@
 """Request bodies for the Python load generators: the same unique batches as wrk's script
-(bench/wrk/pings.lua): each driver drives one trip, timestamps 1 ms apart, fresh batchIds.
+(bench/load/wrk/pings.lua): each driver drives one trip, timestamps 1 ms apart, fresh batchIds.
 
 Drivers are served round-robin and all start at the same timestamp, so every driver sends
 the same sequence of timestamp blocks: the "locations" JSON of a block is built once and

@@ -7,7 +7,7 @@ server's CPU time over the phase, receipts and publish-to-receive latency (recei
 minus the message's publishedAt). The service publishes what it commits, so its messages
 are made by posting one ping per trip per tick; its time per subscriber per message is net
 of a baseline phase that posts the same way to trips nobody subscribes to. The contender
-server (bench/fanout_server.py) publishes on its own timer.
+server (bench/contenders/fanout_server.py) publishes on its own timer.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 
 import aiohttp
 
-from . import tokens
-from .contenders import SERVICE
-from .context import Context
-from .openloop import percentile
-from .procs import Server, machine_busy_s
+from ..contenders.registry import SERVICE
+from ..context import Context
+from ..load import tokens
+from ..load.openloop import percentile
+from ..procs import Server, machine_busy_s
 
 PER_SPREAD_TRIP = 100
 CLIENT_PROCS = 2
@@ -53,7 +53,7 @@ def phase_trips(kind: str, n: int, prefix: str = "") -> list[str]:
 
 
 class Clients:
-    """The subscriber processes (bench/subscribers.py)."""
+    """The subscriber processes (bench/load/subscribers.py)."""
 
     def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
         self.procs = procs
@@ -65,7 +65,7 @@ class Clients:
             path = ctx.work / f"subs{k}.json"
             path.write_text(json.dumps(spec[k::CLIENT_PROCS]))
             procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.subscribers", url, token, str(path),
+                sys.executable, "-m", "bench.load.subscribers", url, token, str(path),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 27,
             ))  # fmt: skip
         return cls(procs)
@@ -244,7 +244,7 @@ async def _contenders(
     modes: tuple[str, ...], phase_s: float,
 ) -> list[dict[str, Any]]:  # fmt: skip
     results = []
-    argv = [sys.executable, "-m", "bench.fanout_server"]
+    argv = [sys.executable, "-m", "bench.contenders.fanout_server"]
     server = ctx.server("fanout-contenders", argv, "/healthz")
     await server.start()
     try:

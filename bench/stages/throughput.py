@@ -17,11 +17,11 @@ from typing import Any
 
 import aiohttp
 
-from .contenders import ALL, SERVICE, Contender
-from .context import Context
-from .load import run_wrk
-from .metrics import flush_summary, scrape
-from .procs import cpu_delta, cpu_seconds, machine_busy_s, status_kib
+from ..contenders.registry import ALL, SERVICE, Contender
+from ..context import Context
+from ..load.closedloop import run_wrk
+from ..procs import cpu_delta, cpu_seconds, machine_busy_s, status_kib
+from .scrape import flush_summary, scrape
 
 
 @dataclass(frozen=True)

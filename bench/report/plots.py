@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .plan import HEADLINE
+from ..plan import HEADLINE
 
 
 def _save(fig: Any, path: Path) -> str:

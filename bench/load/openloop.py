@@ -7,7 +7,7 @@ that finds the cap reached is not sent and is counted as ``shed``. Workers are s
 processes with a minimal HTTP/1.1 keep-alive client (an asyncio Protocol): aiohttp's client
 would cost the server more CPU than the load itself on 2 cores.
 
-    python -m bench.openloop URL DRIVERS_JSON RATE_REQ_S BATCH DURATION_S START_AT TAG \
+    python -m bench.load.openloop URL DRIVERS_JSON RATE_REQ_S BATCH DURATION_S START_AT TAG \
         WORKER WORKERS MAX_INFLIGHT
 
 prints one JSON object: counts per second and status, and the latencies in ms.
@@ -174,7 +174,7 @@ async def run(
                 str(start_at), tag, str(i), str(workers), str(max_inflight // workers)]  # fmt: skip
         procs.append(
             await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.openloop", *args, stdout=asyncio.subprocess.PIPE
+                sys.executable, "-m", "bench.load.openloop", *args, stdout=asyncio.subprocess.PIPE
             )
         )
     outs = [json.loads((await p.communicate())[0]) for p in procs]
