@@ -262,6 +262,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/readyz", ops.readyz)
     r.add_get("/metrics", ops.metrics_view)
     r.add_get("/openapi.json", ops.openapi)
+    r.add_get("/asyncapi.json", ops.asyncapi)
     r.add_get("/", dashboard.index)
     r.add_get("/static/{name}", dashboard.asset)
     return app

@@ -2,8 +2,8 @@
 
 The types give the shape (what a 400 rejects); the per-ping range rules of validate.py are
 added to the Location schema as documentation, since a ping that breaks them is listed in
-``rejected`` rather than failing the request. The live WebSocket is described in the README:
-OpenAPI has no way to describe its messages.
+``rejected`` rather than failing the request. The live WebSocket is described by asyncapi.py
+(/asyncapi.json): OpenAPI has no way to describe its messages.
 """
 
 from __future__ import annotations

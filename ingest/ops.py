@@ -1,4 +1,5 @@
-"""Operator endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document."""
+"""Operator endpoints: liveness, readiness, Prometheus metrics, the OpenAPI and AsyncAPI
+documents."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import metrics
+from .asyncapi import asyncapi_json
 from .openapi import openapi_document
 from .responses import json_response
 from .typedefs import BUFFER, DRAINING, FANOUT, FLUSHER, LIVE, POOL, SETTINGS
@@ -113,3 +115,7 @@ async def metrics_view(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=openapi_document(), content_type="application/json")
+
+
+async def asyncapi(request: web.Request) -> web.Response:
+    return web.Response(body=asyncapi_json(), content_type="application/json")
