@@ -62,7 +62,7 @@ async def _ready(session: aiohttp.ClientSession, url: str) -> int:
 
 
 async def test_redis_restart_under_load(private_redis, services, database, redis_prefix):
-    """As deployed (README, Deploy): ROLE=ingest pods take the pings, ROLE=live pods hold the
+    """As deployed (docs/deploy.md): ROLE=ingest pods take the pings, ROLE=live pods hold the
     dashboards' WebSockets, Redis between them."""
     env = service_env(database, private_redis.url, redis_prefix)
     ingest = await services(env | {"ROLE": "ingest"}, name="ingest-pod")
