@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devtools.procs import Process, free_port
+
 from .infra import BenchDB, clean_env
-from .procs import Server, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,8 +46,9 @@ class Context:
             LOG_LEVEL="WARNING", **settings,
         )  # fmt: skip
 
-    def server(self, name: str, argv: list[str], ready_path: str, **settings: str) -> Server:
+    def server(self, name: str, argv: list[str], ready_path: str, **settings: str) -> Process:
         port = free_port()
-        return Server(
-            name, argv, self.env(port, **settings), port, self.work / f"{name}.log", ready_path
-        )
+        return Process(
+            argv, self.env(port, **settings), port=port, name=name,
+            log_path=self.work / f"{name}.log", ready_path=ready_path,
+        )  # fmt: skip

@@ -142,7 +142,7 @@ class Process:
             time.sleep(0.05)
         return False
 
-    async def start(self, timeout: float = 20.0) -> float:
+    async def start(self, timeout: float = 30.0) -> float:
         """Start and wait until ready; return the seconds that took."""
         started = time.monotonic()
         self.spawn()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .validate import ORG, TRIP, Record
+from .records import ORG, TRIP, Record
 
 
 class BufferFull(Exception):

@@ -1,4 +1,5 @@
-"""Names shared across modules: advisory lock ids, Redis keys and channels."""
+"""Names shared across modules: advisory lock ids, and the Redis keys and channels with the
+functions that build them."""
 
 # PostgreSQL advisory lock ids (64-bit keys, scoped to the database).
 MIGRATION_LOCK_ID = 0x1A6E57_0001
@@ -11,3 +12,30 @@ LATEST_KEY = "latest:"
 LIVE_CHANNEL = "live:"
 # fleet:{org}             sorted set tripId -> latest ts (ms), for fleet snapshots
 FLEET_KEY = "fleet:"
+
+
+def _org(org: str | None) -> str:
+    """The org as a name part: ':' (and '%') escaped, so that org "a" with trip "b:t" and
+    org "a:b" with trip "t" never share a key or a channel, nor "a"'s fleet pattern."""
+    return (org or "").replace("%", "%25").replace(":", "%3A")
+
+
+def latest_key(prefix: str, org: str | None, trip: str) -> str:
+    return f"{prefix}{LATEST_KEY}{_org(org)}:{trip}"
+
+
+def fleet_key(prefix: str, org: str | None) -> str:
+    return f"{prefix}{FLEET_KEY}{_org(org)}"
+
+
+def trip_channel(prefix: str, org: str | None, trip: str) -> str:
+    return f"{prefix}{LIVE_CHANNEL}{_org(org)}:{trip}"
+
+
+def fleet_pattern(prefix: str, org: str) -> str:
+    """Glob matching every trip channel of ``org``; glob characters in names are escaped."""
+    return glob_escape(f"{prefix}{LIVE_CHANNEL}{_org(org)}:") + "*"
+
+
+def glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)

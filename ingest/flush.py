@@ -26,8 +26,8 @@ import asyncpg
 from . import metrics, partitions, store
 from .buffer import Buffer, FlushBatch, Pending
 from .owners import OwnerCache
+from .records import TS, Record
 from .settings import Settings
-from .validate import TS, Record
 
 log = logging.getLogger("ingest.flush")
 

@@ -29,9 +29,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .constants import FLEET_KEY, LATEST_KEY, LIVE_CHANNEL
+from .constants import fleet_key, latest_key, trip_channel
+from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LatestLocation, LiveLocations, StoredLocation
-from .validate import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 
 log = logging.getLogger("ingest.live")
 
@@ -89,33 +89,6 @@ CROSS JOIN LATERAL (
     FROM "TripLocation" WHERE "tripId" = t.trip AND "orgId" = t.org
     ORDER BY "timestamp" DESC LIMIT 1) l
 """
-
-
-def _org(org: str | None) -> str:
-    """The org as a name part: ':' (and '%') escaped, so that org "a" with trip "b:t" and
-    org "a:b" with trip "t" never share a key or a channel, nor "a"'s fleet pattern."""
-    return (org or "").replace("%", "%25").replace(":", "%3A")
-
-
-def latest_key(prefix: str, org: str | None, trip: str) -> str:
-    return f"{prefix}{LATEST_KEY}{_org(org)}:{trip}"
-
-
-def fleet_key(prefix: str, org: str | None) -> str:
-    return f"{prefix}{FLEET_KEY}{_org(org)}"
-
-
-def trip_channel(prefix: str, org: str | None, trip: str) -> str:
-    return f"{prefix}{LIVE_CHANNEL}{_org(org)}:{trip}"
-
-
-def fleet_pattern(prefix: str, org: str) -> str:
-    """Glob matching every trip channel of ``org``; glob characters in names are escaped."""
-    return glob_escape(f"{prefix}{LIVE_CHANNEL}{_org(org)}:") + "*"
-
-
-def glob_escape(s: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
 _TRIP_OF = operator.itemgetter(ORG, TRIP)
@@ -280,13 +253,17 @@ class Live:
         rows = await self.pool.fetch(_LATEST_OF, [o for o, _ in trips], [t for _, t in trips])
         items: list[list[object]] = []
         for r in rows:
-            org, trip, driver = r[0], r[1], r[2]
-            loc = StoredLocation(r[3], r[4], r[5].astimezone(UTC), r[6], r[7], r[8], r[9])
-            ts_ms = int(r[5].timestamp() * 1000)
+            org, trip, ts = r["org"], r["trip"], r["timestamp"]
+            loc = StoredLocation(
+                r["latitude"], r["longitude"], ts.astimezone(UTC), r["accuracy"], r["speed"],
+                r["heading"], r["altitude"],
+            )  # fmt: skip
+            ts_ms = int(ts.timestamp() * 1000)
+            written_ms = int(r["createdAt"].timestamp() * 1000)
             items.append([
                 latest_key(self.prefix, org, trip), ts_ms,
-                _JSON.encode(LatestLocation(trip, driver, loc)).decode(), "", "",
-                fleet_key(self.prefix, org), trip, org, min(ts_ms, int(r[10].timestamp() * 1000)),
+                _JSON.encode(LatestLocation(trip, r["driverId"], loc)).decode(), "", "",
+                fleet_key(self.prefix, org), trip, org, min(ts_ms, written_ms),
             ])  # fmt: skip
         return items
 

@@ -24,7 +24,7 @@ import asyncpg
 
 from .buffer import FlushBatch, Pending, Refused
 from .partitions import PARENT
-from .validate import COLUMNS, ORG, TRIP, TS, Record
+from .records import COLUMNS, ORG, TRIP, TS, Record
 
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)
 # The flush's id (first row: the transaction id too), then the owner of every known trip.

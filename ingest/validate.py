@@ -9,41 +9,9 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Final
 
+from .records import Record
 from .schema import Location, PingBatch, Rejected
-
-# Column order of a record, as COPY receives it.
-COLUMNS = (
-    "tripId",
-    "driverId",
-    "orgId",
-    "latitude",
-    "longitude",
-    "accuracy",
-    "speed",
-    "heading",
-    "altitude",
-    "timestamp",
-    "batchId",
-)
-# Indexes into a record, for the stages downstream.
-TRIP: Final = 0
-DRIVER: Final = 1
-ORG: Final = 2
-LAT: Final = 3
-LON: Final = 4
-ACC: Final = 5
-SPEED: Final = 6
-HEADING: Final = 7
-ALT: Final = 8
-TS: Final = 9
-BATCH: Final = 10
-
-Record = tuple[
-    str, str, str | None, float, float, float | None, float | None, float | None, float | None,
-    datetime, str | None,
-]  # fmt: skip
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX = 1.7976931348623157e308

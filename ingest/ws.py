@@ -21,9 +21,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import metrics
 from .auth import AuthError, Principal, Verifier
+from .constants import fleet_pattern, trip_channel
 from .fanout import Fanout, Subscriber, TooManySubscriptions
 from .ingest_api import unauthorized
-from .live import Live, fleet_pattern, trip_channel
+from .live import Live
 from .responses import error
 from .schema import (
     DECODE_ERRORS,

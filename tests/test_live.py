@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 
 from devtools import procs
+from ingest import constants as keys
 from ingest import live as live_module
 from ingest.typedefs import FANOUT, LIVE
 
@@ -107,7 +108,7 @@ async def test_latest_falls_back_to_postgres_and_404s_unknown(client, redis, red
         await client.get("/api/v1/tracking/trips/trip_1/latest", headers=dispatcher())
     ).json()
     await asyncio.sleep(0.1)
-    deleted = await redis.delete(live_module.latest_key(redis_prefix, "org_1", "trip_1"))
+    deleted = await redis.delete(keys.latest_key(redis_prefix, "org_1", "trip_1"))
     assert deleted == 1
     resp = await client.get("/api/v1/tracking/trips/trip_1/latest", headers=dispatcher())
     assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
@@ -124,7 +125,7 @@ async def test_fleet_ranks_a_clock_running_ahead_as_now_not_first(client, redis,
     """A phone clock ahead of the server (inside MAX_CLOCK_SKEW_S) must not rank its trip above
     the trucks that report after it in the fleet snapshot order; its latest never goes back."""
     live = client.server.app[LIVE]
-    key = live_module.fleet_key(redis_prefix, "org_1")
+    key = keys.fleet_key(redis_prefix, "org_1")
     ahead = batch(1, trip="ahead", start_ms=now_ms(240))  # 4 min ahead
     await ping(client, ahead)
     await published(client, "ahead")

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from ingest import live as live_module
+from ingest import constants as keys
 from ingest import metrics
 from ingest import ws as ws_module
 
@@ -319,7 +319,7 @@ async def test_no_data_frame_after_the_close_of_a_slow_consumer(make_client, red
     await raw.text_until("subscribed")
     small_kernel_buffer(client)
     raw.stop_reading()
-    channel = live_module.trip_channel(redis_prefix, "org_1", "trip_1")
+    channel = keys.trip_channel(redis_prefix, "org_1", "trip_1")
     closed_before = metrics.WS_SLOW_CLOSED._value.get()
     for _ in range(100):  # until the socket's unsent data passes the limit
         await redis.publish(channel, json.dumps({"type": "locations", "pad": "x" * 30_000}))
@@ -343,7 +343,7 @@ async def test_no_data_frame_after_the_token_expiry_close(make_client, redis, re
     raw = await RawSocket.open(client.server.port, dispatcher_token(ttl_s=2))
     raw.send_json({"type": "subscribe", "trips": ["trip_1"]})
     await raw.text_until("subscribed")
-    channel = live_module.trip_channel(redis_prefix, "org_1", "trip_1")
+    channel = keys.trip_channel(redis_prefix, "org_1", "trip_1")
     publisher = asyncio.create_task(publish_loop(redis, channel, 100, 0.01))
     try:
         assert (await raw.text_until("error", timeout=5))["error"] == "token_expired"
@@ -360,7 +360,7 @@ async def test_no_data_frame_after_the_shutdown_close(make_client, redis, redis_
     raw.send_json({"type": "subscribe", "trips": ["trip_1"]})
     await raw.text_until("subscribed")
     raw.stop_reading()
-    channel = live_module.trip_channel(redis_prefix, "org_1", "trip_1")
+    channel = keys.trip_channel(redis_prefix, "org_1", "trip_1")
     transport = small_kernel_buffer(client)
     # Unsent data above what aiohttp waits on (so the Close waits behind it), below the
     # slow-consumer limit (so the socket is not closed for that).
@@ -397,10 +397,8 @@ async def fill_fleet(redis: aioredis.Redis, prefix: str, n: int) -> None:
                 "location": {"latitude": 12.9, "longitude": 77.5,
                              "timestamp": "2026-01-01T00:00:00.000Z", "accuracy": 4.5},
             })  # fmt: skip
-            pipe.hset(
-                live_module.latest_key(prefix, "org_1", trip), mapping={"ts": now, "v": value}
-            )
-            pipe.zadd(live_module.fleet_key(prefix, "org_1"), {trip: now - n + i})
+            pipe.hset(keys.latest_key(prefix, "org_1", trip), mapping={"ts": now, "v": value})
+            pipe.zadd(keys.fleet_key(prefix, "org_1"), {trip: now - n + i})
         await pipe.execute()
 
 
@@ -432,7 +430,7 @@ async def test_fleet_snapshot_never_fills_the_send_buffer(make_client, redis, re
     small_kernel_buffer(client)
     raw.stop_reading()
     raw.send_json({"type": "subscribe", "fleet": True})
-    channel = live_module.trip_channel(redis_prefix, "org_1", "fleet_00001")
+    channel = keys.trip_channel(redis_prefix, "org_1", "fleet_00001")
     closed_before = metrics.WS_SLOW_CLOSED._value.get()
     publisher = asyncio.create_task(publish_loop(redis, channel, 100, 0.05))
     try:

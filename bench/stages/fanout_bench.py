@@ -24,11 +24,13 @@ from typing import Any
 
 import aiohttp
 
+from devtools.procs import Process
+
 from ..contenders.registry import SERVICE
 from ..context import Context
 from ..load import tokens
 from ..load.openloop import percentile
-from ..procs import Server, machine_busy_s
+from ..procs import machine_busy_s
 
 PER_SPREAD_TRIP = 100
 CLIENT_PROCS = 2
@@ -125,7 +127,7 @@ class ServicePublisher:
 
 
 async def _phase(
-    ctx: Context, server: Server, clients: Clients, publish: Any, n: int, kind: str,
+    ctx: Context, server: Process, clients: Clients, publish: Any, n: int, kind: str,
     phase_s: float, record: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Publish one phase, wait for the last receipts, measure."""
@@ -167,7 +169,7 @@ def _per_delivery_us(cpu_s: float, receipts: int) -> float | None:
     return round(cpu_s / receipts * 1e6, 2) if receipts else None
 
 
-async def _connect(ctx: Context, server: Server, spec: list[list[str]], token: str) -> Clients:
+async def _connect(ctx: Context, server: Process, spec: list[list[str]], token: str) -> Clients:
     ws_url = server.url.replace("http://", "ws://") + "/api/v1/live"
     clients = await Clients.start(ctx, ws_url, token, spec)
     replies = await clients.cmd("connect")

@@ -12,11 +12,13 @@ import asyncio
 import time
 from typing import Any
 
+from devtools.procs import Process
+
 from ..contenders.registry import SERVICE
 from ..context import Context
 from ..load import openloop
 from ..load.closedloop import run_wrk
-from ..procs import Server, machine_busy_s
+from ..procs import machine_busy_s
 from .scrape import flush_summary, scrape
 
 BATCH = 20
@@ -54,13 +56,13 @@ async def half_rate(ctx: Context, sustainable_pps: float, duration_s: float) -> 
     }  # fmt: skip
 
 
-async def _sample_rss(server: Server, out: list[dict[str, float]], t0: float) -> None:
+async def _sample_rss(server: Process, out: list[dict[str, float]], t0: float) -> None:
     while True:
         out.append({"t": round(time.time() - t0, 1), "rss_mib": round(server.rss_mib(), 1)})
         await asyncio.sleep(1.0)
 
 
-async def _closed_loop(ctx: Context, server: Server, seconds: float) -> dict[str, Any]:
+async def _closed_loop(ctx: Context, server: Process, seconds: float) -> dict[str, Any]:
     """wrk at b20 c256 on the running service: stored pings/s (after a short warm-up), the
     answers, and the service's flushes over just this stretch."""
     m0 = await scrape(server.url)

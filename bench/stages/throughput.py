@@ -17,10 +17,12 @@ from typing import Any
 
 import aiohttp
 
+from devtools.procs import cpu_delta, cpu_seconds, status_kib
+
 from ..contenders.registry import ALL, SERVICE, Contender
 from ..context import Context
 from ..load.closedloop import run_wrk
-from ..procs import cpu_delta, cpu_seconds, machine_busy_s, status_kib
+from ..procs import machine_busy_s
 from .scrape import flush_summary, scrape
 
 

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from redis.exceptions import ResponseError
 
 from ingest import metrics
-from ingest.live import fleet_key, latest_key
+from ingest.constants import fleet_key, latest_key
 from ingest.typedefs import LIVE
 
 from ..conftest import auth, batch, now_ms
