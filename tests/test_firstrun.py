@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import re
 import signal
@@ -143,14 +144,8 @@ async def test_a_killed_owner_takes_its_servers_with_it():
 
 async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly(tmp_path: Path):
     env = {**os.environ, devservices.MODE_ENV: "throwaway", "LOG_LEVEL": "WARNING"}
-    for name in (
-        "DATABASE_URL",
-        "REDIS_URL",
-        "JWT_SECRET",
-        "JWT_SECRET_FILE",
-        "JWT_PUBLIC_KEY",
-        "PORT",
-    ):
+    unset = ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "JWT_SECRET_FILE", "JWT_PUBLIC_KEY")
+    for name in (*unset, "PORT"):
         env.pop(name, None)
     secret_file = tmp_path / "dev" / "jwt_secret"
     port = procs.free_port()
@@ -199,6 +194,7 @@ async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly(tmp_
             ping = f"{base}/api/v1/tracking/ping"
             async with http.post(ping, json=batch(1, trip="first"), headers=driver) as r:
                 assert r.status == 200, await r.text()
+        await readme_first_ping_and_subscription_work(base, secret_file, second)
         # The simulator's pings land in the throwaway database.
         conn = await asyncpg.connect(database.group(1))
         try:
@@ -225,3 +221,47 @@ async def test_make_run_on_an_empty_machine_serves_stores_and_stops_cleanly(tmp_
         if run.returncode is None:
             run.kill()
             await run.wait()
+
+
+def readme_block(heading: str, secret_file: Path, base: str) -> str:
+    """The first ```sh block under ``heading`` in the README, as a reader pastes it: with
+    the URL make run printed and (here) the test's secret file."""
+    section = (ROOT / "README.md").read_text().split(f"## {heading}\n", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("\n```\n", 1)[0]
+    block = re.sub(r"^URL=\S+", f"URL={base}", block, flags=re.M)
+    return block.replace(".dev/jwt_secret", str(secret_file))
+
+
+async def readme_first_ping_and_subscription_work(
+    base: str, secret_file: Path, env: dict[str, str]
+) -> None:
+    """README's "A first ping" and "A first subscription", pasted into a second terminal."""
+    ping = readme_block("A first ping", secret_file, base)
+    assert "JWT_SECRET_FILE=" in ping and "ingest token" in ping
+    sh = await asyncio.create_subprocess_exec(
+        "bash", "-euc", ping, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(sh.communicate(), 60)
+    assert sh.returncode == 0, err
+    answer = json.loads(out)
+    assert (answer["accepted"], answer["duplicates"], len(answer["rejected"])) == (1, 0, 1), answer
+
+    follow = readme_block("A first subscription", secret_file, base)
+    # A terminal is line-buffered; a pipe is not, unless asked.
+    sh = await asyncio.create_subprocess_exec(
+        "bash", "-euc", f"URL={base}\n{follow}", cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert sh.stdout is not None
+    seen = ""
+    try:
+        async with asyncio.timeout(30):
+            while "trip_first" not in seen:
+                line = (await sh.stdout.readline()).decode()
+                assert line, f"the subscription client exited: {seen}"
+                seen += line
+    finally:
+        os.killpg(sh.pid, signal.SIGKILL)  # bash and the client it started
+        await sh.wait()
+    assert '"type":"subscribed"' in seen.replace(" ", ""), seen
