@@ -1,29 +1,36 @@
-"""JWT verification and tenancy: who is calling, and which org's data they may touch."""
+"""Who is calling, and what they may do: the one module every endpoint and the WebSocket use.
+
+An endpoint calls ``authenticate`` (or its WebSocket and phone-app forms) for the caller's
+Principal, then ``require``s the rule of what it does; both raise the 401 or 403 answer.
+Tokens are verified once and then served from the Verifier's cache until they expire.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jwt
 import msgspec
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from aiohttp import web
 
-from .settings import Settings, SettingsError
+from .jwt_keys import MIN_SECRET_BYTES, InvalidKey, load_private_key, verification_key
+from .schema import Error, encoder
+from .settings import Settings
+from .typedefs import VERIFIER
 
 log = logging.getLogger("ingest.auth")
 
 Role = Literal["driver", "dispatcher"]
 _CACHE_MAX = 50_000  # verified tokens remembered; a few hundred bytes each
-# The JWS algorithm of each elliptic curve (RFC 7518 section 3.4).
-_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_MIN_SECRET_BYTES = 32  # RFC 7518 section 3.2: an HS256 key at least as long as the hash
+# WWW-Authenticate challenges of a 401.
+BEARER = "Bearer"
+BASIC = 'Basic realm="ingest", charset="UTF-8"'  # OwnTracks sends the token as a password
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -33,7 +40,107 @@ class Principal(msgspec.Struct, frozen=True):
 
 
 class AuthError(Exception):
-    """401: no token, or a token that does not verify. The message says which."""
+    """No token, or a token that does not verify. The message says which."""
+
+
+# -- the answers -------------------------------------------------------------------------------
+
+
+def _json(exc: web.HTTPException, code: str, detail: str) -> None:
+    """The body every error answer has (responses.error), byte for byte: a JSON Error, and
+    a Content-Type without the charset the HTTPException constructor's default text adds."""
+    exc.body = encoder.encode(Error(error=code, detail=detail))
+    exc.charset = None
+
+
+class Unauthorized(web.HTTPUnauthorized):
+    """401 ``unauthorized``, with the challenge of the endpoint's scheme."""
+
+    def __init__(self, detail: str, challenge: str = BEARER) -> None:
+        super().__init__(headers={"WWW-Authenticate": challenge}, content_type="application/json")
+        _json(self, "unauthorized", detail)
+
+
+class Forbidden(web.HTTPForbidden):
+    """403 ``forbidden``: a valid token that may not do this."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(content_type="application/json")
+        _json(self, "forbidden", detail)
+
+
+# -- the token of a request --------------------------------------------------------------------
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The API's and the WebSocket's: an ``Authorization: Bearer`` header, else
+    ``?access_token=`` (browsers cannot set headers on a WebSocket). Raises AuthError."""
+    header = request.headers.get("Authorization")
+    if not header:
+        return request.query.get("access_token") or None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthError("Authorization header must be 'Bearer <token>'")
+    return value.strip()
+
+
+def app_token(request: web.Request) -> str | None:
+    """The phone apps': a Bearer header, the password of a Basic header, or ``?token=`` /
+    ``?access_token=`` (what each app can be configured to send). Raises AuthError."""
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        if scheme.lower() == "basic":
+            if password := _basic_password(value):
+                return password
+        else:
+            raise AuthError(
+                "Authorization must be 'Bearer <token>', or Basic with the token as password"
+            )
+    return request.query.get("token") or request.query.get("access_token") or None
+
+
+def _basic_password(value: str) -> str:
+    """The password of Basic credentials (base64 of "user:password"); the user is ignored."""
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise AuthError("malformed Basic credentials") from None
+    _, colon, password = decoded.partition(":")
+    if not colon:
+        raise AuthError("malformed Basic credentials")
+    return password
+
+
+# -- who is calling ----------------------------------------------------------------------------
+
+
+def authenticate(request: web.Request) -> Principal:
+    """The caller of an API endpoint. Raises Unauthorized."""
+    return _verified(request, bearer_token, BEARER)[0]
+
+
+def authenticate_exp(request: web.Request) -> tuple[Principal, float]:
+    """The caller of the WebSocket, and its token's ``exp`` (Verifier.verify_exp), which the
+    socket does not outlive. Raises Unauthorized."""
+    return _verified(request, bearer_token, BEARER)
+
+
+def authenticate_app(request: web.Request, challenge: str = BEARER) -> Principal:
+    """The caller of a phone-app endpoint (app_token); ``challenge`` is the scheme its app
+    answers a 401 with. Raises Unauthorized."""
+    return _verified(request, app_token, challenge)[0]
+
+
+def _verified(
+    request: web.Request, token_of: Callable[[web.Request], str | None], challenge: str
+) -> tuple[Principal, float]:
+    try:
+        return request.app[VERIFIER].verify_exp(token_of(request))
+    except AuthError as exc:
+        raise Unauthorized(str(exc), challenge) from None
 
 
 class Verifier:
@@ -42,7 +149,12 @@ class Verifier:
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.disabled = settings.auth_disabled
-        self.key, self.algorithms = verification_key(settings)
+        self.key, self.algorithms = verification_key(settings.jwt_public_key, settings.jwt_secret)
+        if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            log.warning(
+                "jwt_secret_short",
+                extra={"detail": f"JWT_SECRET should be at least {MIN_SECRET_BYTES} bytes"},
+            )
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway_s
@@ -66,8 +178,10 @@ class Verifier:
                 return hit
             del self._cache[token]
             raise AuthError("token expired")
-        if self.key is None:  # auth disabled and no key to check a given token with
-            return _DEV_FOREVER
+        if self.key is None:  # AUTH_DISABLED and no key to check a given token with
+            if self.disabled:
+                return _DEV_FOREVER
+            raise AuthError("invalid token: no JWT_SECRET or JWT_PUBLIC_KEY to verify it with")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -99,49 +213,6 @@ class Verifier:
         return verified
 
 
-def verification_key(settings: Settings) -> tuple[Any, list[str]]:
-    """The key tokens are checked with and the algorithms it allows. The algorithm follows
-    from the key's type, never from the token's header: an RSA key accepts only RS256, a
-    P-256 key only ES256 (P-384 ES384, P-521 ES512), a secret only HS256.
-    Raises SettingsError for a key that cannot be used."""
-    if settings.jwt_public_key:
-        key = load_public_key(settings.jwt_public_key)
-        if isinstance(key, rsa.RSAPublicKey):
-            return key, ["RS256"]
-        return key, [_EC_ALGORITHMS[key.curve.name]]
-    if settings.jwt_secret:
-        if len(settings.jwt_secret.encode()) < _MIN_SECRET_BYTES:
-            log.warning(
-                "jwt_secret_short",
-                extra={"detail": f"JWT_SECRET should be at least {_MIN_SECRET_BYTES} bytes"},
-            )
-        return settings.jwt_secret, ["HS256"]
-    return None, []
-
-
-def load_public_key(pem: str) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-    """JWT_PUBLIC_KEY: a PEM public key or certificate. Escaped newlines (``\\n``, as a
-    one-line environment variable often carries them) are accepted."""
-    data = pem.replace("\\n", "\n").strip().encode()
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            key: Any = x509.load_pem_x509_certificate(data).public_key()
-        else:
-            key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise SettingsError(
-            f"invalid setting JWT_PUBLIC_KEY: not a PEM public key or certificate ({exc})"
-        ) from None
-    if isinstance(key, rsa.RSAPublicKey):
-        return key
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
-        return key
-    raise SettingsError(
-        "invalid setting JWT_PUBLIC_KEY: must be an RSA (RS256) or an EC P-256 (ES256),"
-        " P-384 (ES384) or P-521 (ES512) public key"
-    )
-
-
 def _principal(claims: dict[str, Any]) -> Principal:
     sub, role, org = claims.get("sub"), claims.get("role"), claims.get("org")
     if role not in ("driver", "dispatcher"):
@@ -159,17 +230,60 @@ DEV_PRINCIPAL = Principal(sub="*", role="dispatcher", org=DEV_ORG)
 _DEV_FOREVER = (DEV_PRINCIPAL, math.inf)
 
 
-def may_post_as(principal: Principal, driver_id: str, disabled: bool) -> bool:
-    if principal is DEV_PRINCIPAL:
-        return disabled
-    return principal.role == "driver" and principal.sub == driver_id
+# -- what they may do --------------------------------------------------------------------------
+
+
+class Rule(NamedTuple):
+    """Who may do one thing: a token of ``role``; anyone else gets 403 ``denied``."""
+
+    role: Role
+    denied: str
+
+
+POST_PINGS = Rule("driver", "only driver tokens may post pings")
+HAND_OVER = Rule("dispatcher", "only dispatcher tokens may hand a trip over")
+WATCH_LIVE = Rule("dispatcher", "live locations need a dispatcher token")
+
+
+def require(principal: Principal, rule: Rule) -> None:
+    """Raises Forbidden unless the principal may do what ``rule`` covers. The development
+    principal may do everything."""
+    if principal.role != rule.role and principal is not DEV_PRINCIPAL:
+        raise Forbidden(rule.denied)
+
+
+def require_driver_id(principal: Principal, driver_id: str) -> None:
+    """Raises Forbidden unless ``driver_id`` is the token's driver: drivers post only as
+    themselves (the development principal as anyone)."""
+    if principal is not DEV_PRINCIPAL and (
+        principal.role != "driver" or principal.sub != driver_id
+    ):
+        raise Forbidden("driverId does not match the token's subject")
+
+
+def driver_filter(principal: Principal) -> str | None:
+    """Which trips of its org a principal may read: a driver only those they drove (their
+    id), a dispatcher every one (None)."""
+    return principal.sub if principal.role == "driver" else None
+
+
+def changed_claim(current: Principal, new: Principal) -> str | None:
+    """The first claim in which a refreshing token differs from the one it replaces; a
+    socket's token may be replaced only by one of the same subject, org and role."""
+    for claim in ("sub", "org", "role"):
+        if getattr(new, claim) != getattr(current, claim):
+            return claim
+    return None
+
+
+# -- signing (python -m ingest token) ----------------------------------------------------------
 
 
 def issue_token(
     settings: Settings, sub: str, role: Role, org: str, ttl_s: int = 86_400, key: str | None = None
 ) -> str:
     """Sign a token with the configured HS256 secret, or with ``key``, a PEM private key
-    whose type (RSA or EC) chooses the algorithm (RS256 or ES256)."""
+    whose type (RSA or EC) chooses the algorithm (RS256 or ES256/384/512)."""
     signing_key, alg = _signing_key(settings, key)
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "role": role, "org": org, "iat": now, "exp": now + ttl_s}
@@ -181,18 +295,13 @@ def issue_token(
 
 
 def _signing_key(settings: Settings, key: str | None) -> tuple[Any, str]:
-    if key is None:
-        if not settings.jwt_secret:
-            raise AuthError(
-                "JWT_SECRET is not set: pass the private key of JWT_PUBLIC_KEY to sign with"
-            )
-        return settings.jwt_secret, "HS256"
-    try:
-        private = serialization.load_pem_private_key(key.encode(), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise AuthError(f"not an unencrypted PEM private key: {exc}") from None
-    if isinstance(private, rsa.RSAPrivateKey):
-        return private, "RS256"
-    if isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name in _EC_ALGORITHMS:
-        return private, _EC_ALGORITHMS[private.curve.name]
-    raise AuthError("the private key must be RSA (RS256) or EC P-256/P-384/P-521 (ES256/384/512)")
+    if key is not None:
+        try:
+            return load_private_key(key)
+        except InvalidKey as exc:
+            raise AuthError(str(exc)) from None
+    if not settings.jwt_secret:
+        raise AuthError(
+            "JWT_SECRET is not set: pass the private key of JWT_PUBLIC_KEY to sign with"
+        )
+    return settings.jwt_secret, "HS256"

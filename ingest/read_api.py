@@ -10,9 +10,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 from aiohttp import web
 
-from . import metrics
-from .auth import AuthError, Principal
-from .ingest_api import authenticate, unauthorized
+from . import auth, metrics
 from .responses import error, json_response
 from .schema import LatestLocation, LocationPage, StoredLocation
 from .typedefs import LIVE, POOL
@@ -50,26 +48,13 @@ class BadQuery(ValueError):
     pass
 
 
-def _reader(request: web.Request) -> Principal | web.Response:
-    try:
-        return authenticate(request)
-    except AuthError as exc:
-        return unauthorized(exc)
-
-
-def _driver_filter(p: Principal) -> str | None:
-    """Dispatchers see every trip of their org; a driver only the trips they drove."""
-    return p.sub if p.role == "driver" else None
-
-
 def _not_found(trip: str) -> web.Response:
     return error(404, "not_found", f"no trip {trip!r}", headers=_NO_STORE)
 
 
 async def latest(request: web.Request) -> web.Response:
-    p = _reader(request)
-    if isinstance(p, web.Response):
-        return p
+    p = auth.authenticate(request)
+    driver = auth.driver_filter(p)
     trip = request.match_info["tripId"]
     try:
         value = await request.app[LIVE].latest(p.org, trip)
@@ -77,11 +62,9 @@ async def latest(request: web.Request) -> web.Response:
         metrics.REDIS_ERRORS.labels("latest").inc()
         log.warning("latest_redis_failed", extra={"error": repr(exc)})
         value = None
-    if value is not None:
-        driver = _driver_filter(p)
-        if driver is None or _latest_decoder.decode(value).driverId == driver:
-            return web.Response(body=value, content_type="application/json", headers=_NO_STORE)
-    row = await request.app[POOL].fetchrow(_LATEST_SQL, trip, p.org, _driver_filter(p))
+    if value is not None and (driver is None or _latest_decoder.decode(value).driverId == driver):
+        return web.Response(body=value, content_type="application/json", headers=_NO_STORE)
+    row = await request.app[POOL].fetchrow(_LATEST_SQL, trip, p.org, driver)
     if row is None:
         return _not_found(trip)
     loc = StoredLocation(*row[1:])
@@ -126,9 +109,7 @@ def decode_cursor(cursor: str) -> datetime:
 
 
 async def history(request: web.Request) -> web.Response:
-    p = _reader(request)
-    if isinstance(p, web.Response):
-        return p
+    p = auth.authenticate(request)
     trip = request.match_info["tripId"]
     q = request.query
     try:
@@ -141,7 +122,7 @@ async def history(request: web.Request) -> web.Response:
     except ValueError as exc:  # BadQuery, or int() of a non-number
         detail = str(exc) if isinstance(exc, BadQuery) else "limit: must be an integer"
         return error(400, "invalid_query", detail)
-    pool, driver = request.app[POOL], _driver_filter(p)
+    pool, driver = request.app[POOL], auth.driver_filter(p)
     rows = await pool.fetch(_PAGE_SQL, trip, p.org, driver, start, end, after, limit + 1)
     if (
         not rows

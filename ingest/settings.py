@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .jwt_keys import InvalidKey, load_public_key
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -136,9 +138,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
             "invalid setting JWT_SECRET: set JWT_SECRET or JWT_PUBLIC_KEY, not both"
         )
     if settings.jwt_public_key:
-        from .auth import load_public_key  # auth imports this module
-
-        load_public_key(settings.jwt_public_key)  # SettingsError naming JWT_PUBLIC_KEY
+        try:
+            load_public_key(settings.jwt_public_key)
+        except InvalidKey as exc:
+            raise SettingsError(f"invalid setting JWT_PUBLIC_KEY: {exc}") from None
     if not settings.auth_disabled and not settings.jwt_verify_key:
         raise SettingsError(
             "invalid setting JWT_SECRET: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256),"

@@ -12,10 +12,8 @@ import logging
 import msgspec
 from aiohttp import web
 
-from . import metrics
-from .auth import AuthError
+from . import auth, metrics
 from .body import read_body
-from .ingest_api import authenticate, unauthorized
 from .responses import error, json_response
 from .schema import DECODE_ERRORS, Handover, TripOwner
 from .typedefs import FLUSHER, POOL, SETTINGS
@@ -33,12 +31,8 @@ _decoder = msgspec.json.Decoder(Handover)
 
 async def hand_over(request: web.Request) -> web.Response:
     app = request.app
-    try:
-        principal = authenticate(request)
-    except AuthError as exc:
-        return unauthorized(exc)
-    if principal.role != "dispatcher":
-        return error(403, "forbidden", "only dispatcher tokens may hand a trip over")
+    principal = auth.authenticate(request)
+    auth.require(principal, auth.HAND_OVER)
     trip = request.match_info["tripId"]
     body = await read_body(request, app[SETTINGS].max_body_bytes)
     if isinstance(body, web.Response):

@@ -19,11 +19,10 @@ import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import metrics
+from . import auth, metrics
 from .auth import AuthError, Principal, Verifier
 from .constants import fleet_pattern, trip_channel
 from .fanout import Fanout, Subscriber, TooManySubscriptions
-from .ingest_api import unauthorized
 from .live import Live
 from .responses import error
 from .schema import (
@@ -189,14 +188,13 @@ class Session:
         except AuthError as exc:
             await self.send_error("invalid_refresh", f"{exc}; the current token still applies")
             return
-        for field in ("sub", "org", "role"):
-            if getattr(principal, field) != getattr(self.principal, field):
-                await self.send_error(
-                    "invalid_refresh",
-                    f"the new token's '{field}' differs from this socket's; the current token"
-                    " still applies",
-                )
-                return
+        if field := auth.changed_claim(self.principal, principal):
+            await self.send_error(
+                "invalid_refresh",
+                f"the new token's '{field}' differs from this socket's; the current token"
+                " still applies",
+            )
+            return
         self.schedule(exp)
         await self.send(encoder.encode(LiveRefreshed(None if math.isinf(exp) else int(exp))))
 
@@ -299,27 +297,11 @@ def _retrieve(task: asyncio.Future[None]) -> None:
         log.debug("websocket_close_failed", extra={"error": repr(exc)})
 
 
-def bearer_token(request: web.Request) -> str | None:
-    """The token as HTTP reads it (a Bearer header), else ``?access_token=``: browsers
-    cannot set headers on a WebSocket."""
-    header = request.headers.get("Authorization")
-    if not header:
-        return request.query.get("access_token") or None
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise AuthError("Authorization header must be 'Bearer <token>'")
-    return value.strip()
-
-
 async def live_socket(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
-    try:
-        principal, exp = app[VERIFIER].verify_exp(bearer_token(request))
-    except AuthError as exc:
-        return unauthorized(exc)
-    if principal.role != "dispatcher":
-        return error(403, "forbidden", "live locations need a dispatcher token")
+    principal, exp = auth.authenticate_exp(request)
+    auth.require(principal, auth.WATCH_LIVE)
     if app[DRAINING][0]:
         return error(503, "shutting_down", "this instance is shutting down, reconnect")
     fanout = app[FANOUT]

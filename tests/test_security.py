@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from ingest.auth import AuthError, Principal, Verifier, issue_token, load_public_key
+from ingest.auth import AuthError, Principal, Verifier, issue_token
+from ingest.jwt_keys import load_public_key
 from ingest.settings import ENV_NAMES, SettingsError, load_settings
 from ingest.typedefs import LIVE as LIVE_STATE
 from ingest.typedefs import SETTINGS

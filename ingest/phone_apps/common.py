@@ -1,15 +1,13 @@
-"""What the phone-app endpoints share: credentials, identity, units, timestamps, submitting.
+"""What the phone-app endpoints share: identity, units, timestamps, submitting.
 
 Each app module maps its own wire format onto schema.PingBatch and hands it to
-ingest_api.submit(), so validation, buffering, COPY, dedup, the durable ack, latest and
+submit.submit(), so validation, buffering, COPY, dedup, the durable ack, latest and
 live publishing are exactly those of the native endpoint. Only the answers differ.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import math
 import re
@@ -18,12 +16,12 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from ..auth import DEV_PRINCIPAL, AuthError, Principal
+from ..auth import DEV_PRINCIPAL, Principal
 from ..body import read_body as decoded_body
-from ..ingest_api import Submitted, submit
 from ..responses import error, retry_later
 from ..schema import CONTROL_CHARS, Location, PingBatch, Rejected
-from ..typedefs import SETTINGS, VERIFIER
+from ..submit import Submitted, submit
+from ..typedefs import SETTINGS
 
 log = logging.getLogger("ingest.phone_apps")
 
@@ -37,9 +35,6 @@ _MS = timedelta(milliseconds=1)
 _CONTROL = re.compile(f"[{CONTROL_CHARS}]")  # the rule of schema.Ident
 _DECIMAL = re.compile(r"([+-]?)([0-9]*)(?:\.([0-9]*))?")  # epoch seconds or ms, as text
 
-BEARER = "Bearer"
-BASIC = 'Basic realm="ingest", charset="UTF-8"'
-
 
 class FormatError(ValueError):
     """The app's request is malformed: 400, the message names the field."""
@@ -49,50 +44,7 @@ def invalid(exc: Exception) -> web.Response:
     return error(400, "invalid_payload", str(exc))
 
 
-# -- who is calling ----------------------------------------------------------------------------
-
-
-def token_of(request: web.Request) -> str | None:
-    """The JWT: a Bearer header, the password of a Basic header, or ?token= / ?access_token=.
-
-    Raises AuthError for an Authorization header of another kind.
-    """
-    header = request.headers.get("Authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        if scheme.lower() == "basic":
-            if password := _basic_password(value):
-                return password
-        else:
-            raise AuthError(
-                "Authorization must be 'Bearer <token>', or Basic with the token as password"
-            )
-    return request.query.get("token") or request.query.get("access_token") or None
-
-
-def _basic_password(value: str) -> str:
-    """The password of Basic credentials (base64 of "user:password"); the user is ignored."""
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        raise AuthError("malformed Basic credentials") from None
-    _, colon, password = decoded.partition(":")
-    if not colon:
-        raise AuthError("malformed Basic credentials")
-    return password
-
-
-def authorize(request: web.Request, challenge: str) -> Principal | web.Response:
-    """The calling driver, or the 401/403 answer."""
-    try:
-        principal = request.app[VERIFIER].verify(token_of(request))
-    except AuthError as exc:
-        return error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": challenge})
-    if principal is not DEV_PRINCIPAL and principal.role != "driver":
-        return error(403, "forbidden", "only driver tokens may post pings")
-    return principal
+# -- trip and driver ---------------------------------------------------------------------------
 
 
 def ident(value: str, field: str) -> str:

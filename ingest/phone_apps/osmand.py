@@ -16,18 +16,17 @@ import msgspec
 from aiohttp import web
 from multidict import MultiDict, MultiMapping
 
+from .. import auth
 from ..auth import Principal
-from ..ingest_api import rate_limited, rate_wait, submit
 from ..responses import json_response
 from ..schema import DECODE_ERRORS, Location, PingAck, PingBatch
+from ..submit import rate_limited, rate_wait, submit
 from ..typedefs import SETTINGS
 from .common import (
-    BEARER,
     KMH,
     KNOT,
     FormatError,
     Outcome,
-    authorize,
     course,
     epoch_ms,
     failure,
@@ -174,9 +173,8 @@ def parse(request: web.Request, principal: Principal, body: bytes) -> PingBatch:
 
 async def track(request: web.Request) -> web.Response:
     app = request.app
-    principal = authorize(request, BEARER)
-    if isinstance(principal, web.Response):
-        return principal
+    principal = auth.authenticate_app(request)
+    auth.require(principal, auth.POST_PINGS)
     if wait := rate_wait(request.app, principal):
         return rate_limited(wait)
     body = await read_body(request) if request.body_exists else b""

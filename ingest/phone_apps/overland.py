@@ -12,15 +12,14 @@ from collections import defaultdict
 import msgspec
 from aiohttp import web
 
+from .. import auth
 from ..auth import Principal
-from ..ingest_api import rate_limited, rate_wait
 from ..schema import DECODE_ERRORS, Location
+from ..submit import rate_limited, rate_wait
 from ..typedefs import SETTINGS
 from .common import (
-    BEARER,
     FormatError,
     Outcome,
-    authorize,
     batches,
     course,
     failure,
@@ -111,9 +110,8 @@ def group(principal: Principal, body: Body) -> tuple[dict[tuple[str, str], list[
 
 async def post_batch(request: web.Request) -> web.Response:
     app = request.app
-    principal = authorize(request, BEARER)
-    if isinstance(principal, web.Response):
-        return principal
+    principal = auth.authenticate_app(request)
+    auth.require(principal, auth.POST_PINGS)
     if wait := rate_wait(request.app, principal):
         return rate_limited(wait)
     body = await read_body(request)

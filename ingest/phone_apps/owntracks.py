@@ -16,16 +16,15 @@ import logging
 import msgspec
 from aiohttp import web
 
+from .. import auth
 from ..auth import Principal
-from ..ingest_api import Submitted, rate_wait, submit
 from ..schema import DECODE_ERRORS, Location, PingBatch
+from ..submit import Submitted, rate_wait, submit
 from ..typedefs import SETTINGS
 from .common import (
-    BASIC,
     KMH,
     FormatError,
     Outcome,
-    authorize,
     course,
     epoch_ms,
     failure,
@@ -134,9 +133,8 @@ async def post_message(request: web.Request) -> web.Response:
     app = request.app
     loop = asyncio.get_running_loop()
     deadline = loop.time() + app[SETTINGS].ack_timeout_ms / 1000
-    principal = authorize(request, BASIC)
-    if isinstance(principal, web.Response):
-        return principal
+    principal = auth.authenticate_app(request, auth.BASIC)
+    auth.require(principal, auth.POST_PINGS)
     if not await _take_rate(request, principal, deadline):
         return hang_up(request, 429, "rate_limited")
     body = await read_body(request)
