@@ -56,7 +56,7 @@ class Submitted:
         self.error = error
 
     def response(self) -> web.Response:
-        """The native endpoint's answer (API.md)."""
+        """The native endpoint's answer (docs/api.md)."""
         if self.status == 200:
             return json_response(
                 PingAck(self.batch_id, self.accepted, self.duplicates, self.rejected)

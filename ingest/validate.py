@@ -152,7 +152,7 @@ def to_records(
     for i, loc in enumerate(batch.locations):
         raw = loc.timestamp
         if type(raw) is str:
-            # Cut to the ms before parsing (API.md), so that dedup keys agree; in UTC, as it
+            # Cut to the ms before parsing (docs/api.md), so that dedup keys agree; in UTC, as it
             # is published downstream. Out of range in UTC (year 0 or 10000): rejected.
             try:
                 # The driver app's "2026-11-23T10:15:00.250Z": to the ms, in UTC already.
