@@ -1,15 +1,16 @@
-"""create_app(): resources as cleanup contexts, routes, and the shutdown order.
+"""create_app(): resources as cleanup contexts, and routes.
 
-Cleanup contexts close in reverse order of registration, so the order below is the
-shutdown order read bottom-up: stop maintenance, final flush (every buffered ping is
-committed), publish what it committed, stop the pub/sub listener, close Redis, close
-PostgreSQL. WebSockets are closed (1001) earlier, in on_shutdown.
+Each cleanup context creates a resource (and the task that works with it), yields, then makes
+sure the task has ended and the resource is closed. The shutdown order and its deadline are not
+here: shutdown.py drains the app step by step before these tails run, so that after it they
+find nothing left to do. Without it (a failed start, a test that closes its runner), the tails
+are the whole teardown: each task stopped (a second at most), each client closed, in reverse
+order of creation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,25 +44,23 @@ from .live import Live
 from .ratelimit import RateLimiter
 from .responses import error
 from .settings import Settings
+from .shutdown import Lifecycle, close_pool, stop_task
 from .typedefs import (
     BUFFER,
-    DRAINING,
     FANOUT,
     FLUSHER,
+    LIFECYCLE,
     LIVE,
     POOL,
     RATE_LIMITER,
     SETTINGS,
+    SOCKETS,
     VERIFIER,
 )  # fmt: skip
 
 log = logging.getLogger("ingest.app")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# The shutdown deadline (loop time), set at SIGTERM; every drain step fits before it.
-DEADLINE: web.AppKey[list[float]] = web.AppKey("deadline")
-# Share of SHUTDOWN_TIMEOUT_S after which requests still waiting for a commit get 503.
-HANDLER_SHARE = 0.5
 
 
 # Label lookups cost more than the observation: keep the children (routes x statuses, bounded).
@@ -72,12 +71,14 @@ _REQUEST_CHILDREN: dict[tuple[str, int], Any] = {}
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request latency by route and status; a request id (the client's X-Request-Id, else a
     new one) on every log line of the request and on the response; unexpected errors become
-    a JSON 500."""
+    a JSON 500. Requests in flight are counted, for the shutdown to wait for them."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     with logs.request_context(request.headers.get("X-Request-Id")) as request_id:
         if route == "/api/v1/live":
             return await handler(request)
+        life = request.app[LIFECYCLE]
+        life.requests += 1
         started = time.perf_counter()
         status = 500
         try:
@@ -97,26 +98,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 headers={"X-Request-Id": request_id},
             )  # fmt: skip
         finally:
+            life.requests -= 1
+            if life.draining and not life.requests:
+                life.idle.set()
             child = _REQUEST_CHILDREN.get((route, status))
             if child is None:
                 child = _REQUEST_CHILDREN[(route, status)] = metrics.REQUESTS.labels(
                     route, str(status)
                 )
             child.observe(time.perf_counter() - started)
-
-
-async def stop_task(task: asyncio.Task[None], timeout: float = 0.0) -> None:
-    """Let ``task`` finish within ``timeout``, then cancel it; never wait forever, since a
-    library may swallow a cancellation that lands inside its own code."""
-    if timeout:
-        await asyncio.wait([task], timeout=timeout)
-    if not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=2.0)
-    if not task.done():
-        log.error("task_stuck", extra={"task": task.get_name()})
-    elif not task.cancelled() and task.exception() is not None:
-        log.error("task_failed", extra={"task": task.get_name(), "error": repr(task.exception())})
 
 
 async def pg_context(app: web.Application) -> AsyncIterator[None]:
@@ -128,10 +118,7 @@ async def pg_context(app: web.Application) -> AsyncIterator[None]:
     )  # fmt: skip
     app[POOL] = pool
     yield
-    try:
-        await asyncio.wait_for(pool.close(), 2.0)
-    except TimeoutError:
-        pool.terminate()
+    await close_pool(pool)
 
 
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
@@ -147,11 +134,10 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
         repair_max_trips=s.latest_repair_max_trips, repair_interval_s=s.latest_repair_interval_s,
     )  # fmt: skip
     app[LIVE] = live
-    task = asyncio.create_task(live.run(), name="live-publisher")
+    task = app[LIFECYCLE].start(live.run(), "live-publisher")
     yield
-    # The flusher has finished: publish what its last flushes committed, briefly.
     live.stop()
-    await stop_task(task, timeout=5.0)
+    await stop_task(task, timeout=1.0)
     await client.aclose()
 
 
@@ -162,10 +148,10 @@ async def fanout_context(app: web.Application) -> AsyncIterator[None]:
     client = aioredis.from_url(s.redis_url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
     fanout = Fanout(client, s.ws_send_buffer_bytes)
     app[FANOUT] = fanout
-    task = asyncio.create_task(fanout.run(), name="pubsub-listener")
+    task = app[LIFECYCLE].start(fanout.run(), "pubsub-listener")
     yield
     await fanout.stop()
-    await stop_task(task, timeout=2.0)
+    await stop_task(task, timeout=1.0)
     await client.aclose()
 
 
@@ -175,19 +161,13 @@ async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     metrics.BUFFER_LIMIT.set(s.buffer_max_rows)
     flusher = Flusher(s, buffer, app[POOL], app[LIVE].committed)
     app[BUFFER], app[FLUSHER] = buffer, flusher
-    task = asyncio.create_task(flusher.run(), name="flusher")
-    sweeper = asyncio.create_task(_sweep_acks(buffer, s.ack_timeout_ms / 1000), name="ack-sweeper")
+    life = app[LIFECYCLE]
+    task = life.start(flusher.run(), "flusher")
+    sweeper = life.start(_sweep_acks(buffer, s.ack_timeout_ms / 1000), "ack-sweeper")
     yield
     await stop_task(sweeper)
-    # Final flush: stop taking pings, commit everything buffered, until the shutdown deadline.
     buffer.close()
-    remaining = app[DEADLINE][0] - asyncio.get_running_loop().time() if app[DEADLINE] else 0.0
-    await asyncio.wait([task], timeout=max(remaining, 0.5))
-    if task.done():
-        log.info("drained", extra={"rows_left": buffer.depth})
-    else:
-        log.error("drain_timeout", extra={"rows_not_committed": buffer.depth})
-        await stop_task(task)
+    await stop_task(task, timeout=1.0)
 
 
 async def _sweep_acks(buffer: Buffer, timeout_s: float) -> None:
@@ -198,32 +178,9 @@ async def _sweep_acks(buffer: Buffer, timeout_s: float) -> None:
 
 
 async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(
-        maintenance.run_forever(app[POOL], app[SETTINGS]), name="maintenance"
-    )
+    task = app[LIFECYCLE].start(maintenance.run_forever(app[POOL], app[SETTINGS]), "maintenance")
     yield
     await stop_task(task)
-
-
-async def on_shutdown(app: web.Application) -> None:
-    """Runs after the listening sockets closed, before in-flight requests are awaited."""
-    settings = app[SETTINGS]
-    loop = asyncio.get_running_loop()
-    app[DRAINING][0] = True  # /readyz turns false; new WebSockets are refused
-    app[DEADLINE][:] = [loop.time() + settings.shutdown_timeout_s]
-    if BUFFER in app:
-        app[BUFFER].close()  # new pings get 503; in-flight ones are flushed at once
-        # Requests still waiting at half the time allowed get 503 (retry elsewhere) instead
-        # of a dropped connection; their rows stay buffered for the final flush.
-        loop.call_later(settings.shutdown_timeout_s * HANDLER_SHARE, app[FLUSHER].abandon_waiters)
-    sockets = app[ws.SOCKETS].copy()
-    if sockets:
-        closing = [
-            s.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for s in sockets
-        ]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 5.0)
-        log.info("websockets_closed", extra={"count": len(sockets)})
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -235,11 +192,10 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
-    app[DRAINING] = [False]
-    app[DEADLINE] = []
+    app[LIFECYCLE] = Lifecycle()
     app[VERIFIER] = Verifier(settings)
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
-    app[ws.SOCKETS] = set()
+    app[SOCKETS] = set()
     app.cleanup_ctx.append(pg_context)
     app.cleanup_ctx.append(redis_context)
     if settings.runs_live:
@@ -247,7 +203,6 @@ def create_app(settings: Settings) -> web.Application:
     if settings.runs_ingest:
         app.cleanup_ctx.append(flusher_context)
         app.cleanup_ctx.append(maintenance_context)
-    app.on_shutdown.append(on_shutdown)
 
     r = app.router
     if settings.runs_ingest:

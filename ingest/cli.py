@@ -15,9 +15,10 @@ import asyncpg
 from . import http_server, logs, maintenance
 from . import migrate as migrations
 from . import partitions as parts
-from .app import HANDLER_SHARE, create_app
+from .app import create_app
 from .auth import issue_token
 from .settings import Settings
+from .shutdown import shutdown
 
 log = logging.getLogger("ingest")
 
@@ -51,11 +52,7 @@ async def _serve(settings: Settings) -> None:
             "http_max_connections_lowered",
             extra={"max_connections": max_connections, "open_files_limit": fd_limit},
         )
-    runner = await http_server.start(
-        app, settings, max_connections=max_connections,
-        # Handlers answer 503 at HANDLER_SHARE of the time; this only bounds stragglers.
-        shutdown_timeout=settings.shutdown_timeout_s * (HANDLER_SHARE + 0.1),
-    )  # fmt: skip
+    runner = await http_server.start(app, settings, max_connections=max_connections)
     # Everything allocated so far lives as long as the process: take it out of the
     # collector's sight, and collect less often (the hot path makes tuples, not cycles).
     # Measured: GC was 18-20% of the ingest profile; this cut CPU per ping by 12%.
@@ -72,13 +69,8 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    # Shutdown, in order: close the listening socket; mark not ready, refuse new pings and
-    # close WebSockets with 1001 (on_shutdown); wait for in-flight requests, whose pings the
-    # still-running flusher commits; then the cleanup contexts run the final flush, publish
-    # it, and close Redis and PostgreSQL. Each step has its own timeout.
-    log.info("shutting_down")
-    await runner.cleanup()
-    log.info("stopped")
+    # The whole drain, step by step, within SHUTDOWN_TIMEOUT_S (shutdown.py).
+    await shutdown(app, runner, settings.shutdown_timeout_s)
 
 
 async def migrate(settings: Settings) -> int:

@@ -15,7 +15,7 @@ from . import metrics
 from .asyncapi import asyncapi_json
 from .openapi import openapi_document
 from .responses import json_response
-from .typedefs import BUFFER, DRAINING, FANOUT, FLUSHER, LIVE, POOL, SETTINGS
+from .typedefs import BUFFER, FANOUT, FLUSHER, LIFECYCLE, LIVE, POOL, SETTINGS
 
 _PROBE_TTL_S = 1.0  # answers are reused this long: probes cost at most one query a second
 _PROBE_TIMEOUT_S = 1.0
@@ -82,7 +82,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readiness(app: web.Application) -> dict[str, bool]:
     """Each readiness condition, True when met; the pod is ready when all are."""
     settings = app[SETTINGS]
-    checks: dict[str, bool] = {"draining": not app[DRAINING][0]}
+    checks: dict[str, bool] = {"draining": not app[LIFECYCLE].draining}
     checks["database"] = await _probes(app).database()
     if settings.runs_ingest:
         buffer = app[BUFFER]

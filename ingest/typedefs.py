@@ -1,4 +1,4 @@
-"""Typed application state keys, declared in one place."""
+"""Every key of the app state (web.AppKey), declared in one place."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .live import Live
     from .ratelimit import RateLimiter
     from .settings import Settings
+    from .shutdown import Lifecycle
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
@@ -24,4 +25,7 @@ LIVE: web.AppKey[Live] = web.AppKey("live")
 FANOUT: web.AppKey[Fanout] = web.AppKey("fanout")
 VERIFIER: web.AppKey[Verifier] = web.AppKey("verifier")
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
-DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")
+# Draining or not, requests in flight, background tasks: what the shutdown sequence reads.
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+# Open live WebSockets, closed with 1001 at shutdown.
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")

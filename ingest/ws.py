@@ -38,7 +38,7 @@ from .schema import (
     encoder,
 )
 from .settings import Settings
-from .typedefs import DRAINING, FANOUT, LIVE, SETTINGS, VERIFIER
+from .typedefs import FANOUT, LIFECYCLE, LIVE, SETTINGS, SOCKETS, VERIFIER
 
 log = logging.getLogger("ingest.ws")
 
@@ -48,13 +48,13 @@ _NAMED_MAX = 20  # trips named in an error's detail (all are in its "trips")
 _ABORT_AFTER_S = 5.0  # a close we start that has not finished by then drops the connection
 SLOW_CONSUMER = WSCloseCode.TRY_AGAIN_LATER  # 1013
 TOKEN_EXPIRED = 4001  # private-use range (RFC 6455 section 7.4.2)
-SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
 class LiveSocket(web.WebSocketResponse):
     """A WebSocket whose close() takes its session out of the fan-out first, synchronously.
     aiohttp itself calls close() on the client's Close, on a protocol error and at EOF, and
-    on_shutdown calls it with 1001: each path detaches before the Close frame is written."""
+    the shutdown sequence calls it with 1001: each path detaches before the Close frame is
+    written."""
 
     session: Session | None = None
 
@@ -302,7 +302,7 @@ async def live_socket(request: web.Request) -> web.StreamResponse:
     settings = app[SETTINGS]
     principal, exp = auth.authenticate_exp(request)
     auth.require(principal, auth.WATCH_LIVE)
-    if app[DRAINING][0]:
+    if app[LIFECYCLE].draining:
         return error(503, "shutting_down", "this instance is shutting down, reconnect")
     fanout = app[FANOUT]
     subject = (principal.org, principal.sub)

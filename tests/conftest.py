@@ -29,6 +29,8 @@ from ingest.app import create_app
 from ingest.auth import issue_token
 from ingest.migrate import migrate
 from ingest.settings import Settings, load_settings
+from ingest.shutdown import shutdown
+from ingest.typedefs import LIFECYCLE, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 # TEST_DATABASE_URL / TEST_REDIS_URL when set; else servers listening on the default local
@@ -161,7 +163,8 @@ ClientFactory = Callable[..., Awaitable[TestClient]]
 async def make_client(
     make_settings: Callable[..., Settings],
 ) -> AsyncIterator[ClientFactory]:
-    """Start the production app (create_app) on a real socket; closed after the test."""
+    """Start the production app (create_app) on a real socket; after the test, stopped as the
+    service stops at SIGTERM (ingest.shutdown), unless the test did that itself."""
     clients: list[TestClient] = []
 
     async def make(settings: Settings | None = None, **overrides: Any) -> TestClient:
@@ -173,6 +176,9 @@ async def make_client(
 
     yield make
     for c in reversed(clients):
+        app = c.server.app
+        if c.server.runner is not None and not app[LIFECYCLE].draining:
+            await shutdown(app, c.server.runner, app[SETTINGS].shutdown_timeout_s)
         await c.close()
 
 

@@ -30,6 +30,7 @@ from packaging.version import Version
 
 from ingest.migrate import migration_files
 from ingest.settings import ENV_NAMES, SettingsError, load_settings
+from ingest.shutdown import GRACE_MARGIN_S
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -39,10 +40,6 @@ ENTRYPOINT = ["python", "-m", "ingest"]
 ROLES = {"ingest", "live"}
 # The oldest Kubernetes the manifests promise to work on, and the newest schemas available.
 K8S_MIN = "1.30.0"
-# Bounded shutdown steps besides SHUTDOWN_TIMEOUT_S (ingest/app.py): closing WebSockets (5 s),
-# stopping the maintenance and pub/sub tasks (2 s each), publishing the last flush (5 + 2 s).
-# SHUTDOWN_TIMEOUT_S bounds twice: the in-flight requests, then the final flush.
-FIXED_DRAIN_S = 16
 
 
 # --- tools ---------------------------------------------------------------------------------
@@ -427,7 +424,8 @@ def test_the_grace_period_outlasts_the_prestop_pause_and_the_worst_drain(objects
         assert pre_stop[0] == "sleep"
         pause_s = float(pre_stop[1])
         assert pause_s >= 5, "endpoints and ingress controllers need a few seconds to let go"
-        worst = pause_s + 2 * shutdown_s + FIXED_DRAIN_S
+        # One deadline for the whole drain, then closing and exit (ingest/shutdown.py).
+        worst = pause_s + shutdown_s + GRACE_MARGIN_S
         grace = spec["terminationGracePeriodSeconds"]
         assert grace > worst, f"{d['metadata']['name']}: grace {grace} s <= worst drain {worst} s"
 
@@ -523,4 +521,4 @@ def test_compose_runs_migrations_once_before_the_service():
         assert set(env) <= set(ENV_NAMES), set(env) - set(ENV_NAMES)
     grace = int(services["ingest"]["stop_grace_period"].removesuffix("s"))
     shutdown_s = float(services["ingest"]["environment"]["SHUTDOWN_TIMEOUT_S"])
-    assert grace > 2 * shutdown_s + FIXED_DRAIN_S
+    assert grace > shutdown_s + GRACE_MARGIN_S

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import aiohttp
@@ -12,8 +13,9 @@ import pytest
 from devtools import procs
 from ingest.constants import MIGRATION_LOCK_ID
 from ingest.migrate import migration_files
+from ingest.shutdown import CLOSE_S, HANDLER_SHARE, HANDLERS_END, shutdown
 
-from .conftest import PG_URL, REDIS_URL, SECRET, auth, batch, db_url, run_cli
+from .conftest import PG_URL, REDIS_URL, SECRET, auth, batch, db_url, run_cli, token
 
 PING = "/api/v1/tracking/ping"
 
@@ -130,3 +132,40 @@ async def test_sigterm_commits_everything_buffered_and_exits_0(
     if ack_mode == "durable":
         assert sum(a["accepted"] for _, a in answers) == 200
     assert '"event":"drained"' in out
+
+
+async def test_shutdown_runs_its_steps_in_order_within_its_deadline(make_client, database, caplog):
+    """In process, with a commit held by a lock: the WebSocket is closed with 1001 at once, the
+    request waiting for its commit is answered 503 at HANDLER_SHARE of the deadline, the final
+    flush is cut at the deadline and the rows it leaves are counted in the last line."""
+    caplog.set_level(logging.INFO, logger="ingest.shutdown")
+    timeout_s = 2.0
+    client = await make_client(shutdown_timeout_s=timeout_s)
+    app, runner = client.server.app, client.server.runner
+    ws = await client.ws_connect(f"/api/v1/live?access_token={token('dispatcher', 'disp_1')}")
+    locker = await asyncpg.connect(database)
+    await locker.execute("BEGIN")
+    await locker.execute('LOCK TABLE "TripLocation" IN ACCESS EXCLUSIVE MODE')
+    try:
+        waiting = asyncio.ensure_future(client.post(PING, json=batch(4), headers=auth()))
+        await asyncio.sleep(0.3)  # its flush waits for the lock
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stopping = asyncio.ensure_future(shutdown(app, runner, timeout_s))
+        closed = await ws.receive()
+        closed_s = loop.time() - started
+        answer = await waiting
+        answered_s = loop.time() - started
+        await stopping
+        stopped_s = loop.time() - started
+    finally:
+        await locker.execute("ROLLBACK")
+        await locker.close()
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1001
+    assert closed_s < 0.2
+    assert answer.status == 503 and (await answer.json())["error"] == "shutting_down"
+    assert HANDLER_SHARE * timeout_s <= answered_s < HANDLERS_END * timeout_s
+    assert timeout_s <= stopped_s < timeout_s + CLOSE_S
+    (stopped,) = [r for r in caplog.records if r.getMessage() == "stopped"]
+    assert stopped.rows_not_committed == 4
+    assert stopped.tasks_cancelled == ["flusher"]

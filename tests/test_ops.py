@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.procs import free_port
 from ingest import metrics, store
 from ingest.settings import Settings
-from ingest.typedefs import BUFFER, DRAINING, SETTINGS
+from ingest.typedefs import BUFFER, LIFECYCLE, SETTINGS
 
 from .conftest import PG_URL, ROOT, auth, batch, now_ms, token
 
@@ -397,12 +397,12 @@ async def test_readyz_is_false_above_the_buffer_high_water_mark(make_client, dat
 
 
 async def test_readyz_is_false_while_draining(client):
-    client.server.app[DRAINING][0] = True
+    client.server.app[LIFECYCLE].draining = True
     try:
         resp = await client.get("/readyz")
         assert resp.status == 503 and (await resp.json())["checks"]["draining"] is False
     finally:
-        client.server.app[DRAINING][0] = False
+        client.server.app[LIFECYCLE].draining = False
     assert (await client.get("/readyz")).status == 200
 
 

@@ -19,6 +19,8 @@ from aiohttp.test_utils import TestClient
 from ingest import constants as keys
 from ingest import metrics
 from ingest import ws as ws_module
+from ingest.shutdown import shutdown
+from ingest.typedefs import SOCKETS
 
 from .conftest import auth, batch, now_ms, token
 from .test_security import next_message
@@ -159,7 +161,7 @@ def assert_close_is_last(opcodes: list[int]) -> None:
 
 def server_transport(client: TestClient) -> asyncio.Transport:
     """The server's side of the test's one WebSocket."""
-    (ws,) = client.server.app[ws_module.SOCKETS]
+    (ws,) = client.server.app[SOCKETS]
     assert isinstance(ws, ws_module.LiveSocket) and ws.session is not None
     return ws.session.sub.transport
 
@@ -370,7 +372,7 @@ async def test_no_data_frame_after_the_shutdown_close(make_client, redis, redis_
         await redis.publish(channel, json.dumps({"type": "locations", "pad": "x" * 20_000}))
         await asyncio.sleep(0.005)
     assert 200_000 < transport.get_write_buffer_size() < 1_048_576
-    shutdown = asyncio.create_task(client.server.app.shutdown())  # on_shutdown: 1001
+    stopping = asyncio.create_task(shutdown(client.server.app, client.server.runner, 5.0))
     publisher = asyncio.create_task(publish_loop(redis, channel, 100, 0.01))
     try:
         await asyncio.sleep(0.3)
@@ -379,7 +381,7 @@ async def test_no_data_frame_after_the_shutdown_close(make_client, redis, redis_
     finally:
         publisher.cancel()
         raw.close()
-        await shutdown
+        await stopping
     assert_close_is_last(opcodes)
 
 

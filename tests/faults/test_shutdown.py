@@ -6,6 +6,10 @@ import asyncio
 import collections
 import time
 
+import asyncpg
+
+from ingest.shutdown import GRACE_MARGIN_S
+
 from ..conftest import REDIS_URL
 from .conftest import service_env
 from .load import Fleet, audit, report
@@ -88,3 +92,48 @@ async def test_sigterm_while_postgres_is_down_still_exits_within_the_grace_perio
     assert code == 0
     assert exit_s < grace_s + 1.5, f"exited {exit_s:.1f} s after SIGTERM, grace {grace_s} s"
     assert all(at.status == 503 for at in held), [at.outcome for at in held]
+    # Not acknowledged, so not lost (the phones retried elsewhere), but said.
+    (stopped,) = old.events("stopped")
+    assert stopped["rows_not_committed"] == 10 * fleet.pings
+
+
+async def test_sigterm_while_postgres_holds_the_final_flush_exits_by_the_deadline_and_says_what_it_leaves(
+    services, shared_env, database
+):
+    """The case a grace period is sized for: PostgreSQL is up, but the final flush cannot
+    finish (a lock holds it). The process still exits within SHUTDOWN_TIMEOUT_S +
+    GRACE_MARGIN_S, with exit code 0, and its last line says how many rows it did not
+    commit: with ACK_MODE=buffered those were acknowledged (202), so they are lost."""
+    timeout_s = 2
+    env = shared_env(ACK_MODE="buffered", SHUTDOWN_TIMEOUT_S=timeout_s, FLUSH_TIMEOUT_S=60)
+    pod = await services(env, name="held-pod")
+    locker = await asyncpg.connect(database)
+    await locker.execute("BEGIN")
+    await locker.execute('LOCK TABLE "TripLocation" IN ACCESS EXCLUSIVE MODE')
+    try:
+        async with Fleet([pod.url], name="sigterm-held", pings=7) as fleet:
+            answers = [await fleet.attempt(fleet.make_batch()) for _ in range(6)]
+            assert [at.status for at in answers] == [202] * 6
+            queued = sum(at.body["queued"] for at in answers)
+            await asyncio.sleep(0.3)  # the flush waits for the lock
+            pod.sigterm()
+            term_at = time.monotonic()
+            code = await pod.wait(timeout_s + GRACE_MARGIN_S + 10)
+            exit_s = time.monotonic() - term_at
+    finally:
+        await locker.execute("ROLLBACK")
+        stored = await locker.fetchval('SELECT count(*) FROM "TripLocation"')
+        await locker.close()
+    (timed_out,) = pod.events("drain_timeout")
+    (stopped,) = pod.events("stopped")
+    report(
+        "sigterm_flush_held", None, exit_code=code, exit_s=round(exit_s, 2),
+        shutdown_timeout_s=timeout_s, grace_margin_s=GRACE_MARGIN_S, queued=queued,
+        rows_not_committed=stopped["rows_not_committed"], stored=stored,
+        tasks_cancelled=stopped["tasks_cancelled"],
+    )  # fmt: skip
+    assert code == 0, pod.log_tail()
+    assert timeout_s - 0.2 < exit_s < timeout_s + GRACE_MARGIN_S, exit_s
+    assert queued == 42 and stored == 0
+    assert timed_out["rows_not_committed"] == stopped["rows_not_committed"] == queued
+    assert "flusher" in stopped["tasks_cancelled"]
