@@ -362,6 +362,10 @@ class Fleet:
         last = time.monotonic()
         while not stop.is_set():
             await _sleep(stop, self.cfg.fix_interval_s)
+            # Woken by the stop, not the clock: a fix now could fall in the last fix's
+            # millisecond, a (tripId, timestamp) the service rightly stores once.
+            if stop.is_set():
+                break
             now_mono, now = time.monotonic(), time.time()
             dt, last = now_mono - last, now_mono
             for d in self.drivers:

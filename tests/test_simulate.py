@@ -3,6 +3,7 @@ same batchId and delivers every fix exactly once, against a flaky server and the
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import random
@@ -86,6 +87,37 @@ def fast(**kw: Any) -> Config:
     )  # fmt: skip
     base.update(kw)
     return Config(**base)
+
+
+def stamp_ms(ts: int | str) -> int:
+    if isinstance(ts, int):
+        return ts
+    return round(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+async def test_a_stop_during_the_wait_for_a_fix_takes_no_extra_fix():
+    # The run may end while the GPS clock waits for its next fix. A fix taken then would come
+    # moments after the last one, often in the same millisecond: the same (tripId, timestamp),
+    # which the service rightly stores once, one row short of the fixes counted.
+    fleet = Fleet(fast(fix_interval_s=0.1))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    last = fleet.drivers[-1]
+    tick = last.tick
+
+    def tick_then_stop(dt: float, now: float) -> dict[str, Any]:
+        fix = tick(dt, now)
+        if len(last.fixes) == 3:
+            loop.call_soon(stop.set)  # runs while the clock waits for the 4th fix
+        return fix
+
+    last.tick = tick_then_stop  # type: ignore[method-assign]
+    await fleet._gps(stop)
+    assert fleet.stats.fixes == sum(len(d.fixes) for d in fleet.drivers)
+    for d in fleet.drivers:
+        stamps = [stamp_ms(f["timestamp"]) for f in d.fixes]
+        assert len(stamps) == 3
+        assert all(b - a >= 50 for a, b in itertools.pairwise(stamps)), stamps
 
 
 async def test_unanswered_and_5xx_batches_are_retried_with_the_same_batch_id_and_gaps_upload_late():
