@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient
 from ingest.typedefs import LIVE
 
 from .conftest import auth, batch, iso, now_ms, token
-from .test_security import next_message, quiet
+from .test_auth import next_message, quiet
 
 Client = TestClient[web.Request, web.Application]
 Factory = Callable[..., Awaitable[Client]]

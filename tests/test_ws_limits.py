@@ -23,7 +23,7 @@ from ingest.shutdown import shutdown
 from ingest.typedefs import SOCKETS
 
 from .conftest import auth, batch, now_ms, token
-from .test_security import next_message
+from .test_auth import next_message
 
 LIVE = "/api/v1/live"
 CLOSE, TEXT = 0x8, 0x1
