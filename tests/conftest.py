@@ -2,13 +2,19 @@
 
 Every test gets its own database, cloned from a migrated template, and its own Redis
 prefix (keys and channels), so tests can run in parallel (pytest -n).
+
+Async tests run on uvloop, the loop `python -m ingest serve` runs; INGEST_TEST_LOOP=asyncio
+runs them on the standard loop instead. PYTHONASYNCIODEBUG=1 puts the test loops (and the
+services the tests start) in asyncio debug mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,10 +22,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+import msgspec
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtools import procs
 from devtools import services as devservices
@@ -37,6 +48,30 @@ ROOT = Path(__file__).resolve().parent.parent
 # ports; else throwaway ones started for this session (see ingest/devservices.py).
 PG_URL, REDIS_URL = devservices.for_tests()
 SECRET = "test-secret-0123456789abcdef0123456789"
+PING = "/api/v1/tracking/ping"
+LIVE = "/api/v1/live"
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+TEST_LOOP = os.environ.get("INGEST_TEST_LOOP", "uvloop")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_LOOP not in LOOPS:
+        raise pytest.UsageError(f"INGEST_TEST_LOOP must be one of {', '.join(LOOPS)}")
+    # pytest-asyncio passes debug=False to every loop it makes unless asked, which would
+    # override the variable: debug mode is asked for here when the variable asks for it.
+    if os.environ.get("PYTHONASYNCIODEBUG") and not sys.flags.ignore_environment:
+        config.option.asyncio_debug = True
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """One loop factory, so test ids stay as they are (pytest-asyncio >= 1.4)."""
+    return {TEST_LOOP: LOOPS[TEST_LOOP]}
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -192,8 +227,12 @@ def token(role: str = "driver", sub: str = "drv_1", org: str = "org_1", **kw: An
     return issue_token(s, sub, role, org, **kw)  # type: ignore[arg-type]
 
 
+def bearer(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
 def auth(role: str = "driver", sub: str = "drv_1", org: str = "org_1") -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(role, sub, org)}"}
+    return bearer(token(role, sub, org))
 
 
 def now_ms(offset_s: float = 0) -> int:
@@ -262,3 +301,89 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield r
     finally:
         r.stop()
+
+
+# -- signing keys ------------------------------------------------------------------------
+
+
+def pem_private(key: Any) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def pem_public(key: Any) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+# -- the ingest endpoint, as the public ingest path is deployed -----------------------------
+
+
+@pytest.fixture
+async def ingest_client(make_client: ClientFactory) -> TestClient:
+    """The app on an ingest-only instance (ROLE=ingest)."""
+    return await make_client(role="ingest")
+
+
+async def post_ping(
+    client: TestClient, body: dict[str, Any] | bytes, **headers: str
+) -> tuple[int, Any]:
+    """Status and JSON answer of a POST of ``body`` (encoded as JSON unless bytes) with a
+    driver token; ``headers`` add to or replace the defaults."""
+    data = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    h = {**auth(), "Content-Type": "application/json", **headers}
+    resp = await client.post(PING, data=data, headers=h)
+    return resp.status, await resp.json()
+
+
+# -- the WebSocket -------------------------------------------------------------------------
+
+
+async def ws_connect(
+    client: TestClient, tok: str | None = None, **kw: Any
+) -> aiohttp.ClientWebSocketResponse:
+    url = LIVE if tok is None else f"{LIVE}?access_token={tok}"
+    return await client.ws_connect(url, **kw)
+
+
+async def next_message(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data)
+    decoded: dict[str, Any] = json.loads(msg.data)
+    return decoded
+
+
+async def quiet(ws: aiohttp.ClientWebSocketResponse, wait: float = 0.4) -> list[dict[str, Any]]:
+    """Every message that arrives within ``wait``."""
+    got = []
+    while True:
+        try:
+            got.append(await next_message(ws, wait))
+        except TimeoutError:
+            return got
+
+
+async def subscribed(
+    ws: aiohttp.ClientWebSocketResponse, settle: float = 0.3, **msg: Any
+) -> list[dict[str, Any]]:
+    """Subscribe; the answer and whatever follows within ``settle`` (snapshots)."""
+    await ws.send_json({"type": "subscribe", **msg})
+    first = await next_message(ws)
+    assert first["type"] == "subscribed", first
+    return [first, *await quiet(ws, settle)] if settle else [first]

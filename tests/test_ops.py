@@ -406,6 +406,16 @@ async def test_readyz_is_false_while_draining(client):
     assert (await client.get("/readyz")).status == 200
 
 
+async def test_ops_endpoints_need_no_token(client):
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        for headers in ({}, {"Authorization": "Bearer garbage"}):
+            resp = await client.get(path, headers=headers)
+            assert resp.status == 200, (path, await resp.text())
+    doc = await (await client.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.1")
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
 # -- alert rules and dashboard -----------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Settings from the environment: JWT_SECRET_FILE (a mounted secret, `make run`'s file)."""
+"""Settings (ingest/settings.py): refused at load, by name, before anything starts; the JWT
+secret from a file (JWT_SECRET_FILE: a mounted secret, `make run`'s .dev/jwt_secret)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def test_a_bad_secret_file_is_a_settings_error_naming_it(
     with pytest.raises(SettingsError, match=f"invalid setting {message}") as caught:
         load_settings({"JWT_SECRET_FILE": str(path), **extra})
     assert "a-secret" not in str(caught.value) and "another" not in str(caught.value)
+
+
+def test_auth_disabled_must_be_explicit():
+    with pytest.raises(SettingsError, match="JWT_SECRET"):
+        load_settings({})
+    with pytest.raises(SettingsError, match="JWT_SECRET"):
+        load_settings({"AUTH_DISABLED": "false"})
+    with pytest.raises(SettingsError, match="AUTH_DISABLED"):
+        load_settings({"AUTH_DISABLED": "maybe"})
+    assert load_settings({"AUTH_DISABLED": "true"}).auth_disabled
+
+
+def test_bad_public_key_is_a_settings_error_at_load():
+    """`python -m ingest serve` prints settings errors cleanly only from load_settings."""
+    with pytest.raises(SettingsError, match="JWT_PUBLIC_KEY"):
+        load_settings(
+            {}, jwt_public_key="-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"
+        )

@@ -27,8 +27,7 @@ from aiohttp.test_utils import TestClient
 
 from ingest.typedefs import LIVE
 
-from .conftest import auth, batch, iso, now_ms, token
-from .test_auth import next_message, quiet
+from .conftest import auth, batch, iso, next_message, now_ms, quiet, subscribed, token, ws_connect
 
 Client = TestClient[web.Request, web.Application]
 Factory = Callable[..., Awaitable[Client]]
@@ -615,3 +614,92 @@ async def test_future_timestamps_cannot_crowd_a_truck_out_of_the_fleet_snapshot(
     assert "truck" in snaps, list(snaps)
     assert ms(snaps["truck"]["location"]["timestamp"]) == at
     assert len(snaps) <= 5
+
+
+# -- who may write and read what --------------------------------------------------------------
+
+
+async def test_driver_posts_only_as_itself(client, db):
+    body = batch(2, driver="drv_2")
+    resp = await client.post(PING, json=body, headers=auth("driver", "drv_1"))
+    assert resp.status == 403
+    assert await resp.json() == {
+        "error": "forbidden",
+        "detail": "driverId does not match the token's subject",
+    }
+    resp = await client.post(PING, json=batch(2), headers=auth("dispatcher", "drv_1"))
+    assert resp.status == 403
+    assert await resp.json() == {
+        "error": "forbidden",
+        "detail": "only driver tokens may post pings",
+    }
+    assert await db.fetchval('SELECT count(*) FROM "TripLocation"') == 0
+
+
+async def test_pings_belong_to_the_token_org(client, db):
+    await client.post(PING, json=batch(2), headers=auth("driver", "drv_1", "org_7"))
+    assert await db.fetchval('SELECT array_agg(DISTINCT "orgId") FROM "TripLocation"') == ["org_7"]
+
+
+async def test_reads_of_another_org_answer_like_an_unknown_trip(client):
+    assert (await client.post(PING, json=batch(3), headers=auth())).status == 200
+    own = auth("dispatcher", "disp_a", "org_1")
+    other = auth("dispatcher", "disp_b", "org_2")
+    for template in (LATEST, HISTORY):
+        resp = await client.get(template.format("trip_1"), headers=own)
+        assert resp.status == 200
+        theirs = await client.get(template.format("trip_1"), headers=other)
+        unknown = await client.get(template.format("no_such_trip"), headers=own)
+        assert theirs.status == unknown.status == 404
+        assert await theirs.json() == {"error": "not_found", "detail": "no trip 'trip_1'"}
+        assert await unknown.json() == {"error": "not_found", "detail": "no trip 'no_such_trip'"}
+        assert theirs.headers["Cache-Control"] == "no-store"
+    # Range and cursor do not open another door.
+    q = "?from=1970-01-01T00:00:00Z&limit=1&cursor=djE6MA"
+    resp = await client.get(HISTORY.format("trip_1") + q, headers=other)
+    assert resp.status == 200 and (await resp.json())["locations"] == []
+
+
+async def test_a_driver_reads_only_its_own_trips(client):
+    assert (await client.post(PING, json=batch(2), headers=auth())).status == 200
+    for template in (LATEST, HISTORY):
+        mine = await client.get(template.format("trip_1"), headers=auth("driver", "drv_1"))
+        assert mine.status == 200
+        colleague = await client.get(template.format("trip_1"), headers=auth("driver", "drv_2"))
+        assert colleague.status == 404
+        assert await colleague.json() == {"error": "not_found", "detail": "no trip 'trip_1'"}
+
+
+async def test_the_dedup_guard_is_per_org_and_reads_stay_per_org(client, db):
+    """The guard is on ("orgId", "tripId", "timestamp"): another org reusing a trip id, driver
+    id, batch id and instant stores its own pings, learns nothing, and reads only its own."""
+    body = batch(2)
+    assert (await (await client.post(PING, json=body, headers=auth())).json())["accepted"] == 2
+    resp = await client.post(PING, json=body, headers=auth("driver", "drv_1", "org_2"))
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 2 and (await resp.json())["duplicates"] == 0
+    own = await client.get(LATEST.format("trip_1"), headers=auth("dispatcher", "d", "org_2"))
+    assert own.status == 200
+    counts = await db.fetch('SELECT "orgId", count(*) FROM "TripLocation" GROUP BY 1 ORDER BY 1')
+    assert [tuple(r) for r in counts] == [("org_1", 2), ("org_2", 2)]
+
+
+async def test_org_ids_with_a_colon_do_not_meet_in_redis(client):
+    """Redis names are prefix + org + ":" + trip. Org "a" asking for trip "b:t" must not
+    read org "a:b"'s trip "t", and org "a"'s fleet must not match org "a:b"'s channels."""
+    fleet = await ws_connect(client, token("dispatcher", "d", "a"))
+    await subscribed(fleet, fleet=True)
+    body = batch(1, trip="t", driver="drv_x")
+    assert (
+        await client.post(PING, json=body, headers=auth("driver", "drv_x", "a:b"))
+    ).status == 200
+    live = client.server.app[LIVE]
+    for _ in range(100):  # the latest location is published after the ack
+        if await live.latest("a:b", "t") is not None:
+            break
+        await asyncio.sleep(0.02)
+    resp = await client.get(LATEST.format("b:t"), headers=auth("dispatcher", "d", "a"))
+    got = await quiet(fleet)
+    await fleet.close()
+    assert resp.status == 404, await resp.text()
+    assert got == []

@@ -22,8 +22,7 @@ from ingest import ws as ws_module
 from ingest.shutdown import shutdown
 from ingest.typedefs import SOCKETS
 
-from .conftest import auth, batch, now_ms, token
-from .test_auth import next_message
+from .conftest import auth, batch, next_message, now_ms, token
 
 LIVE = "/api/v1/live"
 CLOSE, TEXT = 0x8, 0x1

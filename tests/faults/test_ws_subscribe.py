@@ -11,7 +11,7 @@ from ingest import metrics
 from ingest.typedefs import FANOUT, LIVE
 
 from ..conftest import auth, batch, token
-from ..test_auth import next_message as reply
+from ..conftest import next_message as reply
 from ..test_ws_limits import subscribe
 
 
