@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install run test test-fast lint format mypy bench bench-quick all clean
+.PHONY: install run test test-fast test-debug lint format mypy bench bench-quick all clean
 
 # The same install the Dockerfile runs (pinned runtime deps, then the package), plus dev tools.
 $(VENV)/.installed: pyproject.toml requirements.lock $(wildcard .ci/install-*-tools)
@@ -19,11 +19,21 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/python -m devtools.run
 
+# The suite on uvloop, the loop the service runs (INGEST_TEST_LOOP=asyncio for the standard one).
 test: install
 	$(BIN)/python -m pytest -n 2 -q
 
+# Without the tests marked slow: real fault injection (tests/faults/: servers killed and
+# restarted), the browser, Hypothesis and schemathesis fuzzing, the first-run harness.
 test-fast: install
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+# The suite once more in asyncio debug mode: never-awaited coroutines, unclosed transports,
+# calls from the wrong thread, slow callbacks. On the standard loop, as asyncpg's `make test`
+# does, so CI covers both loops; the services tests start (`serve`, uvloop) inherit the variable.
+# Without the tests marked load: debug mode's cost in their load generator breaks their bounds.
+test-debug: install
+	PYTHONASYNCIODEBUG=1 INGEST_TEST_LOOP=asyncio $(BIN)/python -m pytest -n 2 -q -m "not load"
 
 lint: install
 	$(BIN)/ruff check ingest devtools tests bench
@@ -44,7 +54,7 @@ bench-quick: install
 	VENV=$(VENV) bench/install.sh
 	$(BIN)/python -m bench --quick
 
-all: lint mypy test
+all: lint mypy test test-debug
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -20,6 +20,8 @@ from devtools.simulate import Config, Fleet
 
 from .conftest import ROOT, SECRET, token
 
+pytestmark = pytest.mark.slow
+
 BROWSER_DIR = ROOT / "tests" / "browser"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")

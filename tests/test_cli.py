@@ -21,9 +21,12 @@ from .conftest import ROOT, SECRET, TEST_LOOP, pem_private, pem_public
 
 
 async def test_tests_run_on_the_loop_serve_runs():
-    """`serve` runs uvloop; so do the tests, unless INGEST_TEST_LOOP=asyncio."""
+    """`serve` runs uvloop; so do the tests, unless INGEST_TEST_LOOP=asyncio. `make test-debug`
+    (PYTHONASYNCIODEBUG=1) runs them in debug mode."""
+    loop = asyncio.get_running_loop()
     expected = uvloop.Loop if TEST_LOOP == "uvloop" else asyncio.SelectorEventLoop
-    assert type(asyncio.get_running_loop()) is expected
+    assert type(loop) is expected
+    assert loop.get_debug() is bool(os.environ.get("PYTHONASYNCIODEBUG"))
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -29,6 +29,8 @@ from ingest.migrate import migrate
 
 from .conftest import ROOT, batch
 
+pytestmark = pytest.mark.slow
+
 
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid``, from /proc."""

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,8 @@ from ingest.schema import Location, PingBatch, json_batch_decoder, msgpack_batch
 from ingest.validate import BatchError, batch_id_of, parse_rfc3339, to_records
 
 from .conftest import auth, token
+
+pytestmark = pytest.mark.slow
 
 PING = "/api/v1/tracking/ping"
 SKEW_S, AGE_DAYS = 300, 31

@@ -47,6 +47,18 @@ def service_env(database_url: str, redis_url: str, prefix: str, **over: Any) -> 
 ServiceFactory = Callable[..., Awaitable[Process]]
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every scenario here is slow. Those that run the service as processes (``services``)
+    drive them with the load generator and check time bounds: marked load too."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+            if "services" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.load)
+
+
 @pytest.fixture
 async def services(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
     """Start service processes (``await services(env, name=...)``); all stopped after the test.
