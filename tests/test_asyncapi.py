@@ -17,9 +17,8 @@ from ingest import __version__
 from ingest.asyncapi import ADDRESS, asyncapi_document
 from ingest.typedefs import FANOUT, SETTINGS
 
-from .conftest import auth, batch
+from .conftest import auth, batch, next_message
 from .test_live import published
-from .test_security import next_message
 from .test_ws_limits import connect, dispatcher_token
 
 Doc = dict[str, Any]
