@@ -1,5 +1,6 @@
-"""The command line (ingest/cli.py): `serve` with AUTH_DISABLED says so loudly and refuses
-to start without a key otherwise; `token` signs with the secret or a private key."""
+"""The command line (ingest/cli.py): a bad setting stops `serve` with one line naming it;
+`serve` with AUTH_DISABLED says so loudly and refuses to start without a key otherwise;
+`token` signs with the secret or a private key."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import time
 
 import aiohttp
 import jwt
+import pytest
 import uvloop
 
 from ingest.auth import Principal, Verifier
 from ingest.settings import ENV_NAMES, load_settings
 
-from .conftest import ROOT, SECRET, TEST_LOOP, pem_private, pem_public
+from .conftest import ROOT, SECRET, TEST_LOOP, pem_private, pem_public, run_cli
 
 
 async def test_tests_run_on_the_loop_serve_runs():
@@ -108,3 +110,22 @@ async def test_auth_is_off_only_when_asked_and_the_service_says_so(
     assert 55 <= jwt.decode(tok, options={"verify_signature": False})["exp"] - time.time() <= 60
     principal = Verifier(load_settings({}, jwt_public_key=pem_public(ec_key))).verify(tok)
     assert principal == Principal("d_1", "dispatcher", "org_2")
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"FLUSH_INTERVAL_MS": "soon"}, "FLUSH_INTERVAL_MS"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"ACK_MODE": "eventually"}, "ACK_MODE"),
+        ({"ROLE": "everything"}, "ROLE"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"JWT_SECRET": ""}, "JWT_SECRET"),
+        ({"BUFFER_MAX_ROWS": "0"}, "BUFFER_MAX_ROWS"),
+    ],
+)
+def test_a_bad_setting_stops_the_process_with_one_line_naming_it(env, name):
+    result = run_cli("serve", **env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0], result.stderr

@@ -1,94 +1,21 @@
-"""The service as a process: settings checked at start, migrations, SIGTERM drain."""
+"""Shutdown (ingest/shutdown.py): the SIGTERM drain of the service as a process, and the
+sequence's steps in order within its deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 
 import aiohttp
 import asyncpg
 import pytest
 
 from devtools import procs
-from ingest.constants import MIGRATION_LOCK_ID
-from ingest.migrate import migration_files
 from ingest.shutdown import CLOSE_S, HANDLER_SHARE, HANDLERS_END, shutdown
 
-from .conftest import PG_URL, REDIS_URL, SECRET, auth, batch, db_url, run_cli, token
+from .conftest import REDIS_URL, SECRET, auth, batch, token
 
 PING = "/api/v1/tracking/ping"
-
-
-@pytest.mark.parametrize(
-    ("env", "name"),
-    [
-        ({"FLUSH_INTERVAL_MS": "soon"}, "FLUSH_INTERVAL_MS"),
-        ({"PORT": "70000"}, "PORT"),
-        ({"ACK_MODE": "eventually"}, "ACK_MODE"),
-        ({"ROLE": "everything"}, "ROLE"),
-        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
-        ({"JWT_SECRET": ""}, "JWT_SECRET"),
-        ({"BUFFER_MAX_ROWS": "0"}, "BUFFER_MAX_ROWS"),
-    ],
-)
-def test_a_bad_setting_stops_the_process_with_one_line_naming_it(env, name):
-    result = run_cli("serve", **env)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and name in lines[0], result.stderr
-
-
-@pytest.fixture
-async def empty_database():
-    name = f"ingest_e_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    yield db_url(name)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
-
-
-async def test_migrate_applies_each_file_once_and_says_so(empty_database):
-    first = await asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database)
-    assert first.returncode == 0, first.stderr
-    assert "applied 001_trip_location.sql" in first.stdout
-    assert "applied 002_ingest_batch.sql" in first.stdout
-    assert "created partition TripLocation_" in first.stdout
-    second = await asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database)
-    assert second.returncode == 0 and "nothing to apply" in second.stdout
-
-
-async def test_concurrent_migrations_are_serialised(empty_database):
-    # The test holds the lock until all four are waiting for it, so the winner builds its
-    # indexes CONCURRENTLY while three others wait: a waiter blocked in pg_advisory_lock would
-    # deadlock with that build (it waits for every open transaction, theirs included).
-    holder = await asyncpg.connect(empty_database)
-    await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
-    runs = asyncio.gather(
-        *(asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database) for _ in range(4))
-    )
-    for _ in range(200):
-        waiting = await holder.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid()"
-        )
-        if waiting == 4:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
-    await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
-    await holder.close()
-    results = await runs
-    assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
-    files = len(migration_files())
-    applied = sum(r.stdout.count("applied 0") for r in results)
-    assert applied == files  # each file once, whichever pod got there first
-    conn = await asyncpg.connect(empty_database)
-    try:
-        assert await conn.fetchval('SELECT count(*) FROM "_ingest_migrations"') == files
-    finally:
-        await conn.close()
 
 
 @pytest.mark.parametrize("ack_mode", ["durable", "buffered"])

@@ -1,8 +1,11 @@
-"""Migration 003 (org-scoped keys, trip owners) on a database with rows in the old schema:
-nothing lost, nothing merged, and the new guards hold afterwards."""
+"""Migrations (ingest/migrate.py): `python -m ingest migrate` applies each file once, pods that
+start together are serialised; migration 003 (org-scoped keys, trip owners) on a database with
+rows in the old schema: nothing lost, nothing merged, and the new guards hold afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,8 +14,10 @@ import asyncpg
 import pytest
 
 from ingest import partitions
-from ingest.migrate import migrate
+from ingest.constants import MIGRATION_LOCK_ID
+from ingest.migrate import migrate, migration_files
 
+from .conftest import PG_URL, db_url, run_cli
 from .old_schema import old_schema_database
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -139,3 +144,55 @@ async def test_003_resumes_after_an_interrupted_prepare(old_db: asyncpg.Connecti
         "SELECT bool_and(indisvalid) FROM pg_index WHERE indexrelid::regclass::text LIKE '%org_trip_ts_key%'"
     )
     assert await conn.fetchval('SELECT count(*) FROM "TripLocation"') == len(ROWS)
+
+
+@pytest.fixture
+async def empty_database():
+    name = f"ingest_e_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    yield db_url(name)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+async def test_migrate_applies_each_file_once_and_says_so(empty_database):
+    first = await asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database)
+    assert first.returncode == 0, first.stderr
+    assert "applied 001_trip_location.sql" in first.stdout
+    assert "applied 002_ingest_batch.sql" in first.stdout
+    assert "created partition TripLocation_" in first.stdout
+    second = await asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database)
+    assert second.returncode == 0 and "nothing to apply" in second.stdout
+
+
+async def test_concurrent_migrations_are_serialised(empty_database):
+    # The test holds the lock until all four are waiting for it, so the winner builds its
+    # indexes CONCURRENTLY while three others wait: a waiter blocked in pg_advisory_lock would
+    # deadlock with that build (it waits for every open transaction, theirs included).
+    holder = await asyncpg.connect(empty_database)
+    await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    runs = asyncio.gather(
+        *(asyncio.to_thread(run_cli, "migrate", DATABASE_URL=empty_database) for _ in range(4))
+    )
+    for _ in range(200):
+        waiting = await holder.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        if waiting == 4:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    await holder.close()
+    results = await runs
+    assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
+    files = len(migration_files())
+    applied = sum(r.stdout.count("applied 0") for r in results)
+    assert applied == files  # each file once, whichever pod got there first
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval('SELECT count(*) FROM "_ingest_migrations"') == files
+    finally:
+        await conn.close()
