@@ -45,7 +45,7 @@ from ingest.typedefs import LIFECYCLE, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 # TEST_DATABASE_URL / TEST_REDIS_URL when set; else servers listening on the default local
-# ports; else throwaway ones started for this session (see ingest/devservices.py).
+# ports; else throwaway ones started for this session (see devtools/services.py).
 PG_URL, REDIS_URL = devservices.for_tests()
 SECRET = "test-secret-0123456789abcdef0123456789"
 PING = "/api/v1/tracking/ping"
