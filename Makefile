@@ -31,9 +31,9 @@ test-fast: install
 # The suite once more in asyncio debug mode: never-awaited coroutines, unclosed transports,
 # calls from the wrong thread, slow callbacks. On the standard loop, as asyncpg's `make test`
 # does, so CI covers both loops; the services tests start (`serve`, uvloop) inherit the variable.
-# Without the tests marked load: debug mode's cost in their load generator breaks their bounds.
+# Without the tests marked timing (time bounds under load), which debug mode's cost breaks.
 test-debug: install
-	PYTHONASYNCIODEBUG=1 INGEST_TEST_LOOP=asyncio $(BIN)/python -m pytest -n 2 -q -m "not load"
+	PYTHONASYNCIODEBUG=1 INGEST_TEST_LOOP=asyncio $(BIN)/python -m pytest -n 2 -q -m "not timing"
 
 lint: install
 	$(BIN)/ruff check ingest devtools tests bench

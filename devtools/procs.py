@@ -234,6 +234,8 @@ def service(
     port = port or int(env.get("PORT") or 0) or free_port()
     full = {**os.environ, "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", **env, "PORT": str(port)}
     log_path = log_dir / f"{name}.log" if log_dir is not None else None
+    # A test run that is killed (a timeout, Ctrl-C) must not leave services running.
+    options.setdefault("preexec_fn", die_with_parent(signal.SIGTERM))
     return Process(
         [sys.executable, "-m", "ingest", "serve"], full, port=port, name=name,
         log_path=log_path, **options,  # type: ignore[arg-type]

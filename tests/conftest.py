@@ -11,6 +11,8 @@ services the tests start) in asyncio debug mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -235,6 +237,13 @@ def auth(role: str = "driver", sub: str = "drv_1", org: str = "org_1") -> dict[s
     return bearer(token(role, sub, org))
 
 
+async def cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it: done before the fixtures it uses are closed."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def now_ms(offset_s: float = 0) -> int:
     return int((time.time() + offset_s) * 1000)
 
@@ -268,6 +277,8 @@ async def fail_on_loop_errors() -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
     yield
+    if loop.get_debug():
+        gc.collect()  # so a leaked transport or connection fails the test that leaked it
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
     assert not errors, [e.get("message") for e in errors]

@@ -146,8 +146,10 @@ async def test_unanswered_and_5xx_batches_are_retried_with_the_same_batch_id_and
     app = web.Application()
     app.router.add_post("/api/v1/tracking/ping", ping)
     async with TestServer(app) as server:
+        # The server answers at once or hangs up, so a long request timeout costs nothing; it
+        # is also how long the final drain may retry, which a slow machine (debug mode) needs.
         cfg = fast(url=str(server.make_url("")), duration_s=2.0, offline_chance=0.3,
-                   offline_s=(0.2, 0.5), lost_ack_chance=0.2)  # fmt: skip
+                   offline_s=(0.2, 0.5), lost_ack_chance=0.2, timeout_s=10.0)  # fmt: skip
         stats = await Fleet(cfg).run()
     assert stats.retries > 0 and stats.lost_acks > 0 and stats.late_batches > 0
     assert any(n > 1 for n in seen.values())

@@ -23,7 +23,7 @@ from ingest import http_server
 from ingest.app import create_app
 from ingest.settings import Settings
 
-from .conftest import REDIS_URL, SECRET, auth, batch
+from .conftest import REDIS_URL, SECRET, auth, batch, cancel
 
 PING = "/api/v1/tracking/ping"
 HALF_HEAD = b"POST /api/v1/tracking/ping HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -195,7 +195,7 @@ async def test_a_trickled_body_gets_408(serve: Serve) -> None:
 
         trickling = asyncio.create_task(trickle())
         answer = await asyncio.wait_for(reader.read(), 5.0)  # the 408, then the server closes
-        trickling.cancel()
+        await cancel(trickling)
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
         assert b'"error":"request_timeout"' in answer
         assert 1.0 <= time.monotonic() - started < 4.0

@@ -22,7 +22,7 @@ from ingest import ws as ws_module
 from ingest.shutdown import shutdown
 from ingest.typedefs import SOCKETS
 
-from .conftest import auth, batch, next_message, now_ms, token
+from .conftest import auth, batch, cancel, next_message, now_ms, token
 
 LIVE = "/api/v1/live"
 CLOSE, TEXT = 0x8, 0x1
@@ -334,7 +334,7 @@ async def test_no_data_frame_after_the_close_of_a_slow_consumer(make_client, red
     try:
         opcodes = await raw.frames_through_close(after_s=1.0, pace_s=0.02)
     finally:
-        publisher.cancel()
+        await cancel(publisher)
         raw.close()
     assert_close_is_last(opcodes)
 
@@ -350,7 +350,7 @@ async def test_no_data_frame_after_the_token_expiry_close(make_client, redis, re
         assert (await raw.text_until("error", timeout=5))["error"] == "token_expired"
         opcodes = await raw.frames_through_close(after_s=1.0)
     finally:
-        publisher.cancel()
+        await cancel(publisher)
         raw.close()
     assert_close_is_last(opcodes)
 
@@ -378,7 +378,7 @@ async def test_no_data_frame_after_the_shutdown_close(make_client, redis, redis_
         raw.start_reading()
         opcodes = await raw.frames_through_close(after_s=1.0)
     finally:
-        publisher.cancel()
+        await cancel(publisher)
         raw.close()
         await stopping
     assert_close_is_last(opcodes)
@@ -444,7 +444,7 @@ async def test_fleet_snapshot_never_fills_the_send_buffer(make_client, redis, re
             snapshots += kind == "snapshot"
             live += kind == "locations"
     finally:
-        publisher.cancel()
+        await cancel(publisher)
         raw.close()
     assert metrics.WS_SLOW_CLOSED._value.get() == closed_before
     assert snapshots == n and live > 0

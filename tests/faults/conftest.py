@@ -50,13 +50,13 @@ ServiceFactory = Callable[..., Awaitable[Process]]
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every scenario here is slow. Those that run the service as processes (``services``)
-    drive them with the load generator and check time bounds: marked load too."""
+    drive them with the load generator and check time bounds: marked timing too."""
     here = Path(__file__).parent
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.slow)
             if "services" in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.load)
+                item.add_marker(pytest.mark.timing)
 
 
 @pytest.fixture
