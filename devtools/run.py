@@ -1,7 +1,7 @@
 """``make run``: the whole thing on one machine, for a first look and for development.
 
 In order: PostgreSQL and Redis (DATABASE_URL / REDIS_URL, else servers on the default
-ports, else throwaway ones: see devservices.py); migrations; the service, with a
+ports, else throwaway ones: see services.py); migrations; the service, with a
 development JWT secret, on 127.0.0.1; the driver simulator; then the dashboard URL with a
 dispatcher token. Ctrl-C or SIGTERM stops everything it started, in the reverse order:
 simulator, service (which commits what it buffered), then the throwaway servers.

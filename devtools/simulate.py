@@ -25,7 +25,6 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -414,7 +413,9 @@ def sign_driver_token(secret: str, driver_id: str, org: str, ttl_s: int = 7 * 86
 def _secret_from_env() -> str | None:
     if os.environ.get("JWT_SECRET") or not os.environ.get("JWT_SECRET_FILE"):
         return os.environ.get("JWT_SECRET")
-    return Path(os.environ["JWT_SECRET_FILE"]).read_text().strip()
+    from ingest.settings import read_secret_file
+
+    return read_secret_file(os.environ["JWT_SECRET_FILE"])
 
 
 def _token_sub(token: str) -> str | None:

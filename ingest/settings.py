@@ -163,7 +163,13 @@ def _with_secret_from_file(settings: Settings) -> Settings:
         raise SettingsError(
             "invalid setting JWT_SECRET_FILE: set JWT_SECRET or JWT_SECRET_FILE, not both"
         )
-    path = settings.jwt_secret_file or ""
+    return msgspec.structs.replace(
+        settings, jwt_secret=read_secret_file(settings.jwt_secret_file or "")
+    )
+
+
+def read_secret_file(path: str) -> str:
+    """The secret in JWT_SECRET_FILE's ``path``, without surrounding whitespace."""
     try:
         secret = Path(path).read_text().strip()
     except OSError as exc:
@@ -172,4 +178,4 @@ def _with_secret_from_file(settings: Settings) -> Settings:
         ) from None
     if not secret:
         raise SettingsError(f"invalid setting JWT_SECRET_FILE: {path} is empty")
-    return msgspec.structs.replace(settings, jwt_secret=secret)
+    return secret
