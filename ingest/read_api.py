@@ -11,6 +11,7 @@ import msgspec
 from aiohttp import web
 
 from . import auth, metrics
+from .reads import read_pool
 from .responses import error, json_response
 from .schema import LatestLocation, LocationPage, StoredLocation
 from .typedefs import LIVE, POOL
@@ -122,7 +123,7 @@ async def history(request: web.Request) -> web.Response:
     except ValueError as exc:  # BadQuery, or int() of a non-number
         detail = str(exc) if isinstance(exc, BadQuery) else "limit: must be an integer"
         return error(400, "invalid_query", detail)
-    pool, driver = request.app[POOL], auth.driver_filter(p)
+    pool, driver = read_pool(request.app), auth.driver_filter(p)
     rows = await pool.fetch(_PAGE_SQL, trip, p.org, driver, start, end, after, limit + 1)
     if (
         not rows
