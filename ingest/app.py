@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,7 +40,9 @@ from . import (
 from .auth import Verifier
 from .buffer import Buffer
 from .fanout import Fanout
+from .fanout_cluster import ShardedFanout
 from .flush import Flusher
+from .keyspace import keyspace
 from .live import Live
 from .ratelimit import RateLimiter
 from .responses import error
@@ -124,14 +127,22 @@ async def pg_context(app: web.Application) -> AsyncIterator[None]:
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     # Retries let the first command after a Redis restart reconnect instead of failing.
-    client = aioredis.from_url(
-        s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )  # fmt: skip
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    client: aioredis.Redis | RedisCluster
+    if s.redis_mode == "cluster":
+        # The cluster client follows MOVED/ASK and reads the topology again after a failure.
+        client = RedisCluster.from_url(
+            s.redis_url, socket_timeout=5, socket_connect_timeout=2, retry=retry,
+        )  # fmt: skip
+    else:
+        client = aioredis.from_url(
+            s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15,
+            retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )  # fmt: skip
     live = Live(
-        client, s.redis_prefix, s.latest_ttl_s, app[POOL],
-        repair_max_trips=s.latest_repair_max_trips, repair_interval_s=s.latest_repair_interval_s,
+        client, keyspace(s.redis_mode, s.redis_prefix, s.redis_cluster_buckets), s.latest_ttl_s,
+        app[POOL], repair_max_trips=s.latest_repair_max_trips,
+        repair_interval_s=s.latest_repair_interval_s,
     )  # fmt: skip
     app[LIVE] = live
     task = app[LIFECYCLE].start(live.run(), "live-publisher")
@@ -145,8 +156,16 @@ async def fanout_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     # Its own client, without redis-py's retries: the listener reconnects by itself, and a
     # retry loop inside redis-py would hold it (and shutdown) while Redis is away.
-    client = aioredis.from_url(s.redis_url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
-    fanout = Fanout(client, s.ws_send_buffer_bytes)
+    fanout: Fanout
+    if s.redis_mode == "cluster":
+        cluster = RedisCluster.from_url(s.redis_url, socket_connect_timeout=2)
+        fanout = ShardedFanout(cluster, s.ws_send_buffer_bytes)
+        client: aioredis.Redis | RedisCluster = cluster
+    else:
+        client = aioredis.from_url(
+            s.redis_url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+        fanout = Fanout(client, s.ws_send_buffer_bytes)
     app[FANOUT] = fanout
     task = app[LIFECYCLE].start(fanout.run(), "pubsub-listener")
     yield

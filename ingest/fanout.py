@@ -64,6 +64,13 @@ class TooManySubscriptions(Exception):
 
 
 class Fanout:
+    """Subscriptions and delivery, on one pub/sub connection to a single Redis.
+
+    The fleet names (``patterns``) are glob patterns here; ShardedFanout keeps a cluster's
+    fleet channels in the same table."""
+
+    sharded = False
+
     def __init__(self, redis: aioredis.Redis, send_buffer_bytes: int) -> None:
         self.redis = redis
         self.limit = send_buffer_bytes
@@ -119,13 +126,7 @@ class Fanout:
         metrics.WS_SUBSCRIPTIONS.inc(len(new) + len(pnew))
         if not waits and not pwaits:
             return [], []
-        pubsub = self._pubsub
-        if pubsub is not None and self.connected.is_set():
-            # Else the listener subscribes every table entry when it (re)connects.
-            if new:
-                self._spawn(pubsub.subscribe(*new))
-            if pnew:
-                self._spawn(pubsub.psubscribe(*pnew))
+        self._send_subscribe(new, pnew)
         await asyncio.wait([*waits.values(), *pwaits.values()], timeout=timeout)
         failed = [n for n, w in waits.items() if not w.done()]
         pfailed = [n for n, w in pwaits.items() if not w.done()]
@@ -178,6 +179,18 @@ class Fanout:
         del table[name]
         pending.pop(name, None)
         metrics.WS_SUBSCRIPTIONS.dec()
+        self._send_unsubscribe(name, pattern)
+
+    def _send_subscribe(self, channels: list[bytes], patterns: list[bytes]) -> None:
+        pubsub = self._pubsub
+        if pubsub is not None and self.connected.is_set():
+            # Else the listener subscribes every table entry when it (re)connects.
+            if channels:
+                self._spawn(pubsub.subscribe(*channels))
+            if patterns:
+                self._spawn(pubsub.psubscribe(*patterns))
+
+    def _send_unsubscribe(self, name: bytes, pattern: bool) -> None:
         if self._pubsub is not None and self.connected.is_set():
             cmd = self._pubsub.punsubscribe if pattern else self._pubsub.unsubscribe
             self._spawn(cmd(name))
@@ -197,15 +210,20 @@ class Fanout:
     # -- delivery ------------------------------------------------------------------------
 
     def deliver(self, kind: bytes | str, name: bytes, data: bytes) -> None:
-        if kind in ("message", b"message"):
+        """Write one message to the sockets of its channel (``kind`` message or smessage) or
+        fleet (pmessage with the pattern's name, or smessage of a cluster's fleet channel)."""
+        trip_message = kind in ("message", b"message", "smessage", b"smessage")
+        if trip_message:
             subs = self.channels.get(name)
+            if subs is None and self.sharded:  # a cluster's fleet channel
+                subs, trip_message = self.patterns.get(name), False
         else:
             subs = self.patterns.get(name)
         if not subs:
             return
         frame = text_frame(data)
         self.frames_built += 1
-        limit, sent, fleet_only = self.limit, 0, kind in ("message", b"message")
+        limit, sent, fleet_only = self.limit, 0, trip_message
         for sub in tuple(subs):
             if fleet_only and sub.fleet:
                 continue  # it receives the same message through its fleet pattern

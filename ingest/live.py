@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import operator
@@ -26,10 +27,11 @@ from datetime import UTC
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from . import metrics
-from .constants import fleet_key, latest_key, trip_channel
+from .keyspace import Keyspace, master_of
 from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LatestLocation, LiveLocations, StoredLocation
 
@@ -48,9 +50,10 @@ TRUST_MISSING_MS = 120_000  # 2 min
 
 # ARGV[1]: msgpack list of
 #   [latest key, ts ms, latest JSON, channel, message, fleet key, trip, org (unused by Lua),
-#    fleet score ms]
+#    fleet score ms, fleet channel]
 # ARGV[2]: TTL seconds. ARGV[3]: a missing key is set only for ts >= this (epoch ms).
-# An empty channel publishes nothing. Returns {updated, skipped, {indexes left unset}}.
+# ARGV[4]: PUBLISH, or SPUBLISH in a cluster. An empty channel publishes nothing.
+# Returns {updated, skipped, {indexes left unset}}.
 # The fleet score is min(ts, the time it was written), raised only (GT): a clock running ahead
 # ranks a trip as "now", never above the trucks that report after it. It is raised whether or
 # not the latest moved (a trip whose latest lies ahead still reports now); the latest itself
@@ -59,6 +62,7 @@ _UPDATE_AND_PUBLISH = """
 local items = cmsgpack.unpack(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local trust_from = tonumber(ARGV[3])
+local publish = ARGV[4]
 local updated, skipped, unsure = 0, 0, {}
 for i, it in ipairs(items) do
   local cur = redis.call('HGET', it[1], 'ts')
@@ -76,11 +80,17 @@ for i, it in ipairs(items) do
     redis.call('EXPIRE', it[6], ttl)
   end
   if it[4] ~= '' then
-    redis.call('PUBLISH', it[4], it[5])
+    redis.call(publish, it[4], it[5])
+  end
+  if it[10] ~= '' then
+    redis.call(publish, it[10], it[5])
   end
 end
 return {updated, skipped, unsure}
 """
+# On a cluster the script also touches keys and channels of slots other than its declared
+# key's, all served by the node it runs on (the calls are grouped per master).
+_CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
 _LATEST_OF = """
 SELECT t.org, t.trip, l.* FROM unnest($1::text[], $2::text[]) AS t(org, trip)
 CROSS JOIN LATERAL (
@@ -95,7 +105,7 @@ _TRIP_OF = operator.itemgetter(ORG, TRIP)
 _TS_OF = operator.itemgetter(TS)
 
 
-def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[object]]:
+def build_items(rows: list[Record], keys: Keyspace, now_ms: int) -> list[list[object]]:
     """One item per (org, trip): its latest location and its live message, each encoded once.
 
     Per row this is one StoredLocation and nothing else: rows arrive in runs of one request
@@ -119,9 +129,9 @@ def build_items(rows: list[Record], prefix: str, now_ms: int) -> list[list[objec
         message = _JSON.encode(LiveLocations(now_ms, trip, driver, locs)).decode()
         latest = _JSON.encode(LatestLocation(trip, driver, locs[-1])).decode()
         items.append([
-            latest_key(prefix, org, trip), ts_ms, latest,
-            trip_channel(prefix, org, trip), message, fleet_key(prefix, org), trip, org or "",
-            min(ts_ms, now_ms),
+            keys.latest(org, trip), ts_ms, latest, keys.trip_channel(org, trip), message,
+            keys.fleet_set(org, trip), trip, org or "", min(ts_ms, now_ms),
+            keys.fleet_channel(org, trip),
         ])  # fmt: skip
     return items
 
@@ -134,14 +144,20 @@ class Live:
     """Owns the Redis client used for latest locations and publishing."""
 
     def __init__(
-        self, redis: aioredis.Redis, prefix: str, latest_ttl_s: int, pool: asyncpg.Pool | None,
-        repair_max_trips: int = 100_000, repair_interval_s: float = 1.0,
+        self, redis: aioredis.Redis | RedisCluster, keys: Keyspace, latest_ttl_s: int,
+        pool: asyncpg.Pool | None, repair_max_trips: int = 100_000,
+        repair_interval_s: float = 1.0,
     ) -> None:  # fmt: skip
         self.redis = redis
         self.pool = pool
-        self.prefix = prefix
+        self.keys = keys
         self.ttl = latest_ttl_s
-        self._script = redis.register_script(_UPDATE_AND_PUBLISH)
+        if isinstance(redis, RedisCluster):
+            self._cluster: RedisCluster | None = redis
+            self._script = redis.register_script(_CROSS_SLOT + _UPDATE_AND_PUBLISH)
+        else:
+            self._cluster = None
+            self._script = redis.register_script(_UPDATE_AND_PUBLISH)
         self._backlog: collections.deque[list[Record]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -211,20 +227,19 @@ class Live:
 
     async def publish(self, rows: list[Record]) -> None:
         now_ms = int(time.time() * 1000)
-        items = build_items(rows, self.prefix, now_ms)
-        try:
-            updated, skipped, unsure = await self._script(
-                args=[_MSGPACK.encode(items), self.ttl, now_ms - TRUST_MISSING_MS]
-            )
-        except Exception as exc:
+        items = build_items(rows, self.keys, now_ms)
+        updated, skipped, unsure, failed, exc = await self._update(items, now_ms - TRUST_MISSING_MS)
+        if failed:
             self.redis_ok = False
             metrics.REDIS_ERRORS.labels("publish").inc()
-            metrics.PUBLISH_DROPPED.inc(len(items))
-            log.warning("publish_failed", extra={"error": repr(exc), "trips": len(items)})
-            self._lose(map(_trip_of_item, items))
-            return
-        self.redis_ok = True
-        metrics.PUBLISHED.inc(len(items))
+            metrics.PUBLISH_DROPPED.inc(len(failed))
+            log.warning("publish_failed", extra={"error": repr(exc), "trips": len(failed)})
+            self._lose(_trip_of_item(items[i]) for i in failed)
+            if len(failed) == len(items):
+                return
+        else:
+            self.redis_ok = True
+        metrics.PUBLISHED.inc(len(items) - len(failed))
         if unsure:
             fill = [items[i] for i in unsure]
             try:
@@ -242,8 +257,57 @@ class Live:
         fixed = await self._newest_stored([_trip_of_item(it) for it in items])
         if not fixed:
             return 0
-        updated, _, _ = await self._script(args=[_MSGPACK.encode(fixed), self.ttl, 0])
-        return int(updated)
+        updated, _, _, _, exc = await self._update(fixed, 0)
+        if exc is not None:
+            raise exc
+        return updated
+
+    async def _update(
+        self, items: list[list[object]], trust_from_ms: int
+    ) -> tuple[int, int, list[int], list[int], Exception | None]:
+        """Run the script over ``items``: (latest updated, skipped, indexes of missing keys
+        left unset, indexes whose call failed, the first failure).
+
+        One call on a single Redis. On a cluster, one call per master, concurrently, each
+        declaring one of its keys for the routing (MOVED is followed by redis-py); the script
+        may touch that node's other slots (allow-cross-slot-keys). A call that fails leaves
+        the other masters' items done.
+        """
+        if self._cluster is None:
+            try:
+                done, skipped, unsure = await self._script(
+                    args=[_MSGPACK.encode(items), self.ttl, trust_from_ms, "PUBLISH"]
+                )
+            except Exception as exc:
+                return 0, 0, [], list(range(len(items))), exc
+            return int(done), int(skipped), list(unsure), [], None
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            # A slot served by no node right now: its own call finds out.
+            groups.setdefault(master_of(self._cluster, str(item[0])) or "", []).append(i)
+        calls = [
+            self._script(
+                keys=[str(items[g[0]][0])],
+                args=[_MSGPACK.encode([items[i] for i in g]), self.ttl, trust_from_ms, "SPUBLISH"],
+            )
+            for g in groups.values()
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        updated = skipped = 0
+        missing: list[int] = []
+        failed: list[int] = []
+        first: Exception | None = None
+        for g, result in zip(groups.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                failed += g
+                first = first or result
+                continue
+            updated += int(result[0])
+            skipped += int(result[1])
+            missing += [g[int(i)] for i in result[2]]
+        return updated, skipped, missing, failed, first
 
     async def _newest_stored(self, trips: list[tuple[str, str]]) -> list[list[object]]:
         """Script items (no message to publish) of the newest stored row of each trip. The
@@ -261,9 +325,9 @@ class Live:
             ts_ms = int(ts.timestamp() * 1000)
             written_ms = int(r["createdAt"].timestamp() * 1000)
             items.append([
-                latest_key(self.prefix, org, trip), ts_ms,
+                self.keys.latest(org, trip), ts_ms,
                 _JSON.encode(LatestLocation(trip, r["driverId"], loc)).decode(), "", "",
-                fleet_key(self.prefix, org), trip, org, min(ts_ms, written_ms),
+                self.keys.fleet_set(org, trip), trip, org, min(ts_ms, written_ms), "",
             ])  # fmt: skip
         return items
 
@@ -306,9 +370,9 @@ class Live:
                 chunk = list(itertools.islice(self._lost.items(), _REPAIR_CHUNK))
                 self._chunk = (chunk, await self._newest_stored([k for k, _ in chunk]))
             chunk, items = self._chunk
-            if items:
-                # Forward-only, from newest stored rows: never older than what a flush wrote.
-                await self._script(args=[_MSGPACK.encode(items), self.ttl, 0])
+            # Forward-only, from newest stored rows: never older than what a flush wrote.
+            if items and (error := (await self._update(items, 0))[4]) is not None:
+                raise error
         except Exception as exc:
             self._repair_at = asyncio.get_running_loop().time() + self._repair_interval
             if isinstance(exc, RedisError):
@@ -337,13 +401,13 @@ class Live:
 
     async def latest(self, org: str, trip: str) -> bytes | None:
         """The stored latest location JSON of ``trip`` in ``org``; raises on Redis errors."""
-        value = await self.redis.hget(latest_key(self.prefix, org, trip), "v")
+        value = await self.redis.hget(self.keys.latest(org, trip), "v")
         return value.encode() if isinstance(value, str) else value
 
     async def latest_many(self, org: str, trips: list[str]) -> list[bytes | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for trip in trips:
-                pipe.hget(latest_key(self.prefix, org, trip), "v")
+                pipe.hget(self.keys.latest(org, trip), "v")
             result: list[bytes | None] = await pipe.execute()
         return result
 
@@ -351,7 +415,18 @@ class Live:
         """Trips of ``org`` with a latest location younger than the TTL, newest first (by
         min(ping time, time written): a phone clock running ahead does not rank first)."""
         min_ms = int((time.time() - self.ttl) * 1000)
-        key = fleet_key(self.prefix, org)
-        raw = await self.redis.zrange(key, "+inf", min_ms, desc=True, byscore=True, offset=0,
-                                      num=limit)  # fmt: skip
-        return [t.decode() if isinstance(t, bytes) else str(t) for t in raw]
+        sets = self.keys.fleet_sets(org)
+        if len(sets) == 1:
+            raw = await self.redis.zrange(sets[0], "+inf", min_ms, desc=True, byscore=True,
+                                          offset=0, num=limit)  # fmt: skip
+            return [t.decode() if isinstance(t, bytes) else str(t) for t in raw]
+        # A cluster's org is spread over bucket sets: the newest of each, merged.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in sets:
+                pipe.zrange(key, "+inf", min_ms, desc=True, byscore=True, offset=0, num=limit,
+                            withscores=True)  # fmt: skip
+            per_set: list[list[tuple[bytes, float]]] = await pipe.execute()
+        ranked = heapq.nlargest(
+            limit, itertools.chain.from_iterable(per_set), key=operator.itemgetter(1)
+        )
+        return [t.decode() if isinstance(t, bytes) else str(t) for t, _ in ranked]

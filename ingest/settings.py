@@ -59,6 +59,10 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     maintenance_interval_s: PositiveFloat = 3600.0
     # Live locations.
     redis_prefix: str = "ingest:"
+    # A Redis Cluster (REDIS_URL names any node) or one Redis (docs/scaling.md).
+    redis_mode: Literal["standalone", "cluster"] = "standalone"
+    # Cluster mode: the hash-tag buckets an org's trips spread over (keyspace.py).
+    redis_cluster_buckets: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     latest_ttl_s: PositiveInt = 86_400  # 1 day
     ws_max_subscriptions: PositiveInt = 1000
     ws_max_messages_per_s: PositiveFloat = 20.0
@@ -146,6 +150,13 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise SettingsError(
             "invalid setting JWT_SECRET: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256),"
             " or AUTH_DISABLED=true for development"
+        )
+    if settings.redis_mode == "cluster" and (
+        "{" in settings.redis_prefix or "}" in settings.redis_prefix
+    ):
+        raise SettingsError(
+            "invalid setting REDIS_PREFIX: must not contain '{' or '}' with REDIS_MODE=cluster"
+            " (they delimit hash tags)"
         )
     if settings.flush_max_rows > settings.buffer_max_rows:
         raise SettingsError("invalid setting FLUSH_MAX_ROWS: must not exceed BUFFER_MAX_ROWS")

@@ -21,7 +21,6 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import auth, metrics
 from .auth import AuthError, Principal, Verifier
-from .constants import fleet_pattern, trip_channel
 from .fanout import Fanout, Subscriber, TooManySubscriptions
 from .live import Live
 from .responses import error
@@ -78,7 +77,7 @@ class Session:
         self.fanout = fanout
         self.live = live
         self.verifier = verifier
-        self.prefix = settings.redis_prefix
+        self.keys = live.keys
         self.tokens = float(settings.ws_max_messages_per_s)
         self.last = time.monotonic()
         self.expiry: asyncio.TimerHandle | None = None
@@ -138,8 +137,8 @@ class Session:
             self.expiry = None
         # Trips being subscribed are in sub.trips already (see subscribe), so none is missed.
         for trip in sub.trips:
-            self.fanout.remove(sub, trip_channel(self.prefix, sub.org, trip))
-        self.fanout.remove_pattern(sub, fleet_pattern(self.prefix, sub.org))
+            self.fanout.remove(sub, self.keys.trip_channel(sub.org, trip))
+        self.leave_fleet()
 
     # -- messages ----------------------------------------------------------------------
 
@@ -208,8 +207,8 @@ class Session:
             )
             return
         fleet = msg.fleet and not sub.fleet
-        channels = [trip_channel(self.prefix, sub.org, t) for t in new]
-        patterns = [fleet_pattern(self.prefix, sub.org)] if fleet else []
+        channels = [self.keys.trip_channel(sub.org, t) for t in new]
+        patterns = self.keys.fleet_subscriptions(sub.org) if fleet else []
         # In sub.trips before the wait, so that a close meanwhile (detach) leaves them too.
         sub.trips.update(new)
         try:
@@ -233,6 +232,8 @@ class Session:
         sub.trips.difference_update(lost_trips)
         if fleet and not pfailed:
             sub.fleet = True
+        elif pfailed:
+            self.leave_fleet()  # a cluster's fleet is several channels: all or none
         if lost_trips or pfailed:
             await self.send_subscribe_failed(lost_trips, bool(pfailed))
         await self.send(encoder.encode(LiveSubscribed(sorted(sub.trips), sub.fleet)))
@@ -286,10 +287,14 @@ class Session:
         for trip in msg.trips:
             if trip in sub.trips:
                 sub.trips.discard(trip)
-                self.fanout.remove(sub, trip_channel(self.prefix, sub.org, trip))
+                self.fanout.remove(sub, self.keys.trip_channel(sub.org, trip))
         if msg.fleet and sub.fleet:
             sub.fleet = False
-            self.fanout.remove_pattern(sub, fleet_pattern(self.prefix, sub.org))
+            self.leave_fleet()
+
+    def leave_fleet(self) -> None:
+        for name in self.keys.fleet_subscriptions(self.sub.org):
+            self.fanout.remove_pattern(self.sub, name)
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

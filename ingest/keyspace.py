@@ -1,0 +1,121 @@
+"""The Redis names of an org's live data, for a single Redis or for a Redis Cluster.
+
+Standalone (REDIS_MODE=standalone) keeps the names of constants.py: one fleet set per org,
+and the fleet's messages reach its subscribers through a pattern on the trip channels.
+
+A Redis Cluster has no sharded pattern subscriptions, and a Lua call may only touch keys of
+the node it runs on. So in cluster mode every name of a trip carries the hash tag
+``{org:bucket}``, bucket = crc32(tripId) mod REDIS_CLUSTER_BUCKETS: a trip's latest key, its
+channel, and its bucket's fleet set and fleet channel share one slot; an org's trips spread
+over that many slots (so over up to that many shards), never all on one node. The fleet is
+REDIS_CLUSTER_BUCKETS sharded channels, each carrying the messages of its bucket's trips; a
+fleet subscriber subscribes to all of them, and a snapshot reads all the bucket sets.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from redis.asyncio.cluster import RedisCluster
+
+from .constants import FLEET_KEY, LATEST_KEY, LIVE_CHANNEL, fleet_key, fleet_pattern
+from .constants import latest_key as _latest_key
+from .constants import trip_channel as _trip_channel
+
+# Cluster-mode fleet channels: fleetlive:{org:bucket}
+FLEET_CHANNEL = "fleetlive:"
+
+
+class Keyspace:
+    """Standalone names."""
+
+    sharded = False
+    buckets = 1
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def latest(self, org: str | None, trip: str) -> str:
+        return _latest_key(self.prefix, org, trip)
+
+    def trip_channel(self, org: str | None, trip: str) -> str:
+        return _trip_channel(self.prefix, org, trip)
+
+    def fleet_set(self, org: str | None, trip: str) -> str:
+        """The fleet set that ranks ``trip``."""
+        return fleet_key(self.prefix, org)
+
+    def fleet_sets(self, org: str) -> list[str]:
+        """Every fleet set of ``org``."""
+        return [fleet_key(self.prefix, org)]
+
+    def fleet_channel(self, org: str | None, trip: str) -> str:
+        """Where a trip's messages go for the fleet besides its own channel: nowhere, the
+        fleet pattern matches the trip channel."""
+        return ""
+
+    def fleet_subscriptions(self, org: str) -> list[str]:
+        """What a fleet subscriber subscribes to: a pattern here, channels in a cluster."""
+        return [fleet_pattern(self.prefix, org)]
+
+
+def _tag_part(org: str | None) -> str:
+    """The org inside a hash tag: '%', ':', '{' and '}' escaped, so that the tag ends where
+    it should and two orgs never share a name."""
+    return (
+        (org or "")
+        .replace("%", "%25")
+        .replace(":", "%3A")
+        .replace("{", "%7B")
+        .replace("}", "%7D")
+    )  # fmt: skip
+
+
+class ClusterKeyspace(Keyspace):
+    """Redis Cluster names: hash-tagged per (org, bucket of the trip)."""
+
+    sharded = True
+
+    def __init__(self, prefix: str, buckets: int) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("REDIS_PREFIX must not contain '{' or '}' in cluster mode")
+        super().__init__(prefix)
+        self.buckets = buckets
+
+    def tag(self, org: str | None, trip: str) -> str:
+        bucket = zlib.crc32(trip.encode()) % self.buckets
+        return f"{{{_tag_part(org)}:{bucket}}}"
+
+    def latest(self, org: str | None, trip: str) -> str:
+        return f"{self.prefix}{LATEST_KEY}{self.tag(org, trip)}:{trip}"
+
+    def trip_channel(self, org: str | None, trip: str) -> str:
+        return f"{self.prefix}{LIVE_CHANNEL}{self.tag(org, trip)}:{trip}"
+
+    def fleet_set(self, org: str | None, trip: str) -> str:
+        return f"{self.prefix}{FLEET_KEY}{self.tag(org, trip)}"
+
+    def fleet_sets(self, org: str) -> list[str]:
+        part = _tag_part(org)
+        return [f"{self.prefix}{FLEET_KEY}{{{part}:{b}}}" for b in range(self.buckets)]
+
+    def fleet_channel(self, org: str | None, trip: str) -> str:
+        return f"{self.prefix}{FLEET_CHANNEL}{self.tag(org, trip)}"
+
+    def fleet_subscriptions(self, org: str) -> list[str]:
+        part = _tag_part(org)
+        return [f"{self.prefix}{FLEET_CHANNEL}{{{part}:{b}}}" for b in range(self.buckets)]
+
+
+def keyspace(mode: str, prefix: str, buckets: int) -> Keyspace:
+    return ClusterKeyspace(prefix, buckets) if mode == "cluster" else Keyspace(prefix)
+
+
+def master_of(cluster: RedisCluster, name: str | bytes) -> str | None:
+    """The name of the master serving ``name``'s slot, as the client last saw the cluster;
+    None while no node serves it (a failover under way)."""
+    try:
+        node = cluster.get_node_from_key(name)  # type: ignore[arg-type]  # bytes work too
+    except Exception:
+        return None
+    return node.name if node is not None else None
