@@ -445,6 +445,84 @@ class PrivatePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class PostgresPair:
+    """A primary and a synchronous streaming standby of it, for read-replica and failover
+    tests: the primary from initdb, the standby from ``pg_basebackup -R`` (it streams from
+    the primary), then the primary waits for the standby at every commit
+    (synchronous_standby_names '*', synchronous_commit on): an acknowledged commit is on
+    both. The standby's own configuration has no synchronous standby, so once promoted it
+    commits alone (as Patroni's non-strict synchronous mode does when no standby is left)."""
+
+    def __init__(self) -> None:
+        self.primary = PrivatePostgres()
+        self.standby = PrivatePostgres()
+        self.psql = self.primary.bin / "psql"
+        if not _executable(self.psql):
+            raise FileNotFoundError("no psql next to the PostgreSQL server binaries")
+
+    @property
+    def failover_url(self) -> str:
+        """Both hosts, primary first; libpq-style clients connect to whichever is writable."""
+        hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
+        return f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        p, s = self.primary, self.standby
+        p.init()
+        p.start()
+        s._run(
+            str(p.bin / "pg_basebackup"), "-D", str(s.data), "-h", "127.0.0.1",
+            "-p", str(p.port), "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync",
+        )  # fmt: skip
+        s.start()
+        # Only now: the standby, copied before, keeps a configuration without it.
+        with (p.data / "postgresql.conf").open("a") as conf:
+            conf.write("\nsynchronous_standby_names = '*'\nsynchronous_commit = on\n")
+        p._run(str(p.bin / "pg_ctl"), "-D", str(p.data), "reload")
+        self.wait_sync(timeout)
+
+    def query(self, server: PrivatePostgres, sql: str) -> str:
+        """``sql`` on ``server`` (psql -At): its output, stripped."""
+        result = subprocess.run(
+            [str(self.psql), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres",
+             "-d", "postgres", "-Atc", sql],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"psql failed: {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def wait_sync(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until the primary's pg_stat_replication shows the standby streaming as 'sync'."""
+        sql = "SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'"
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.query(self.primary, sql) == "sync":
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the standby did not become a synchronous streaming standby")
+
+    def wait_replayed(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until the standby has replayed everything the primary has written so far."""
+        lsn = self.query(self.primary, "SELECT pg_current_wal_lsn()")
+        sql = f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.query(self.standby, sql) == "t":
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the standby did not replay up to {lsn}")
+
+    def promote(self) -> None:
+        """The standby becomes a primary (waits until it accepts writes)."""
+        s = self.standby
+        s._run(str(s.bin / "pg_ctl"), "-D", str(s.data), "-w", "-t", "30", "promote")
+
+    def cleanup(self) -> None:
+        self.standby.cleanup()
+        self.primary.cleanup()
+
+
 class PrivateRedis:
     """A redis-server of its own without persistence, restartable on the same port."""
 

@@ -45,6 +45,7 @@ from .flush import Flusher
 from .keyspace import keyspace
 from .live import Live
 from .ratelimit import RateLimiter
+from .reads import PRIMARY_APP_NAME, REPLICA_APP_NAME, ReadReplica
 from .responses import error
 from .settings import Settings
 from .shutdown import Lifecycle, close_pool, stop_task
@@ -56,6 +57,7 @@ from .typedefs import (
     LIVE,
     POOL,
     RATE_LIMITER,
+    READ_REPLICA,
     SETTINGS,
     SOCKETS,
     VERIFIER,
@@ -118,9 +120,28 @@ async def pg_context(app: web.Application) -> AsyncIterator[None]:
     pool = await asyncpg.create_pool(
         s.database_url, min_size=0, max_size=s.db_pool_max, command_timeout=s.flush_timeout_s,
         max_inactive_connection_lifetime=60,
+        server_settings={"application_name": PRIMARY_APP_NAME},
     )  # fmt: skip
     app[POOL] = pool
     yield
+    await close_pool(pool)
+
+
+async def read_replica_context(app: web.Application) -> AsyncIterator[None]:
+    """DATABASE_READ_URL: the replica's pool and the task that measures the replica."""
+    s = app[SETTINGS]
+    dsn = s.database_read_url or ""
+    # min_size=0: the pod starts while the replica is away (reads use the primary meanwhile).
+    pool = await asyncpg.create_pool(
+        dsn, min_size=0, max_size=s.db_pool_max, command_timeout=s.flush_timeout_s,
+        max_inactive_connection_lifetime=60,
+        server_settings={"application_name": REPLICA_APP_NAME},
+    )  # fmt: skip
+    replica = ReadReplica(pool, dsn, s.read_max_lag_s)
+    app[READ_REPLICA] = replica
+    task = app[LIFECYCLE].start(replica.run(), "replica-monitor")
+    yield
+    await stop_task(task)
     await close_pool(pool)
 
 
@@ -216,6 +237,8 @@ def create_app(settings: Settings) -> web.Application:
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app[SOCKETS] = set()
     app.cleanup_ctx.append(pg_context)
+    if settings.database_read_url:
+        app.cleanup_ctx.append(read_replica_context)
     app.cleanup_ctx.append(redis_context)
     if settings.runs_live:
         app.cleanup_ctx.append(fanout_context)

@@ -54,6 +54,21 @@ DATABASE_UP = Gauge(
     "ingest_database_up", "1 if PostgreSQL answered this pod's last check (at most 1 s old)"
 )
 REDIS_UP = Gauge("ingest_redis_up", "1 if Redis answered this pod's last check (at most 1 s old)")
+# Read replica (DATABASE_READ_URL only; ingest/reads.py).
+READS_ON_REPLICA = Counter(
+    "ingest_replica_reads_total", "Read-only requests sent to the replica (the others: fallbacks)"
+)
+READ_FALLBACKS_TOTAL = Counter(
+    "ingest_read_fallbacks_total", "Reads sent to the primary instead of the replica", ["reason"]
+)
+READ_FALLBACKS = {reason: READ_FALLBACKS_TOTAL.labels(reason) for reason in ("down", "lag")}
+READ_REPLICA_UP = Gauge("ingest_read_replica_up", "1 if the replica answered its last check")
+READ_REPLICA_LAG = Gauge(
+    "ingest_read_replica_lag_seconds",
+    "Replay lag of the replica at its last check (NaN: unknown or unreachable)",
+)
+for _gauge in (READ_REPLICA_UP, READ_REPLICA_LAG):
+    _gauge.set(float("nan"))  # until a replica is configured and checked
 READY = Gauge("ingest_ready", "1 if /readyz answers 200 (checked at each scrape)")
 INFO = Info("ingest", "This pod's role and acknowledgement mode")
 

@@ -7,11 +7,12 @@ import logging
 import re
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import msgspec
 from aiohttp import web
 
 from . import auth, metrics
-from .reads import read_pool
+from .reads import run_read
 from .responses import error, json_response
 from .schema import LatestLocation, LocationPage, StoredLocation
 from .typedefs import LIVE, POOL
@@ -123,14 +124,27 @@ async def history(request: web.Request) -> web.Response:
     except ValueError as exc:  # BadQuery, or int() of a non-number
         detail = str(exc) if isinstance(exc, BadQuery) else "limit: must be an integer"
         return error(400, "invalid_query", detail)
-    pool, driver = read_pool(request.app), auth.driver_filter(p)
-    rows = await pool.fetch(_PAGE_SQL, trip, p.org, driver, start, end, after, limit + 1)
-    if (
-        not rows
-        and "cursor" not in q
-        and await pool.fetchval(_EXISTS_SQL, trip, p.org, driver) is None
-    ):
+    driver, first_page = auth.driver_filter(p), "cursor" not in q
+
+    async def page(pool: asyncpg.Pool) -> list[asyncpg.Record] | None:
+        """The page's rows; None when there is no such trip (asked on a first page only)."""
+        rows: list[asyncpg.Record] = await pool.fetch(
+            _PAGE_SQL, trip, p.org, driver, start, end, after, limit + 1
+        )
+        if (
+            not rows
+            and first_page
+            and await pool.fetchval(_EXISTS_SQL, trip, p.org, driver) is None
+        ):
+            return None
+        return rows
+
+    found, on_replica = await run_read(request.app, page)
+    if found is None and on_replica:  # a trip just started may not have reached the replica
+        found = await page(request.app[POOL])
+    if found is None:
         return _not_found(trip)
+    rows = found
     more = len(rows) > limit
     rows = rows[:limit]
     locs = [StoredLocation(*r) for r in rows]

@@ -24,6 +24,10 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     """Every field is read from the environment variable of the same name, upper-cased."""
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # A streaming replica for read-only queries (docs/scaling.md); unset: reads use the primary.
+    database_read_url: str | None = None
+    # Reads go to the primary while the replica's replay lags more than this.
+    read_max_lag_s: PositiveFloat = 5.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "0.0.0.0"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -162,9 +166,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise SettingsError("invalid setting FLUSH_MAX_ROWS: must not exceed BUFFER_MAX_ROWS")
     for name, url, schemes in (
         ("DATABASE_URL", settings.database_url, ("postgres://", "postgresql://")),
+        ("DATABASE_READ_URL", settings.database_read_url, ("postgres://", "postgresql://")),
         ("REDIS_URL", settings.redis_url, ("redis://", "rediss://", "unix://")),
     ):
-        if not url.startswith(schemes):
+        if url is not None and not url.startswith(schemes):
             raise SettingsError(f"invalid setting {name}: must start with {' or '.join(schemes)}")
     return settings
 

@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 from aiohttp import WSCloseCode, web
 
-from .typedefs import BUFFER, FANOUT, FLUSHER, LIFECYCLE, LIVE, POOL, SOCKETS
+from .typedefs import BUFFER, FANOUT, FLUSHER, LIFECYCLE, LIVE, POOL, READ_REPLICA, SOCKETS
 
 log = logging.getLogger("ingest.shutdown")
 
@@ -62,7 +62,7 @@ class Lifecycle:
     # Set when, draining, the last request in flight has ended.
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     # Background tasks by name ("flusher", "ack-sweeper", "maintenance", "live-publisher",
-    # "pubsub-listener"), started by the cleanup contexts, ended here.
+    # "pubsub-listener", "replica-monitor"), started by the cleanup contexts, ended here.
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def start(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -176,6 +176,9 @@ async def shutdown(app: web.Application, runner: web.BaseRunner, timeout_s: floa
     #    flush needed it to the end, and the publisher may read from it).
     for client in (live.redis, *([fanout.redis] if fanout is not None else [])):
         await _bounded(client.aclose(), left(hard))
+    if READ_REPLICA in app:  # the read replica's monitor and pool (DATABASE_READ_URL)
+        await end("replica-monitor")
+        await close_pool(app[READ_REPLICA].pool, min(_POOL_CLOSE_S, left(hard)))
     await close_pool(app[POOL], min(_POOL_CLOSE_S, left(hard)))
 
     # 10. Say what was left, as uvicorn says how many tasks it cancelled; then aiohttp's own

@@ -14,11 +14,14 @@ if TYPE_CHECKING:
     from .flush import Flusher
     from .live import Live
     from .ratelimit import RateLimiter
+    from .reads import ReadReplica
     from .settings import Settings
     from .shutdown import Lifecycle
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
+# Only with DATABASE_READ_URL: the replica's pool and its monitor's last measurement.
+READ_REPLICA: web.AppKey[ReadReplica] = web.AppKey("read_replica")
 BUFFER: web.AppKey[Buffer] = web.AppKey("buffer")
 FLUSHER: web.AppKey[Flusher] = web.AppKey("flusher")
 LIVE: web.AppKey[Live] = web.AppKey("live")
