@@ -476,10 +476,15 @@ class PostgresPair:
         )  # fmt: skip
         s.start()
         # Only now: the standby, copied before, keeps a configuration without it.
-        with (p.data / "postgresql.conf").open("a") as conf:
-            conf.write("\nsynchronous_standby_names = '*'\nsynchronous_commit = on\n")
-        p._run(str(p.bin / "pg_ctl"), "-D", str(p.data), "reload")
+        self.configure(p, synchronous_standby_names="*", synchronous_commit="on")
         self.wait_sync(timeout)
+
+    def configure(self, server: PrivatePostgres, **settings: str) -> None:
+        """Set ``settings`` in ``server``'s postgresql.conf and reload it."""
+        with (server.data / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"\n{name} = '{value}'" for name, value in settings.items())
+            conf.write("\n")
+        server._run(str(server.bin / "pg_ctl"), "-D", str(server.data), "reload")
 
     def query(self, server: PrivatePostgres, sql: str) -> str:
         """``sql`` on ``server`` (psql -At): its output, stripped."""
