@@ -131,6 +131,12 @@ class ReadReplica:
         metrics.READ_REPLICA_UP.set(0)
         metrics.READ_REPLICA_LAG.set(math.nan)
 
+    async def close(self) -> None:
+        """The monitor's connection (the task's end does it too)."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close(timeout=_MEASURE_TIMEOUT_S)
+
     def _drop(self) -> None:
         if self._conn is not None:
             self._conn.terminate()

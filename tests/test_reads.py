@@ -10,11 +10,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
 from devtools.services import PostgresPair, PrivatePostgres, postgres_bindir
-from ingest.reads import MONITOR_APP_NAME, PRIMARY_APP_NAME, REPLICA_APP_NAME, read_pool
+from ingest.reads import (
+    MONITOR_APP_NAME,
+    PRIMARY_APP_NAME,
+    REPLICA_APP_NAME,
+    ReadReplica,
+    read_pool,
+)
 from ingest.settings import SettingsError, load_settings
 from ingest.typedefs import LIFECYCLE, POOL, READ_REPLICA
 
@@ -166,3 +173,34 @@ async def test_a_trip_not_yet_on_the_replica_is_looked_up_on_the_primary(make_cl
         assert status == 404
     finally:
         await asyncio.to_thread(pair.query, pair.standby, "SELECT pg_wal_replay_resume()")
+
+
+async def test_lag_of_an_idle_caught_up_replica_is_zero_with_pg_monitor(pair, caplog):
+    """Without pg_monitor a read role cannot see that the WAL receiver streams: lag then reads
+    as the age of the last replayed commit (growing while the primary is idle), and the
+    monitor says what to grant."""
+    tag = uuid.uuid4().hex[:8]
+    plain, monitor = f"reader_{tag}", f"monitor_{tag}"
+    await asyncio.to_thread(
+        pair.query, pair.primary,
+        f"CREATE ROLE {plain} LOGIN; CREATE ROLE {monitor} LOGIN; GRANT pg_monitor TO {monitor}",
+    )  # fmt: skip
+    await asyncio.to_thread(pair.wait_replayed)
+    await asyncio.sleep(0.2)  # the last replayed commit (the grant) is now that old at least
+
+    lags = {}
+    for role in (monitor, plain):
+        url = f"postgresql://{role}@127.0.0.1:{pair.standby.port}/postgres"
+        pool = await asyncpg.create_pool(url, min_size=0)
+        replica = ReadReplica(pool, url, max_lag_s=5)
+        try:
+            await replica.measure()
+        finally:
+            await replica.close()
+            await pool.close()
+        assert replica.up
+        lags[role] = replica.lag_s
+    assert lags[monitor] == 0
+    assert lags[plain] >= 0.2
+    hints = [r for r in caplog.records if r.getMessage() == "replica_lag_hidden"]
+    assert len(hints) == 1  # for the role without pg_monitor only
