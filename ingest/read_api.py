@@ -66,6 +66,7 @@ async def latest(request: web.Request) -> web.Response:
         value = None
     if value is not None and (driver is None or _latest_decoder.decode(value).driverId == driver):
         return web.Response(body=value, content_type="application/json", headers=_NO_STORE)
+    # The primary, not read_pool: after a Redis miss the answer must include the last commit.
     row = await request.app[POOL].fetchrow(_LATEST_SQL, trip, p.org, driver)
     if row is None:
         return _not_found(trip)
