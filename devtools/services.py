@@ -454,11 +454,12 @@ class PostgresPair:
     commits alone (as Patroni's non-strict synchronous mode does when no standby is left)."""
 
     def __init__(self) -> None:
+        bindir = postgres_bindir()
+        if bindir is None or not _executable(bindir / "psql"):
+            raise FileNotFoundError("no PostgreSQL binaries (with psql) found")
+        self.psql = bindir / "psql"
         self.primary = PrivatePostgres()
         self.standby = PrivatePostgres()
-        self.psql = self.primary.bin / "psql"
-        if not _executable(self.psql):
-            raise FileNotFoundError("no psql next to the PostgreSQL server binaries")
 
     @property
     def failover_url(self) -> str:
