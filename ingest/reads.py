@@ -35,7 +35,7 @@ REPLICA_APP_NAME = "ingest-read"
 MONITOR_APP_NAME = "ingest-read-monitor"
 
 MONITOR_INTERVAL_S = 1.0
-_MEASURE_TIMEOUT_S = 1.0  # a replica that does not answer by then counts as down
+_MEASURE_TIMEOUT_S = 2.0  # a replica that does not answer by then counts as down
 # A measurement older than this (the monitor stuck or dead) counts as down too.
 _STALE_S = 3 * (MONITOR_INTERVAL_S + _MEASURE_TIMEOUT_S)
 
