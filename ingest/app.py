@@ -34,6 +34,7 @@ from . import (
     ops,
     phone_apps,
     read_api,
+    trip_summary,
     trips_api,
     ws,
 )
@@ -49,8 +50,10 @@ from .reads import PRIMARY_APP_NAME, REPLICA_APP_NAME, ReadReplica
 from .responses import error
 from .settings import Settings
 from .shutdown import Lifecycle, close_pool, stop_task
+from .trip_pages import Slots
 from .typedefs import (
     BUFFER,
+    EXPORT_SLOTS,
     FANOUT,
     FLUSHER,
     LIFECYCLE,
@@ -236,6 +239,7 @@ def create_app(settings: Settings) -> web.Application:
     app[VERIFIER] = Verifier(settings)
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app[SOCKETS] = set()
+    app[EXPORT_SLOTS] = Slots(settings.export_max_concurrent)
     app.cleanup_ctx.append(pg_context)
     if settings.database_read_url:
         app.cleanup_ctx.append(read_replica_context)
@@ -253,6 +257,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_put("/api/v1/tracking/trips/{tripId}/driver", trips_api.hand_over)
     r.add_get("/api/v1/tracking/trips/{tripId}/latest", read_api.latest)
     r.add_get("/api/v1/tracking/trips/{tripId}/locations", read_api.history)
+    r.add_get("/api/v1/tracking/trips/{tripId}/summary", trip_summary.summary)
     if settings.runs_live:
         r.add_get("/api/v1/live", ws.live_socket)
     r.add_get("/healthz", ops.healthz)

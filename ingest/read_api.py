@@ -11,7 +11,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from . import auth, metrics
+from . import auth, metrics, trip_export
 from .reads import run_read
 from .responses import error, json_response
 from .schema import LatestLocation, LocationPage, StoredLocation
@@ -111,10 +111,13 @@ def decode_cursor(cursor: str) -> datetime:
         raise BadQuery("cursor: not a cursor this service issued") from None
 
 
-async def history(request: web.Request) -> web.Response:
+async def history(request: web.Request) -> web.StreamResponse:
     p = auth.authenticate(request)
     trip = request.match_info["tripId"]
     q = request.query
+    fmt = q.get("format") or "json"
+    if fmt not in trip_export.FORMATS:
+        return error(400, "invalid_query", "format: must be json, geojson or gpx")
     try:
         start = parse_time(q["from"], "from") if q.get("from") else _MIN
         end = parse_time(q["to"], "to") if q.get("to") else _MAX
@@ -125,6 +128,8 @@ async def history(request: web.Request) -> web.Response:
     except ValueError as exc:  # BadQuery, or int() of a non-number
         detail = str(exc) if isinstance(exc, BadQuery) else "limit: must be an integer"
         return error(400, "invalid_query", detail)
+    if fmt != "json":  # the whole trip (or from/to), streamed; limit and cursor do not apply
+        return await trip_export.export(request, p, trip, fmt, start, end)
     driver, first_page = auth.driver_filter(p), "cursor" not in q
 
     async def page(pool: asyncpg.Pool) -> list[asyncpg.Record] | None:

@@ -109,6 +109,31 @@ class LocationPage(msgspec.Struct):
     nextCursor: str | None
 
 
+class TripStop(msgspec.Struct):
+    """Pings staying within 30 m of the first one for at least 120 s (docs/api.md)."""
+
+    start: datetime
+    end: datetime
+    location: StoredLocation  # the stop's first point
+    durationS: float
+
+
+class TripSummary(msgspec.Struct):
+    """GET .../trips/{tripId}/summary (docs/api.md#trip-summary)."""
+
+    tripId: str
+    driverId: str  # the driver of the newest ping
+    start: datetime
+    end: datetime
+    pings: int
+    distanceM: float  # great-circle, along the stored points, jumps skipped
+    durationS: float  # end - start
+    maxSpeed: float | None  # the highest reported speed (m/s); null when none was reported
+    avgSpeed: float | None  # distanceM / durationS; null for a single ping
+    stops: list[TripStop]
+    stopsTruncated: bool = False  # more stops than the first 1000 listed
+
+
 class LiveLocations(msgspec.Struct, tag="locations", tag_field="type"):
     # First after the tag so a pod can read it without decoding the message.
     publishedAt: int  # epoch ms

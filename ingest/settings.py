@@ -106,6 +106,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Latest-location repair after failed Redis writes (docs/reliability.md).
     latest_repair_interval_s: PositiveFloat = 1.0
     latest_repair_max_trips: PositiveInt = 100_000
+    # GeoJSON/GPX exports and trip summaries (whole-trip reads) at once per pod; beyond it 503. Each
+    # holds at most one pool connection, and only while it fetches a page.
+    export_max_concurrent: PositiveInt = 2
     # Shutdown: time allowed for the final flush and closing sockets.
     shutdown_timeout_s: PositiveFloat = 20.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .reads import ReadReplica
     from .settings import Settings
     from .shutdown import Lifecycle
+    from .trip_pages import Slots
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
@@ -32,3 +33,5 @@ RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 # Open live WebSockets, closed with 1001 at shutdown.
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
+# Whole-trip reads (summaries, exports) running in this pod, at most EXPORT_MAX_CONCURRENT.
+EXPORT_SLOTS: web.AppKey[Slots] = web.AppKey("export_slots")

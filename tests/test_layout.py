@@ -12,6 +12,7 @@ HANDLERS = {
     "ingest.ingest_api",
     "ingest.read_api",
     "ingest.trips_api",
+    "ingest.trip_summary",
     "ingest.ws",
     "ingest.phone_apps.osmand",
     "ingest.phone_apps.overland",

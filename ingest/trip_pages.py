@@ -1,0 +1,84 @@
+"""A whole trip read in keyset pages, and the per-pod bound on such reads (docs/api.md).
+
+Summaries and exports read every stored ping of a trip, a million of them for a long one.
+They never load it whole, and never hold a pool connection between pages (a slow or gone
+client would pin it; ingest shares the pool): each page is one query on read_pool(), served
+by the ("orgId", "tripId", "timestamp") unique index, and is consumed before the next one
+is fetched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from .schema import CONTROL_CHARS
+
+PAGE_ROWS = 5000
+# Open ends of a range, inside PostgreSQL's timestamptz range.
+FIRST = datetime(1970, 1, 1, tzinfo=UTC)
+LAST = datetime(9999, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+# Column indexes of a page's rows.
+DRIVER, LAT, LON, TS, SPEED, ALTITUDE = range(6)
+
+# What a stored trip id can be (schema.Ident): anything else is no trip, asked of no database
+# (a NUL would even fail the query).
+_TRIP_ID = re.compile(f"[^{CONTROL_CHARS}]{{1,64}}")
+
+_PAGE_SQL = """
+SELECT "driverId", "latitude", "longitude", "timestamp", "speed", "altitude"
+FROM "TripLocation"
+WHERE "orgId" = $1 AND "tripId" = $2 AND ($3::text IS NULL OR "driverId" = $3)
+  AND "timestamp" >= $4 AND "timestamp" < $5
+ORDER BY "timestamp" LIMIT $6
+"""
+
+
+async def pages(
+    pool: asyncpg.Pool,
+    org: str,
+    trip: str,
+    driver: str | None,
+    start: datetime = FIRST,
+    end: datetime = LAST,
+    page_rows: int = PAGE_ROWS,
+) -> AsyncGenerator[list[asyncpg.Record], None]:
+    """The trip's pings in [start, end) in time order, a page at a time; ``driver`` (a
+    driver token's) keeps only that driver's rows. The connection goes back to the pool
+    after each page, before the caller sees it."""
+    if not _TRIP_ID.fullmatch(trip):
+        return
+    lower = start
+    while True:
+        rows: list[asyncpg.Record] = await pool.fetch(
+            _PAGE_SQL, org, trip, driver, lower, end, page_rows
+        )
+        if not rows:
+            return
+        yield rows
+        if len(rows) < page_rows:
+            return
+        # Timestamps are stored to the millisecond: the next one is at least this.
+        lower = rows[-1][TS] + _MS
+
+
+class Slots:
+    """At most ``limit`` whole-trip reads (summaries and exports) at once in this pod:
+    beyond it, 503 at once rather than a queue, so they cannot starve ingest's connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def try_acquire(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def release(self) -> None:
+        self.used -= 1
