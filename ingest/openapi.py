@@ -23,6 +23,7 @@ from .schema import (
     PingBatch,
     PingQueued,
     TripOwner,
+    TripSummary,
 )  # fmt: skip
 
 
@@ -203,16 +204,47 @@ def _paths() -> dict[str, Any]:
                         "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 5000},
                     },
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["json", "geojson", "gpx"]},
+                        "description": "json (default): pages. geojson, gpx: the whole trip"
+                        " (or from/to), streamed; limit and cursor do not apply",
+                    },
                 ],
                 "responses": {
                     "200": {
-                        "description": "A page of locations",
-                        **_json("LocationPage"),
+                        "description": "A page of locations, or the trip as GeoJSON or GPX 1.1",
+                        "content": {
+                            "application/json": {"schema": _ref("LocationPage")},
+                            # A Feature whose geometry is a LineString of [lon, lat].
+                            "application/geo+json": {"schema": {"type": "object"}},
+                            "application/gpx+xml": {"schema": {"type": "string"}},
+                        },
                         "headers": _NO_STORE,
                     },
                     "400": _err("Invalid query parameter"),
                     **_AUTH_ERRORS,
                     "404": _err("Unknown trip (or not visible to this token)"),
+                    "503": {**_err("EXPORT_MAX_CONCURRENT exports run"), "headers": retry},
+                },
+            }
+        },
+        "/api/v1/tracking/trips/{tripId}/summary": {
+            "get": {
+                "summary": "Distance, duration, speeds and stops of a trip (docs/api.md)",
+                "security": [{"bearer": []}],
+                "parameters": [_TRIP],
+                "responses": {
+                    "200": {
+                        "description": "The trip's summary",
+                        **_json("TripSummary"),
+                        "headers": _NO_STORE,
+                    },
+                    **_AUTH_ERRORS,
+                    "404": _err("Unknown trip (or not visible to this token)"),
+                    "503": {**_err("EXPORT_MAX_CONCURRENT exports run"), "headers": retry},
                 },
             }
         },
@@ -240,6 +272,7 @@ def openapi_document() -> bytes:
         LocationPage,
         Handover,
         TripOwner,
+        TripSummary,
     )
     _, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
