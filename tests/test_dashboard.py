@@ -1,6 +1,6 @@
 """The dashboard in headless Chromium against the running service and the simulator: trucks
-appear and move, a click draws a trip's history, offline (canvas) and online (Leaflet and
-OpenStreetMap tiles, answered locally). Screenshots go to test-artifacts/.
+appear and move, a click draws a trip's history and shows its summary and GeoJSON and GPX
+downloads, offline (canvas) and online (Leaflet and OpenStreetMap tiles, answered locally). Screenshots go to test-artifacts/.
 
 Needs Debian's chromium, and playwright-core and leaflet in tests/browser
 (.ci/install-browser-tools installs them); without them this test fails, saying so, rather than skipping.
@@ -109,6 +109,15 @@ async def test_dashboard_shows_the_fleet_moving_and_a_trip_history(make_client, 
     if online:
         assert result["checks"]["tilesLoaded"] > 0 and result["tilesServed"] > 0, result
     assert result["historyPoints"] > 0 and result["historyTrip"].startswith("trip_drv_")
+    # The trip panel: the summary, and both downloads of that trip, whole.
+    summary, downloads = result["summary"], result["downloads"]
+    assert summary["pings"] > 0 and summary["distanceM"] >= 0, summary
+    assert set(summary["fields"]) == {"distance", "duration", "pings", "average", "top", "stops"}
+    geojson, gpx = downloads["geojson"], downloads["gpx"]
+    assert geojson["type"] == "Feature" and geojson["geometry"] == "LineString", geojson
+    assert geojson["tripId"] == result["historyTrip"] and geojson["name"].endswith(".geojson")
+    assert geojson["points"] == geojson["times"] >= summary["pings"], geojson  # the trip grows
+    assert gpx["gpx11"] and gpx["complete"] and gpx["points"] >= summary["pings"], gpx
     assert result["ok"] and proc.returncode == 0
     assert shot.stat().st_size > 10_000
     assert shot.with_name(shot.stem + "-history.png").is_file()

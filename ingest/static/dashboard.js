@@ -157,22 +157,18 @@
       showHistory(null);
       return;
     }
-    const mine = { tripId, points: [], loading: true };
+    const mine = { tripId, points: [], loading: true, summary: null };
     selected = mine;
     showHistory('loading…');
+    loadSummary(mine);
     const points = [];
     let cursor = null;
     try {
       do {
-        const url = new URL(`api/v1/tracking/trips/${encodeURIComponent(tripId)}/locations`, location.href);
+        const url = tripUrl(tripId, 'locations');
         url.searchParams.set('limit', String(HISTORY_PAGE));
         if (cursor) url.searchParams.set('cursor', cursor);
-        const r = await fetch(url, { headers: { Authorization: `Bearer ${token}` }, cache: 'no-store' });
-        if (!r.ok) {
-          const body = await r.json().catch(() => ({}));
-          throw new Error(`HTTP ${r.status} ${body.error || ''} ${body.detail || ''}`.trim());
-        }
-        const page = await r.json();
+        const page = await (await getOk(url)).json();
         for (const l of page.locations) points.push(toPoint(l));
         cursor = page.nextCursor;
       } while (cursor && points.length < HISTORY_MAX && selected === mine);
@@ -190,10 +186,108 @@
     showHistory(null);
   }
 
+  function tripUrl(tripId, tail) {
+    return new URL(`api/v1/tracking/trips/${encodeURIComponent(tripId)}/${tail}`, location.href);
+  }
+
+  async function getOk(url) {
+    const r = await fetch(url, { headers: { Authorization: `Bearer ${token}` }, cache: 'no-store' });
+    if (!r.ok) {
+      const body = await r.json().catch(() => ({}));
+      throw new Error(`HTTP ${r.status} ${body.error || ''} ${body.detail || ''}`.trim());
+    }
+    return r;
+  }
+
+  /** The trip's summary (GET .../summary), shown in the panel once it and the history came. */
+  async function loadSummary(mine) {
+    try {
+      mine.summary = await (await getOk(tripUrl(mine.tripId, 'summary'))).json();
+    } catch (err) {
+      mine.summary = { error: err.message };
+    }
+    if (selected === mine && !mine.loading) showHistory(null);
+  }
+
+  /** The whole trip as a file (?format=geojson|gpx), fetched with the token, saved by the browser. */
+  async function download(tripId, format, button) {
+    button.disabled = true;
+    try {
+      const url = tripUrl(tripId, 'locations');
+      url.searchParams.set('format', format);
+      const blob = await (await getOk(url)).blob();
+      const a = document.createElement('a');
+      a.href = URL.createObjectURL(blob);
+      a.download = `${tripId.replace(/[^A-Za-z0-9._-]/g, '_')}.${format}`;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+    } catch (err) {
+      button.title = `download failed: ${err.message}`;
+      button.classList.add('failed');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function duration(s) {
+    if (s < 60) return `${Math.round(s)} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min`;
+    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  }
+
+  function distance(m) {
+    return m < 1000 ? `${Math.round(m)} m` : `${(m / 1000).toFixed(1)} km`;
+  }
+
+  function summaryView(tripId, sum) {
+    const wrap = document.createElement('div');
+    wrap.className = 'summary';
+    if (!sum) {
+      wrap.textContent = 'summary: loading…';
+      return wrap;
+    }
+    if (sum.error) {
+      wrap.textContent = `summary unavailable: ${sum.error}`;
+      return wrap;
+    }
+    const kmh = (v) => (Number.isFinite(v) ? `${Math.round(v * 3.6)} km/h` : '–');
+    const rows = [
+      ['distance', distance(sum.distanceM)], ['duration', duration(sum.durationS)],
+      ['pings', String(sum.pings)], ['average', kmh(sum.avgSpeed)], ['top', kmh(sum.maxSpeed)],
+      ['stops', `${sum.stops.length}${sum.stopsTruncated ? '+' : ''}`],
+    ];
+    const dl = document.createElement('dl');
+    for (const [k, v] of rows) {
+      const dt = document.createElement('dt');
+      dt.textContent = k;
+      const dd = document.createElement('dd');
+      dd.textContent = v;
+      dd.dataset.field = k;
+      dl.append(dt, dd);
+    }
+    const buttons = document.createElement('div');
+    buttons.className = 'downloads';
+    for (const format of ['geojson', 'gpx']) {
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.dataset.download = format;
+      b.textContent = `${format === 'gpx' ? 'GPX' : 'GeoJSON'} ↓`;
+      b.addEventListener('click', () => download(tripId, format, b));
+      buttons.append(b);
+    }
+    wrap.append(dl, buttons);
+    return wrap;
+  }
+
   function showHistory(message, isError) {
     const box = $('history');
     mapEl.dataset.historyTrip = selected ? selected.tripId : '';
     mapEl.dataset.historyPoints = selected && !selected.loading ? String(selected.points.length) : '0';
+    const sum = selected && selected.summary && !selected.summary.error ? selected.summary : null;
+    box.dataset.summaryPings = sum ? String(sum.pings) : '';
+    box.dataset.summaryDistance = sum ? String(sum.distanceM) : '';
     if (!selected) {
       box.hidden = true;
     } else {
@@ -204,9 +298,9 @@
       } else {
         const pts = selected.points;
         const span = pts.length > 1 ? age(pts[pts.length - 1].ts - pts[0].ts).replace(' ago', '') : '0 s';
-        const m = pathLength(pts);
-        const dist = m < 1000 ? `${Math.round(m)} m` : `${(m / 1000).toFixed(1)} km`;
-        box.textContent = `${selected.tripId}: ${pts.length} points over ${span}, ${dist}`;
+        const head = document.createElement('div');
+        head.textContent = `${selected.tripId}: ${pts.length} points over ${span}, ${distance(pathLength(pts))}`;
+        box.replaceChildren(head, summaryView(selected.tripId, selected.summary));
       }
     }
     dirty = true;

@@ -1,5 +1,6 @@
 // Loads the dashboard in Debian's Chromium (playwright-core, no browser download), checks
-// that trucks appear and move and that a click draws a trip's history, saves screenshots,
+// that trucks appear and move, that a click draws a trip's history and shows its summary,
+// and that the trip's GeoJSON and GPX downloads arrive whole; saves screenshots,
 // and prints one JSON line with what it saw. Exit code 0 when every check passed.
 //
 //   node dashboard.mjs <page url with ?token=> <screenshot.png> [--trucks N] [--timeout MS]
@@ -177,6 +178,37 @@ try {
   result.historyTrip = trip;
   result.historyPoints = Number(await page.$eval('#map', (el) => el.dataset.historyPoints));
   result.historyText = await page.$eval('#history', (el) => el.textContent);
+
+  // The trip panel shows the trip's summary and offers it as GeoJSON and GPX downloads.
+  await page.waitForFunction(() => Number(document.getElementById('history').dataset.summaryPings) > 0);
+  result.summary = await page.$eval('#history', (el) => ({
+    pings: Number(el.dataset.summaryPings),
+    distanceM: Number(el.dataset.summaryDistance),
+    fields: Object.fromEntries([...el.querySelectorAll('dd[data-field]')].map((d) => [d.dataset.field, d.textContent])),
+  }));
+  result.downloads = {};
+  for (const format of ['geojson', 'gpx']) {
+    const [download] = await Promise.all([
+      page.waitForEvent('download'),
+      page.click(`#history button[data-download="${format}"]`),
+    ]);
+    const { readFile } = await import('node:fs/promises');
+    const text = await readFile(await download.path(), 'utf8');
+    const info = { name: download.suggestedFilename(), bytes: text.length };
+    if (format === 'geojson') {
+      const doc = JSON.parse(text);
+      info.type = doc.type;
+      info.geometry = doc.geometry.type;
+      info.points = doc.geometry.coordinates.length;
+      info.times = doc.properties.times.length;
+      info.tripId = doc.properties.tripId;
+    } else {
+      info.gpx11 = text.includes('<gpx version="1.1" creator="ingest" xmlns="http://www.topografix.com/GPX/1/1">');
+      info.points = (text.match(/<trkpt /g) || []).length;
+      info.complete = text.trimEnd().endsWith('</gpx>');
+    }
+    result.downloads[format] = info;
+  }
   await page.mouse.move(0, 0); // no hover highlight in the picture
   await page.waitForTimeout(300); // one more frame with the history drawn
 } catch (err) {
@@ -194,7 +226,8 @@ try {
 }
 result.elapsedMs = Date.now() - started;
 const ok = result.errors.length === 0 && result.checks.advanced >= wantTrucks && result.checks.drove >= 1
-  && result.historyPoints > 0 && result.renderer === wantRenderer;
+  && result.historyPoints > 0 && result.renderer === wantRenderer
+  && result.summary?.pings > 0 && result.downloads?.gpx?.points > 0 && result.downloads?.geojson?.points > 0;
 result.ok = ok;
 console.log(JSON.stringify(result));
 process.exit(ok ? 0 : 1);
