@@ -14,7 +14,7 @@ from aiohttp import web
 from . import auth, metrics, trip_export
 from .reads import run_read
 from .responses import error, json_response
-from .schema import LatestLocation, LocationPage, StoredLocation
+from .schema import LatestLocation, LocationPage, StoredLocation, storable_id
 from .typedefs import LIVE, POOL
 from .validate import parse_rfc3339, rfc3339_problem
 
@@ -58,6 +58,8 @@ async def latest(request: web.Request) -> web.Response:
     p = auth.authenticate(request)
     driver = auth.driver_filter(p)
     trip = request.match_info["tripId"]
+    if not storable_id(trip):
+        return _not_found(trip)
     try:
         value = await request.app[LIVE].latest(p.org, trip)
     except Exception as exc:
@@ -128,6 +130,8 @@ async def history(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:  # BadQuery, or int() of a non-number
         detail = str(exc) if isinstance(exc, BadQuery) else "limit: must be an integer"
         return error(400, "invalid_query", detail)
+    if not storable_id(trip):
+        return _not_found(trip)
     if fmt != "json":  # the whole trip (or from/to), streamed; limit and cursor do not apply
         return await trip_export.export(request, p, trip, fmt, start, end)
     driver, first_page = auth.driver_filter(p), "cursor" not in q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
@@ -10,6 +11,15 @@ import msgspec
 # 1-64 characters, no control characters (C0, DEL and C1: they reach logs and dashboards).
 CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"  # as a regex character range
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=f"^[^{CONTROL_CHARS}]+$")]
+_IDENT = re.compile(f"[^{CONTROL_CHARS}]{{1,64}}")
+
+
+def storable_id(value: str) -> bool:
+    """Whether ``value`` could be a stored id (an Ident): anything else is no trip, asked of
+    no database (a NUL would even fail the query)."""
+    return _IDENT.fullmatch(value) is not None
+
+
 # RFC 3339 text (validate.parse_rfc3339 reads it, so that digits below the millisecond are
 # cut, not rounded as msgspec's datetime would), or epoch milliseconds.
 Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})] | int

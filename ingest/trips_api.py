@@ -15,7 +15,7 @@ from aiohttp import web
 from . import auth, metrics
 from .body import read_body
 from .responses import error, json_response
-from .schema import DECODE_ERRORS, Handover, TripOwner
+from .schema import DECODE_ERRORS, Handover, TripOwner, storable_id
 from .typedefs import FLUSHER, POOL, SETTINGS
 
 log = logging.getLogger("ingest.trips")
@@ -41,7 +41,9 @@ async def hand_over(request: web.Request) -> web.Response:
         new_driver = _decoder.decode(body).driverId
     except DECODE_ERRORS as exc:
         return error(400, "invalid_payload", str(exc))
-    row = await app[POOL].fetchrow(_HAND_OVER, principal.org, trip, new_driver)
+    row = None
+    if storable_id(trip):
+        row = await app[POOL].fetchrow(_HAND_OVER, principal.org, trip, new_driver)
     if row is None:
         return error(404, "not_found", f"no trip {trip!r}")
     if FLUSHER in app:

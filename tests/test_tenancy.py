@@ -703,3 +703,16 @@ async def test_org_ids_with_a_colon_do_not_meet_in_redis(client):
     await fleet.close()
     assert resp.status == 404, await resp.text()
     assert got == []
+
+
+@pytest.mark.parametrize("trip", ["%00", "a%00b", "x" * 65, "%1B%5B31m"])
+async def test_an_id_that_could_never_be_stored_is_an_unknown_trip_not_a_500(client, trip):
+    """A NUL would fail the query (PostgreSQL text holds none); such ids are answered 404
+    without asking the database."""
+    own = auth("dispatcher", "disp_a", "org_1")
+    for template in (LATEST, HISTORY):
+        resp = await client.get(template.format(trip), headers=own)
+        assert resp.status == 404, await resp.text()
+        assert (await resp.json())["error"] == "not_found"
+    resp = await client.put(HANDOVER.format(trip), json={"driverId": "drv_2"}, headers=own)
+    assert resp.status == 404, await resp.text()
