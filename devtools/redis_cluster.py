@@ -64,12 +64,28 @@ class PrivateRedisCluster:
         if created.returncode != 0:
             raise RedisClusterError(f"redis-cli --cluster create failed:\n{created.stdout[-2000:]}")
         self.wait_ok()
+        self._wait_replicas_synced()
+
+    def _wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Until every replica has its master's data (a replica that never synced cannot
+        take over)."""
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while True:
+                info = self.command(port, "info", "replication")
+                if "role:master" in info or "master_link_status:up" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RedisClusterError(f"replica {port} did not sync: {info}")
+                time.sleep(0.05)
 
     def _spawn(self, port: int) -> None:
         args = [
             self.server, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "no",
             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "", "--appendonly", "no",
+            # A replica may take over however long ago it last heard from its master.
+            "--cluster-replica-validity-factor", "0",
             "--dir", str(self.dir), "--loglevel", "warning",
             "--logfile", str(self.dir / f"redis-{port}.log"),
         ]  # fmt: skip
@@ -110,6 +126,20 @@ class PrivateRedisCluster:
                 if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
                     return int(fields[1].split(":")[1].split("@")[0])
         raise RedisClusterError(f"no master serves slot {slot}")
+
+    def wait_failover(self, dead: int, slot: int, timeout: float = 30.0) -> int:
+        """Until a replica of the killed master ``dead`` serves ``slot`` and the cluster is ok
+        again; the new master's port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(RedisClusterError):
+                port = self.master_of_slot(slot)
+                if port != dead:
+                    self.wait_ok(max(0.1, deadline - time.monotonic()))
+                    return port
+            if time.monotonic() > deadline:
+                raise RedisClusterError(f"no failover of {dead} after {timeout} s")
+            time.sleep(0.05)
 
     def kill(self, port: int) -> None:
         """SIGKILL one node: a crash, as far as the cluster can tell."""
