@@ -91,7 +91,7 @@ class PrivateRedisCluster:
         ]  # fmt: skip
         self.procs[port] = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )  # fmt: skip
 
     def command(self, port: int, *args: str) -> str:

@@ -100,9 +100,7 @@ async def test_a_master_killed_under_load_fails_over_and_sockets_keep_receiving(
     for t in on_victim:
         resp = await client.get(f"/api/v1/tracking/trips/{t}/latest", headers=auth())
         latest = (await resp.json())["location"]["timestamp"]
-        resp = await client.get(
-            f"/api/v1/tracking/trips/{t}/locations?limit=5000", headers=auth()
-        )
+        resp = await client.get(f"/api/v1/tracking/trips/{t}/locations?limit=5000", headers=auth())
         newest = (await resp.json())["locations"][-1]["timestamp"]
         assert latest == newest, t
     for ws in (fleet, by_trip):
