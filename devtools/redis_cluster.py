@@ -141,6 +141,24 @@ class PrivateRedisCluster:
                 raise RedisClusterError(f"no failover of {dead} after {timeout} s")
             time.sleep(0.05)
 
+    def move_slot(self, slot: int, to: int) -> None:
+        """Reshard one slot, keys and all, to the master on port ``to``, as
+        `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE, then SETSLOT NODE
+        on every master."""
+        src = self.master_of_slot(slot)
+        src_id = self.command(src, "cluster", "myid").strip()
+        dst_id = self.command(to, "cluster", "myid").strip()
+        self.command(to, "cluster", "setslot", str(slot), "importing", src_id)
+        self.command(src, "cluster", "setslot", str(slot), "migrating", dst_id)
+        while keys := self.command(src, "cluster", "getkeysinslot", str(slot), "100").split():
+            out = self.command(src, "migrate", "127.0.0.1", str(to), "", "0", "5000", "keys", *keys)
+            if "OK" not in out:
+                raise RedisClusterError(f"MIGRATE failed: {out}")
+        for port, proc in self.procs.items():
+            if proc.poll() is None and "role:master" in self.command(port, "info", "replication"):
+                self.command(port, "cluster", "setslot", str(slot), "node", dst_id)
+        self.wait_ok()
+
     def kill(self, port: int) -> None:
         """SIGKILL one node: a crash, as far as the cluster can tell."""
         proc = self.procs[port]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -255,3 +256,57 @@ async def test_sharded_publish_reaches_only_the_owning_shard(
     for r in listeners:
         await r.aclose()
     await ws.close()
+
+
+async def test_a_slot_moved_under_load_keeps_its_trip_live(
+    client, redis_cluster: PrivateRedisCluster
+) -> None:
+    """Resharding: the slot of a watched trip moves to another master while phones post.
+    Its master tells the listener it no longer serves the channel; the channel is subscribed
+    on the new master, publishing follows MOVED, and the latest moves on there."""
+    app = client.server.app
+    await asyncio.wait_for(app[FANOUT].connected.wait(), 5)
+    keys = app[LIVE].keys
+    channel = keys.trip_channel("org_1", "moving")
+    slot = key_slot(channel.encode())
+    src = redis_cluster.master_of_slot(slot)
+    dst = next(p for p in redis_cluster.ports if p != src)
+    tok = token("dispatcher", "d", "org_1")
+    watcher, fleet = await ws_connect(client, tok), await ws_connect(client, tok)
+    await subscribed(watcher, trips=["moving"], settle=0)
+    await subscribed(fleet, fleet=True, settle=0)
+    stamps: list[int] = []
+
+    async def post() -> None:
+        stamps.append(now_ms())
+        b = batch(1, trip="moving", start_ms=stamps[-1])
+        assert (await client.post(PING, json=b, headers=auth())).status == 200
+
+    await post()
+    assert [m["type"] for m in await quiet(watcher, 0.5)] == ["locations"]
+    await quiet(fleet, 0.1)
+    mover = asyncio.create_task(asyncio.to_thread(redis_cluster.move_slot, slot, dst))
+    while not mover.done():
+        await post()
+        await asyncio.sleep(0.02)
+    await mover
+    assert redis_cluster.master_of_slot(slot) == dst
+    await asyncio.sleep(1.0)  # the listener finds the channel's new master
+    await quiet(watcher, 0.1)
+    await quiet(fleet, 0.1)
+    for _ in range(3):
+        await post()
+        got = [m for m in await quiet(watcher, 0.5) if m["type"] == "locations"]
+        assert [m["tripId"] for m in got] == ["moving"]
+        assert [m["tripId"] for m in await quiet(fleet, 0.1)] == ["moving"]
+    assert app[FANOUT].owner[channel.encode()].name == f"127.0.0.1:{dst}"
+    want = datetime.fromtimestamp(stamps[-1] / 1000, UTC)
+    for _ in range(100):  # the latest moves on, on the new master
+        resp = await client.get(LATEST.format("moving"), headers=auth())
+        got = datetime.fromisoformat((await resp.json())["location"]["timestamp"])
+        if got == want:
+            break
+        await asyncio.sleep(0.05)
+    assert got == want
+    for ws in (watcher, fleet):
+        await ws.close()
