@@ -14,27 +14,27 @@ LIVE_CHANNEL = "live:"
 FLEET_KEY = "fleet:"
 
 
-def _org(org: str | None) -> str:
+def org_part(org: str | None) -> str:
     """The org as a name part: ':' (and '%') escaped, so that org "a" with trip "b:t" and
     org "a:b" with trip "t" never share a key or a channel, nor "a"'s fleet pattern."""
     return (org or "").replace("%", "%25").replace(":", "%3A")
 
 
 def latest_key(prefix: str, org: str | None, trip: str) -> str:
-    return f"{prefix}{LATEST_KEY}{_org(org)}:{trip}"
+    return f"{prefix}{LATEST_KEY}{org_part(org)}:{trip}"
 
 
 def fleet_key(prefix: str, org: str | None) -> str:
-    return f"{prefix}{FLEET_KEY}{_org(org)}"
+    return f"{prefix}{FLEET_KEY}{org_part(org)}"
 
 
 def trip_channel(prefix: str, org: str | None, trip: str) -> str:
-    return f"{prefix}{LIVE_CHANNEL}{_org(org)}:{trip}"
+    return f"{prefix}{LIVE_CHANNEL}{org_part(org)}:{trip}"
 
 
 def fleet_pattern(prefix: str, org: str) -> str:
     """Glob matching every trip channel of ``org``; glob characters in names are escaped."""
-    return glob_escape(f"{prefix}{LIVE_CHANNEL}{_org(org)}:") + "*"
+    return glob_escape(f"{prefix}{LIVE_CHANNEL}{org_part(org)}:") + "*"
 
 
 def glob_escape(s: str) -> str:

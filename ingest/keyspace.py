@@ -18,7 +18,7 @@ import zlib
 
 from redis.asyncio.cluster import RedisCluster
 
-from .constants import FLEET_KEY, LATEST_KEY, LIVE_CHANNEL, fleet_key, fleet_pattern
+from .constants import FLEET_KEY, LATEST_KEY, LIVE_CHANNEL, fleet_key, fleet_pattern, org_part
 from .constants import latest_key as _latest_key
 from .constants import trip_channel as _trip_channel
 
@@ -57,6 +57,17 @@ class Keyspace:
     def fleet_subscriptions(self, org: str) -> list[str]:
         """What a fleet subscriber subscribes to: a pattern here, channels in a cluster."""
         return [fleet_pattern(self.prefix, org)]
+
+    def names(self, org: str | None, trip: str) -> tuple[str, str, str, str]:
+        """(latest, trip channel, fleet set, fleet channel) in one call: once per trip per
+        flush, on the live step's path."""
+        p, o = self.prefix, org_part(org)
+        return (
+            f"{p}{LATEST_KEY}{o}:{trip}",
+            f"{p}{LIVE_CHANNEL}{o}:{trip}",
+            f"{p}{FLEET_KEY}{o}",
+            "",
+        )
 
 
 def _tag_part(org: str | None) -> str:
@@ -105,6 +116,13 @@ class ClusterKeyspace(Keyspace):
     def fleet_subscriptions(self, org: str) -> list[str]:
         part = _tag_part(org)
         return [f"{self.prefix}{FLEET_CHANNEL}{{{part}:{b}}}" for b in range(self.buckets)]
+
+    def names(self, org: str | None, trip: str) -> tuple[str, str, str, str]:
+        p, tag = self.prefix, self.tag(org, trip)
+        return (
+            f"{p}{LATEST_KEY}{tag}:{trip}", f"{p}{LIVE_CHANNEL}{tag}:{trip}",
+            f"{p}{FLEET_KEY}{tag}", f"{p}{FLEET_CHANNEL}{tag}",
+        )  # fmt: skip
 
 
 def keyspace(mode: str, prefix: str, buckets: int) -> Keyspace:

@@ -128,10 +128,10 @@ def build_items(rows: list[Record], keys: Keyspace, now_ms: int) -> list[list[ob
         # As str: Redis's Lua cmsgpack cannot read msgpack's bin type.
         message = _JSON.encode(LiveLocations(now_ms, trip, driver, locs)).decode()
         latest = _JSON.encode(LatestLocation(trip, driver, locs[-1])).decode()
+        latest_key, channel, fleet_set, fleet_channel = keys.names(org, trip)
         items.append([
-            keys.latest(org, trip), ts_ms, latest, keys.trip_channel(org, trip), message,
-            keys.fleet_set(org, trip), trip, org or "", min(ts_ms, now_ms),
-            keys.fleet_channel(org, trip),
+            latest_key, ts_ms, latest, channel, message, fleet_set, trip, org or "",
+            min(ts_ms, now_ms), fleet_channel,
         ])  # fmt: skip
     return items
 

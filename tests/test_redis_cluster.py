@@ -21,7 +21,7 @@ from redis.crc import key_slot
 
 from devtools.redis_cluster import PrivateRedisCluster
 from ingest.fanout_cluster import ShardedFanout
-from ingest.keyspace import ClusterKeyspace, keyspace
+from ingest.keyspace import ClusterKeyspace, Keyspace, keyspace
 from ingest.settings import Settings, SettingsError, load_settings
 from ingest.typedefs import FANOUT, LIVE
 
@@ -116,9 +116,18 @@ def test_every_name_of_a_trip_shares_one_slot_and_an_org_spreads_over_many() -> 
             keys.fleet_channel(org, trip),
         ]  # fmt: skip
         assert len({key_slot(n.encode()) for n in names}) == 1, names
+        assert keys.names(org, trip) == tuple(names)
         bucket = zlib.crc32(trip.encode()) % 16
         assert keys.fleet_set(org, trip) == keys.fleet_sets(org)[bucket]
         assert keys.fleet_channel(org, trip) == keys.fleet_subscriptions(org)[bucket]
+    plain = Keyspace("ingest:")
+    for org, trip in [("org_1", "t1"), ("a:b", "c"), (None, "t")]:
+        assert plain.names(org, trip) == (
+            plain.latest(org, trip),
+            plain.trip_channel(org, trip),
+            plain.fleet_set(org, trip),
+            "",
+        )
     slots = {key_slot(keys.latest("big_org", f"trip_{i}").encode()) for i in range(1000)}
     assert len(slots) == 16  # one org's trips over all its buckets, not one slot
 
