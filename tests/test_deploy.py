@@ -21,6 +21,7 @@ import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from packaging.markers import default_environment
@@ -35,7 +36,8 @@ from ingest.shutdown import GRACE_MARGIN_S
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HINT = "run .ci/install-deploy-tools to install the deploy test tools into the virtualenv"
-KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/example"]
+KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/example", "k8s/overlays/scaled"]
+SCALED = "k8s/overlays/scaled"
 ENTRYPOINT = ["python", "-m", "ingest"]
 ROLES = {"ingest", "live"}
 # The oldest Kubernetes the manifests promise to work on, and the newest schemas available.
@@ -104,24 +106,43 @@ def _by_role(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
 def _container_env(
     objects: tuple[dict[str, Any], ...], container: dict[str, Any]
 ) -> dict[str, str]:
-    """What the process sees: image ENV, then envFrom (ConfigMap, Secret), then env."""
+    """What the process sees: image ENV, then envFrom (ConfigMap, Secret), then env (a
+    value, or a key of the Secret), the Secret being the kustomization's template."""
     env = dict(_image_env())
+    secret = _secret_of(objects)
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
             name = source["configMapRef"]["name"]
             (cm,) = [c for c in _of_kind(objects, "ConfigMap") if c["metadata"]["name"] == name]
             env.update(cm.get("data", {}))
         else:
-            assert source["secretRef"]["name"] == _secret_template()["metadata"]["name"]
-            env.update(_secret_template()["stringData"])
-    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+            assert source["secretRef"]["name"] == secret["metadata"]["name"]
+            env.update(secret["stringData"])
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"], e["name"]
+            assert ref["key"] in secret["stringData"], f"{e['name']}: no key {ref['key']}"
+            env[e["name"]] = secret["stringData"][ref["key"]]
     return env
 
 
 @cache
-def _secret_template() -> dict[str, Any]:
-    (secret,) = _yaml_all((ROOT / "k8s/base/secret.example.yaml").read_text())
+def _secret_template(kustomization: str = "k8s/base") -> dict[str, Any]:
+    """The Secret template of a kustomization: its own secret.example.yaml (an overlay that
+    needs more keys), else the base's."""
+    own = ROOT / kustomization / "secret.example.yaml"
+    (secret,) = _yaml_all(
+        (own if own.is_file() else ROOT / "k8s/base/secret.example.yaml").read_text()
+    )
     return secret
+
+
+def _secret_of(objects: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    (kustomization,) = [k for k in KUSTOMIZATIONS if _render(k) is objects]
+    return _secret_template(kustomization)
 
 
 # --- Dockerfile ----------------------------------------------------------------------------
@@ -327,7 +348,7 @@ def test_dockerignore_allows_only_what_the_dockerfile_copies():
 
 def test_every_rendered_object_is_valid_against_the_kubernetes_schemas(objects):
     kv = _module("kubernetes_validate")
-    secret = _secret_template()
+    secret = _secret_of(objects)
     for version in (K8S_MIN, kv.latest_version()):
         for obj in (*objects, secret):
             name = f"{obj['kind']}/{obj['metadata']['name']}"
@@ -342,8 +363,10 @@ def test_every_rendered_object_is_valid_against_the_kubernetes_schemas(objects):
 
 def test_the_secret_is_a_template_and_never_rendered(objects):
     assert not _of_kind(objects, "Secret"), "applying must never overwrite real credentials"
-    secret = _secret_template()
-    assert set(secret["stringData"]) == {"DATABASE_URL", "REDIS_URL", "JWT_SECRET"}
+    secret = _secret_of(objects)
+    assert set(secret["stringData"]) >= {"DATABASE_URL", "REDIS_URL", "JWT_SECRET"}
+    assert set(_secret_template()["stringData"]) == {"DATABASE_URL", "REDIS_URL", "JWT_SECRET"}
+    assert secret["metadata"]["name"] == _secret_template()["metadata"]["name"]
     for key, value in secret["stringData"].items():
         assert "REPLACE_ME" in value, f"{key} holds a placeholder only"
     for workload in _workloads(objects):
@@ -498,6 +521,65 @@ def test_the_example_ingress_routes_the_api_and_never_metrics_or_probes():
         assert any(_routes(public, r) for r in rules), public
     for private in ("/metrics", "/healthz", "/readyz"):
         assert not [r["path"] for r in rules if _routes(private, r)], private
+
+
+def test_the_scaled_overlay_reads_from_a_replica_and_keeps_live_data_in_a_redis_cluster():
+    objects = _render(SCALED)
+    deployments = _by_role(objects)
+    for role, d in deployments.items():
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        (read_url,) = [e for e in container["env"] if e["name"] == "DATABASE_READ_URL"]
+        # From the Secret by name: a Secret without the key stops the pod, never a silent
+        # fallback to the primary.
+        ref = read_url["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "ingest-secrets", "key": "DATABASE_READ_URL"}, role
+        settings = load_settings(_container_env(objects, container))
+        assert settings.database_read_url and settings.database_read_url != settings.database_url
+        assert settings.redis_mode == "cluster", role
+        assert settings.redis_cluster_buckets >= 16, "a very large org must spread over shards"
+        # Failover: the primary and its standbys, connecting to whichever takes writes.
+        hosts = urlsplit(settings.database_url).netloc.rsplit("@", 1)[1]
+        assert "," in hosts, settings.database_url
+        assert "target_session_attrs=read-write" in urlsplit(settings.database_url).query
+    (job,) = _of_kind(objects, "Job")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert "DATABASE_READ_URL" not in {e["name"] for e in migrate.get("env", [])}
+    # The same comment in the kustomization documents the multi-host DATABASE_URL.
+    assert "target_session_attrs=read-write" in (ROOT / SCALED / "kustomization.yaml").read_text()
+
+
+def test_the_scaled_overlay_has_the_autoscaler_bounds_of_the_capacity_model():
+    """docs/scaling.md states the bounds the model gives; the overlay must carry the same,
+    and at its maximum every pod's pool must fit PostgreSQL's max_connections."""
+    objects = _render(SCALED)
+    text = (ROOT / "docs/scaling.md").read_text()
+    model = re.search(
+        r"`k8s/overlays/scaled` sets ingest (\d+) to (\d+) pods and live (\d+) to (\d+)", text
+    )
+    assert model, "docs/scaling.md: the bounds of k8s/overlays/scaled"
+    bounds = {"ingest": model.group(1, 2), "live": model.group(3, 4)}
+    pool_at_max = 0
+    for role, d in _by_role(objects).items():
+        (hpa,) = [
+            h for h in _of_kind(objects, "HorizontalPodAutoscaler")
+            if h["spec"]["scaleTargetRef"]["name"] == d["metadata"]["name"]
+        ]  # fmt: skip
+        spec = hpa["spec"]
+        assert (str(spec["minReplicas"]), str(spec["maxReplicas"])) == bounds[role], role
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        pool_at_max += (
+            spec["maxReplicas"] * load_settings(_container_env(objects, container)).db_pool_max
+        )
+    base = {
+        h["metadata"]["name"]: h["spec"]
+        for h in _of_kind(_render("k8s/base"), "HorizontalPodAutoscaler")
+    }
+    scaled = {
+        h["metadata"]["name"]: h["spec"] for h in _of_kind(objects, "HorizontalPodAutoscaler")
+    }
+    assert all(scaled[n]["maxReplicas"] > base[n]["maxReplicas"] for n in base)
+    max_connections = int(re.search(r"`max_connections` of (\d+)", text).group(1))
+    assert pool_at_max <= max_connections - 20, "room for migrations, maintenance and people"
 
 
 # --- docker-compose.yml --------------------------------------------------------------------
