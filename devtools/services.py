@@ -421,14 +421,16 @@ class PrivatePostgres:
             "--no-sync", "-E", "UTF8",
         )  # fmt: skip
 
-    def start(self) -> None:
+    def start(self, timeout_s: int = 90) -> None:
+        """Waits up to ``timeout_s``: a standby on a loaded machine can take tens of seconds
+        to reach a consistent state and accept connections."""
         opts = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
             " -c full_page_writes=off -c max_connections=50 -c shared_buffers=32MB"
         )
         self._run(
             str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "server.log"),
-            "-w", "-t", "30", "-o", opts, "start",
+            "-w", "-t", str(timeout_s), "-o", opts, "start", timeout=timeout_s + 30,
         )  # fmt: skip
 
     def stop(self, mode: str = "fast") -> None:
