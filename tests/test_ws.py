@@ -12,6 +12,8 @@ import json
 import aiohttp
 import pytest
 
+from ingest.typedefs import LIVE as LIVE_KEY
+
 from .conftest import (
     LIVE,
     PING,
@@ -62,7 +64,11 @@ async def test_websocket_subscribers_see_only_their_org(client):
     other = await ws_connect(client, token("dispatcher", "disp_b", "org_2"))
     other_fleet = await ws_connect(client, token("dispatcher", "disp_c", "org_2"))
     assert (await client.post(PING, json=batch(2), headers=auth())).status == 200
-    await asyncio.sleep(0.2)  # the latest location is in Redis now: no snapshot may leak it
+    live = client.server.app[LIVE_KEY]
+    for _ in range(250):  # published after the ack: then no snapshot may leak it
+        if await live.latest("org_1", "trip_1") is not None:
+            break
+        await asyncio.sleep(0.02)
     assert [m["type"] for m in await subscribed(own, trips=["trip_1"])] == [
         "subscribed",
         "snapshot",
