@@ -64,8 +64,14 @@ local ttl = tonumber(ARGV[2])
 local trust_from = tonumber(ARGV[3])
 local publish = ARGV[4]
 local updated, skipped, unsure = 0, 0, {}
+-- Every read before any write: on a cluster whose slot map the client had stale, a key this
+-- node no longer serves fails the call here, having changed nothing, so a retry is safe.
+local seen = {}
 for i, it in ipairs(items) do
-  local cur = redis.call('HGET', it[1], 'ts')
+  seen[i] = redis.call('HGET', it[1], 'ts')
+end
+for i, it in ipairs(items) do
+  local cur = seen[i]
   if (cur and tonumber(cur) < it[2]) or ((not cur) and it[2] >= trust_from) then
     redis.call('HSET', it[1], 'ts', it[2], 'v', it[3])
     redis.call('EXPIRE', it[1], ttl)
@@ -281,10 +287,30 @@ class Live:
             except Exception as exc:
                 return 0, 0, [], list(range(len(items))), exc
             return int(done), int(skipped), list(unsure), [], None
+        cluster = self._cluster
+        updated, skipped, missing, failed, first = await self._per_master(
+            cluster, items, range(len(items)), trust_from_ms
+        )
+        if failed:
+            # A slot that moved fails its master's call without a MOVED when the declared key
+            # stayed: read the topology again and retry those items once (the script changed
+            # nothing before failing).
+            with contextlib.suppress(Exception):
+                await cluster.nodes_manager.initialize()
+            u, k, m, failed, first = await self._per_master(cluster, items, failed, trust_from_ms)
+            updated, skipped, missing = updated + u, skipped + k, missing + m
+        return updated, skipped, missing, failed, first
+
+    async def _per_master(
+        self, cluster: RedisCluster, items: list[list[object]], indexes: Iterable[int],
+        trust_from_ms: int,
+    ) -> tuple[int, int, list[int], list[int], Exception | None]:  # fmt: skip
+        """_update on a cluster for ``items[indexes]``: one concurrent call per master."""
         groups: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
+        for i in indexes:
+            item = items[i]
             # A slot served by no node right now: its own call finds out.
-            groups.setdefault(master_of(self._cluster, str(item[0])) or "", []).append(i)
+            groups.setdefault(master_of(cluster, str(item[0])) or "", []).append(i)
         calls = [
             self._script(
                 keys=[str(items[g[0]][0])],

@@ -319,3 +319,43 @@ async def test_a_slot_moved_under_load_keeps_its_trip_live(
     assert got == want
     for ws in (watcher, fleet):
         await ws.close()
+
+
+async def test_a_flush_mixing_a_moved_slot_with_a_staying_one_still_publishes(
+    make_client, redis_cluster: PrivateRedisCluster
+) -> None:
+    """Found by the attack review: after a slot moved, a flush grouped by the stale slot map
+    whose declared key stayed ran on the old master, met the moved key ('non local key', no
+    MOVED) and failed for every trip of that master, flush after flush. The script now reads
+    every key before writing any (a failure changes nothing) and the call is retried once
+    after reading the topology again."""
+    client = await make_client(flush_interval_ms=300)
+    app = client.server.app
+    await asyncio.wait_for(app[FANOUT].connected.wait(), 5)
+    keys, org = app[LIVE].keys, "org_1"
+
+    def slot(trip: str) -> int:
+        return key_slot(keys.latest(org, trip).encode())
+
+    moving = "mixed_moving"
+    src = redis_cluster.master_of_slot(slot(moving))
+    staying = next(
+        t for t in (f"stay_{i}" for i in range(1000))
+        if slot(t) != slot(moving) and redis_cluster.master_of_slot(slot(t)) == src
+    )  # fmt: skip
+    dst = next(p for p in redis_cluster.ports if p != src)
+    ws = await ws_connect(client, token("dispatcher", "d", org))
+    await subscribed(ws, trips=[staying, moving], settle=0)
+    # The app's clients know the topology now; the slot moves behind their back.
+    await asyncio.to_thread(redis_cluster.move_slot, slot(moving), dst)
+    await asyncio.sleep(1.0)  # the fan-out subscribes the moved channel on its new master
+    await quiet(ws, 0.1)
+    start = now_ms(-60)
+    posts = [  # one flush (acks wait for it), the staying trip's rows first
+        client.post(PING, json=batch(1, trip=trip, start_ms=start), headers=auth())
+        for trip in (staying, moving)
+    ]
+    assert [r.status for r in await asyncio.gather(*posts)] == [200, 200]
+    got = [m["tripId"] for m in await quiet(ws, 2.0) if m["type"] == "locations"]
+    assert sorted(got) == sorted([staying, moving]), got
+    await ws.close()
