@@ -25,7 +25,6 @@ import asyncpg
 from aiohttp import web
 
 from . import auth, trip_pages
-from .reads import read_pool
 from .responses import error, retry_later
 from .schema import encoder
 from .trip_pages import ALTITUDE, DRIVER, LAT, LON, TS
@@ -151,10 +150,14 @@ async def export(
         return retry_later(
             "too_many_exports", "every export slot of this pod is busy (EXPORT_MAX_CONCURRENT)"
         )
-    pool, driver = read_pool(request.app), auth.driver_filter(principal)
-    pages = trip_pages.pages(pool, principal.org, trip, driver, start, end)
     try:
-        first = await anext(pages, None)
+        first, pages = await trip_pages.open_pages(
+            request.app, principal.org, trip, auth.driver_filter(principal), start, end
+        )
+    except BaseException:
+        slots.release()
+        raise
+    try:
         if first is None:
             return error(
                 404, "not_found", f"no trip {trip!r}", headers={"Cache-Control": "no-store"}

@@ -13,8 +13,11 @@ from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from aiohttp import web
 
+from .reads import run_read
 from .schema import storable_id
+from .typedefs import POOL
 
 PAGE_ROWS = 1000  # about 0.6 MB while decoded; 5000 were no faster (docs/bench.md)
 # Open ends of a range, inside PostgreSQL's timestamptz range.
@@ -60,6 +63,32 @@ async def pages(
             return
         # Timestamps are stored to the millisecond: the next one is at least this.
         lower = rows[-1][TS] + _MS
+
+
+Pages = AsyncGenerator[list[asyncpg.Record], None]
+
+
+async def open_pages(
+    app: web.Application, org: str, trip: str, driver: str | None,
+    start: datetime = FIRST, end: datetime = LAST,
+) -> tuple[list[asyncpg.Record] | None, Pages]:  # fmt: skip
+    """The first page (None: no such pings) and the generator of the rest, read on the
+    replica when it can serve, as history is: a replica that fails under the first page, or
+    has not replayed the trip yet, hands the read to the primary."""
+
+    async def first(pool: asyncpg.Pool) -> tuple[list[asyncpg.Record] | None, Pages]:
+        rest = pages(pool, org, trip, driver, start, end)
+        try:
+            return await anext(rest, None), rest
+        except BaseException:
+            await rest.aclose()
+            raise
+
+    (rows, rest), on_replica = await run_read(app, first)
+    if rows is None and on_replica:
+        await rest.aclose()
+        rows, rest = await first(app[POOL])
+    return rows, rest
 
 
 class Slots:

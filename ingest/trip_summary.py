@@ -15,7 +15,6 @@ import asyncpg
 from aiohttp import web
 
 from . import auth, trip_pages
-from .reads import read_pool
 from .responses import error, json_response, retry_later
 from .schema import StoredLocation, TripStop, TripSummary
 from .trip_pages import LAT, LON, SPEED, TS
@@ -131,9 +130,14 @@ async def summary(request: web.Request) -> web.Response:
         )
     s = Summarizer()
     try:
-        pool, driver = read_pool(request.app), auth.driver_filter(p)
-        async for rows in trip_pages.pages(pool, p.org, trip, driver):
-            s.add(rows)
+        first, rest = await trip_pages.open_pages(request.app, p.org, trip, auth.driver_filter(p))
+        try:
+            if first is not None:
+                s.add(first)
+                async for rows in rest:
+                    s.add(rows)
+        finally:
+            await rest.aclose()
     finally:
         slots.release()
     if not s.pings:

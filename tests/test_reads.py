@@ -204,3 +204,76 @@ async def test_lag_of_an_idle_caught_up_replica_is_zero_with_pg_monitor(pair, ca
     assert lags[plain] >= 0.2
     hints = [r for r in caplog.records if r.getMessage() == "replica_lag_hidden"]
     assert len(hints) == 1  # for the role without pg_monitor only
+
+
+# Found by the attack review: summaries and exports lacked history's fallbacks.
+
+SUMMARY = "/api/v1/tracking/trips/{}/summary"
+HISTORY_PATH = "/api/v1/tracking/trips/{}/locations"
+
+
+async def test_a_trip_not_yet_on_the_replica_is_summarized_and_exported(make_client, pair):
+    client = await replica_client(make_client, pair, read_max_lag_s=600)
+    trip, org = f"trip-{uuid.uuid4().hex[:8]}", f"org-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(pair.query, pair.standby, "SELECT pg_wal_replay_pause()")
+    try:
+        r = await client.post(PING, json=batch(4, trip=trip), headers=auth("driver", "drv_1", org))
+        assert r.status == 200
+        disp = auth("dispatcher", "disp", org)
+        resp = await client.get(HISTORY_PATH.format(trip), headers=disp)
+        assert resp.status == 200 and len((await resp.json())["locations"]) == 4
+        statuses = [(await client.get(SUMMARY.format(trip), headers=disp)).status]
+        for fmt in ("geojson", "gpx"):
+            resp = await client.get(HISTORY_PATH.format(trip), params={"format": fmt}, headers=disp)
+            statuses.append(resp.status)
+            await resp.read()
+        assert statuses == [200, 200, 200]
+    finally:
+        await asyncio.to_thread(pair.query, pair.standby, "SELECT pg_wal_replay_resume()")
+
+
+async def test_a_replica_failing_under_a_summary_falls_back_to_the_primary(make_client, pair):
+    client = await replica_client(make_client, pair)
+    trip, org = f"trip-{uuid.uuid4().hex[:8]}", f"org-{uuid.uuid4().hex[:8]}"
+    r = await client.post(PING, json=batch(4, trip=trip), headers=auth("driver", "drv_1", org))
+    assert r.status == 200
+    await asyncio.to_thread(pair.wait_replayed)
+    # The replica's read is made to wait (an ACCESS EXCLUSIVE lock taken on the primary is
+    # replayed on the standby), then its backend is terminated: a replica failing mid-read.
+    locker = await asyncpg.connect(pair.primary.url)
+    tx = locker.transaction()
+    await tx.start()
+    try:
+        await locker.execute('LOCK TABLE "TripLocation" IN ACCESS EXCLUSIVE MODE')
+        await locker.execute("SELECT pg_current_wal_lsn()")
+        await until_sql(
+            pair,
+            """SELECT count(*) > 0 FROM pg_locks WHERE mode = 'AccessExclusiveLock'
+               AND relation = '"TripLocation"'::regclass AND granted""",
+        )
+        summary = asyncio.create_task(
+            client.get(SUMMARY.format(trip), headers=auth("dispatcher", "disp", org))
+        )
+        waiting = f"""SELECT count(*) > 0 FROM pg_stat_activity
+            WHERE application_name = '{REPLICA_APP_NAME}' AND wait_event_type = 'Lock'"""
+        await until_sql(pair, waiting)
+        await asyncio.to_thread(
+            pair.query, pair.standby,
+            f"""SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                WHERE application_name = '{REPLICA_APP_NAME}' AND wait_event_type = 'Lock'""",
+        )  # fmt: skip
+    finally:
+        await tx.rollback()
+        await locker.close()
+    resp = await summary
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["pings"] == 4
+
+
+async def until_sql(pair: PostgresPair, sql: str) -> None:
+    """Poll ``sql`` on the standby until it answers true (the bound only stops a hang)."""
+    for _ in range(300):
+        if await asyncio.to_thread(pair.query, pair.standby, sql) == "t":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never true on the standby: {sql}")
