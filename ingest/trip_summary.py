@@ -15,10 +15,11 @@ import asyncpg
 from aiohttp import web
 
 from . import auth, trip_pages
+from .reads import run_read
 from .responses import error, json_response, retry_later
 from .schema import StoredLocation, TripStop, TripSummary
 from .trip_pages import LAT, LON, SPEED, TS
-from .typedefs import EXPORT_SLOTS
+from .typedefs import EXPORT_SLOTS, POOL
 
 EARTH_RADIUS_M = 6_371_008.8  # the mean Earth radius (IUGG)
 # A point implying more than this from the last accepted point is a jump, not a drive.
@@ -128,16 +129,20 @@ async def summary(request: web.Request) -> web.Response:
         return retry_later(
             "too_many_exports", "every export slot of this pod is busy (EXPORT_MAX_CONCURRENT)"
         )
-    s = Summarizer()
+    driver = auth.driver_filter(p)
+
+    async def summarize(pool: asyncpg.Pool) -> Summarizer:
+        s = Summarizer()
+        async for rows in trip_pages.pages(pool, p.org, trip, driver):
+            s.add(rows)
+        return s
+
     try:
-        first, rest = await trip_pages.open_pages(request.app, p.org, trip, auth.driver_filter(p))
-        try:
-            if first is not None:
-                s.add(first)
-                async for rows in rest:
-                    s.add(rows)
-        finally:
-            await rest.aclose()
+        # As history: a replica failing under the read, or without the trip yet, hands the
+        # whole summary to the primary.
+        s, on_replica = await run_read(request.app, summarize)
+        if not s.pings and on_replica:
+            s = await summarize(request.app[POOL])
     finally:
         slots.release()
     if not s.pings:
