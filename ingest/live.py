@@ -288,6 +288,12 @@ class Live:
                 return 0, 0, [], list(range(len(items))), exc
             return int(done), int(skipped), list(unsure), [], None
         cluster = self._cluster
+        try:
+            # The grouping below needs the slot map: a client that has not read it yet would
+            # put every item in one call, failing on every other master's keys.
+            await cluster.initialize()
+        except Exception as exc:
+            return 0, 0, [], list(range(len(items))), exc
         updated, skipped, missing, failed, first = await self._per_master(
             cluster, items, range(len(items)), trust_from_ms
         )

@@ -164,9 +164,15 @@ async def test_a_flush_spreads_over_the_masters_in_one_call_per_master(
     per_update: list[list[str]] = []
     script, update = live._script, live._update
 
+    errors: list[BaseException] = []
+
     async def counting_script(keys: list[str], args: list[object]) -> Any:
         calls.append(cluster_client.get_node_from_key(keys[0]).name)
-        return await script(keys=keys, args=args)
+        try:
+            return await script(keys=keys, args=args)
+        except BaseException as e:
+            errors.append(e)
+            raise
 
     async def counting_update(items: list[list[object]], trust_from_ms: int) -> Any:
         first = len(calls)
@@ -193,8 +199,9 @@ async def test_a_flush_spreads_over_the_masters_in_one_call_per_master(
     assert len(masters) == 3  # one org's latest keys on every master
     assert set(calls) == masters
     assert len(per_update) < len(trips)  # flushes were shared...
+    assert not errors, errors  # the first flush already knew the slot map
     for nodes in per_update:  # ...and each called a master at most once
-        assert len(nodes) == len(set(nodes)), per_update
+        assert len(nodes) == len(set(nodes)), (per_update, [str(e) for e in errors])
     for t in trips[:5]:
         resp = await client.get(LATEST.format(t), headers=auth("dispatcher", "d", "org_1"))
         assert resp.status == 200 and (await resp.json())["tripId"] == t
