@@ -31,6 +31,7 @@ from . import (
     logs,
     maintenance,
     metrics,
+    nearby,
     ops,
     phone_apps,
     read_api,
@@ -45,6 +46,7 @@ from .fanout_cluster import ShardedFanout
 from .flush import Flusher
 from .keyspace import keyspace
 from .live import Live
+from .nearby import NearbySearch
 from .ratelimit import RateLimiter
 from .reads import PRIMARY_APP_NAME, REPLICA_APP_NAME, ReadReplica
 from .responses import error
@@ -58,6 +60,7 @@ from .typedefs import (
     FLUSHER,
     LIFECYCLE,
     LIVE,
+    NEARBY,
     POOL,
     RATE_LIMITER,
     READ_REPLICA,
@@ -166,9 +169,10 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
     live = Live(
         client, keyspace(s.redis_mode, s.redis_prefix, s.redis_cluster_buckets), s.latest_ttl_s,
         app[POOL], repair_max_trips=s.latest_repair_max_trips,
-        repair_interval_s=s.latest_repair_interval_s,
+        repair_interval_s=s.latest_repair_interval_s, nearby_max_age_s=s.nearby_max_age_s,
     )  # fmt: skip
     app[LIVE] = live
+    app[NEARBY] = NearbySearch(live)
     task = app[LIFECYCLE].start(live.run(), "live-publisher")
     yield
     live.stop()
@@ -258,6 +262,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/api/v1/tracking/trips/{tripId}/latest", read_api.latest)
     r.add_get("/api/v1/tracking/trips/{tripId}/locations", read_api.history)
     r.add_get("/api/v1/tracking/trips/{tripId}/summary", trip_summary.summary)
+    r.add_get("/api/v1/tracking/nearby", nearby.nearby)
     if settings.runs_live:
         r.add_get("/api/v1/live", ws.live_socket)
     r.add_get("/healthz", ops.healthz)

@@ -243,6 +243,7 @@ class Rule(NamedTuple):
 POST_PINGS = Rule("driver", "only driver tokens may post pings")
 HAND_OVER = Rule("dispatcher", "only dispatcher tokens may hand a trip over")
 WATCH_LIVE = Rule("dispatcher", "live locations need a dispatcher token")
+DISPATCH = Rule("dispatcher", "dispatch endpoints (nearby, geofences) need a dispatcher token")
 
 
 def require(principal: Principal, rule: Rule) -> None:

@@ -18,7 +18,16 @@ import zlib
 
 from redis.asyncio.cluster import RedisCluster
 
-from .constants import FLEET_KEY, LATEST_KEY, LIVE_CHANNEL, fleet_key, fleet_pattern, org_part
+from .constants import (
+    FLEET_KEY,
+    GEO_KEY,
+    GEO_SWEPT_KEY,
+    LATEST_KEY,
+    LIVE_CHANNEL,
+    fleet_key,
+    fleet_pattern,
+    org_part,
+)
 from .constants import latest_key as _latest_key
 from .constants import trip_channel as _trip_channel
 
@@ -49,6 +58,13 @@ class Keyspace:
         """Every fleet set of ``org``."""
         return [fleet_key(self.prefix, org)]
 
+    def nearby_sets(self, org: str) -> list[tuple[str, str, str, str]]:
+        """(GEO set, its fleet set, latest key prefix of its trips, its sweep mark) for every
+        GEO set of ``org``: each tuple's names share a slot in a cluster."""
+        p, o = self.prefix, org_part(org)
+        return [(f"{p}{GEO_KEY}{o}", f"{p}{FLEET_KEY}{o}", f"{p}{LATEST_KEY}{o}:",
+                 f"{p}{GEO_SWEPT_KEY}{o}")]  # fmt: skip
+
     def fleet_channel(self, org: str | None, trip: str) -> str:
         """Where a trip's messages go for the fleet besides its own channel: nowhere, the
         fleet pattern matches the trip channel."""
@@ -58,15 +74,20 @@ class Keyspace:
         """What a fleet subscriber subscribes to: a pattern here, channels in a cluster."""
         return [fleet_pattern(self.prefix, org)]
 
-    def names(self, org: str | None, trip: str) -> tuple[str, str, str, str]:
-        """(latest, trip channel, fleet set, fleet channel) in one call: once per trip per
-        flush, on the live step's path."""
+    def geo_set(self, org: str | None, trip: str) -> str:
+        """The GEO set that holds ``trip``'s latest position."""
+        return f"{self.prefix}{GEO_KEY}{org_part(org)}"
+
+    def names(self, org: str | None, trip: str) -> tuple[str, str, str, str, str]:
+        """(latest, trip channel, fleet set, fleet channel, GEO set) in one call: once per
+        trip per flush, on the live step's path."""
         p, o = self.prefix, org_part(org)
         return (
             f"{p}{LATEST_KEY}{o}:{trip}",
             f"{p}{LIVE_CHANNEL}{o}:{trip}",
             f"{p}{FLEET_KEY}{o}",
             "",
+            f"{p}{GEO_KEY}{o}",
         )
 
 
@@ -110,18 +131,27 @@ class ClusterKeyspace(Keyspace):
         part = _tag_part(org)
         return [f"{self.prefix}{FLEET_KEY}{{{part}:{b}}}" for b in range(self.buckets)]
 
+    def nearby_sets(self, org: str) -> list[tuple[str, str, str, str]]:
+        p, part = self.prefix, _tag_part(org)
+        tags = [f"{{{part}:{b}}}" for b in range(self.buckets)]
+        return [(f"{p}{GEO_KEY}{t}", f"{p}{FLEET_KEY}{t}", f"{p}{LATEST_KEY}{t}:",
+                 f"{p}{GEO_SWEPT_KEY}{t}") for t in tags]  # fmt: skip
+
     def fleet_channel(self, org: str | None, trip: str) -> str:
         return f"{self.prefix}{FLEET_CHANNEL}{self.tag(org, trip)}"
+
+    def geo_set(self, org: str | None, trip: str) -> str:
+        return f"{self.prefix}{GEO_KEY}{self.tag(org, trip)}"
 
     def fleet_subscriptions(self, org: str) -> list[str]:
         part = _tag_part(org)
         return [f"{self.prefix}{FLEET_CHANNEL}{{{part}:{b}}}" for b in range(self.buckets)]
 
-    def names(self, org: str | None, trip: str) -> tuple[str, str, str, str]:
+    def names(self, org: str | None, trip: str) -> tuple[str, str, str, str, str]:
         p, tag = self.prefix, self.tag(org, trip)
         return (
             f"{p}{LATEST_KEY}{tag}:{trip}", f"{p}{LIVE_CHANNEL}{tag}:{trip}",
-            f"{p}{FLEET_KEY}{tag}", f"{p}{FLEET_CHANNEL}{tag}",
+            f"{p}{FLEET_KEY}{tag}", f"{p}{FLEET_CHANNEL}{tag}", f"{p}{GEO_KEY}{tag}",
         )  # fmt: skip
 
 

@@ -50,9 +50,11 @@ TRUST_MISSING_MS = 120_000  # 2 min
 
 # ARGV[1]: msgpack list of
 #   [latest key, ts ms, latest JSON, channel, message, fleet key, trip, org (unused by Lua),
-#    fleet score ms, fleet channel]
+#    fleet score ms, fleet channel, GEO key, longitude, latitude]
 # ARGV[2]: TTL seconds. ARGV[3]: a missing key is set only for ts >= this (epoch ms).
 # ARGV[4]: PUBLISH, or SPUBLISH in a cluster. An empty channel publishes nothing.
+# ARGV[5]: a latest that moves forward enters the GEO set only with a fleet score >= this
+#   (now - NEARBY_MAX_AGE_S): a late upload never puts a silent truck back into nearby.
 # Returns {updated, skipped, {indexes left unset}}.
 # The fleet score is min(ts, the time it was written), raised only (GT): a clock running ahead
 # ranks a trip as "now", never above the trucks that report after it. It is raised whether or
@@ -63,6 +65,7 @@ local items = cmsgpack.unpack(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local trust_from = tonumber(ARGV[3])
 local publish = ARGV[4]
+local geo_from = tonumber(ARGV[5])
 local updated, skipped, unsure = 0, 0, {}
 -- Every read before any write: on a cluster whose slot map the client had stale, a key this
 -- node no longer serves fails the call here, having changed nothing, so a retry is safe.
@@ -76,6 +79,13 @@ for i, it in ipairs(items) do
     redis.call('HSET', it[1], 'ts', it[2], 'v', it[3])
     redis.call('EXPIRE', it[1], ttl)
     updated = updated + 1
+    -- GEO indexes latitudes within +-85.05112878 only: a truck beyond leaves nearby.
+    if it[9] >= geo_from and math.abs(it[13]) <= 85.05112878 then
+      redis.call('GEOADD', it[11], it[12], it[13], it[7])
+      redis.call('EXPIRE', it[11], ttl)
+    else
+      redis.call('ZREM', it[11], it[7])
+    end
   elseif cur then
     skipped = skipped + 1
   else
@@ -134,10 +144,10 @@ def build_items(rows: list[Record], keys: Keyspace, now_ms: int) -> list[list[ob
         # As str: Redis's Lua cmsgpack cannot read msgpack's bin type.
         message = _JSON.encode(LiveLocations(now_ms, trip, driver, locs)).decode()
         latest = _JSON.encode(LatestLocation(trip, driver, locs[-1])).decode()
-        latest_key, channel, fleet_set, fleet_channel = keys.names(org, trip)
+        latest_key, channel, fleet_set, fleet_channel, geo_set = keys.names(org, trip)
         items.append([
             latest_key, ts_ms, latest, channel, message, fleet_set, trip, org or "",
-            min(ts_ms, now_ms), fleet_channel,
+            min(ts_ms, now_ms), fleet_channel, geo_set, newest[LON], newest[LAT],
         ])  # fmt: skip
     return items
 
@@ -152,9 +162,10 @@ class Live:
     def __init__(
         self, redis: aioredis.Redis | RedisCluster, keys: Keyspace, latest_ttl_s: int,
         pool: asyncpg.Pool | None, repair_max_trips: int = 100_000,
-        repair_interval_s: float = 1.0,
+        repair_interval_s: float = 1.0, nearby_max_age_s: int = 600,
     ) -> None:  # fmt: skip
         self.redis = redis
+        self.nearby_max_age_s = nearby_max_age_s
         self.pool = pool
         self.keys = keys
         self.ttl = latest_ttl_s
@@ -180,6 +191,9 @@ class Live:
         # Counts of the current repair episode (first loss until nothing is pending), logged
         # once at its end.
         self._episode = {"repaired": 0, "overflow": 0, "failed_attempts": 0}
+
+    def _geo_from(self) -> int:
+        return int((time.time() - self.nearby_max_age_s) * 1000)
 
     @property
     def repair_pending(self) -> int:
@@ -282,7 +296,13 @@ class Live:
         if self._cluster is None:
             try:
                 done, skipped, unsure = await self._script(
-                    args=[_MSGPACK.encode(items), self.ttl, trust_from_ms, "PUBLISH"]
+                    args=[
+                        _MSGPACK.encode(items),
+                        self.ttl,
+                        trust_from_ms,
+                        "PUBLISH",
+                        self._geo_from(),
+                    ]
                 )
             except Exception as exc:
                 return 0, 0, [], list(range(len(items))), exc
@@ -320,7 +340,13 @@ class Live:
         calls = [
             self._script(
                 keys=[str(items[g[0]][0])],
-                args=[_MSGPACK.encode([items[i] for i in g]), self.ttl, trust_from_ms, "SPUBLISH"],
+                args=[
+                    _MSGPACK.encode([items[i] for i in g]),
+                    self.ttl,
+                    trust_from_ms,
+                    "SPUBLISH",
+                    self._geo_from(),
+                ],
             )
             for g in groups.values()
         ]
@@ -360,6 +386,7 @@ class Live:
                 self.keys.latest(org, trip), ts_ms,
                 _JSON.encode(LatestLocation(trip, r["driverId"], loc)).decode(), "", "",
                 self.keys.fleet_set(org, trip), trip, org, min(ts_ms, written_ms), "",
+                self.keys.geo_set(org, trip), r["longitude"], r["latitude"],
             ])  # fmt: skip
         return items
 

@@ -19,6 +19,7 @@ from .schema import (
     Handover,
     LatestLocation,
     LocationPage,
+    NearbyTrips,
     PingAck,
     PingBatch,
     PingQueued,
@@ -35,6 +36,10 @@ def _json(name: str) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": _ref(name)}}}
 
 
+def _query(name: str, schema: dict[str, Any], required: bool) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
 def _err(description: str) -> dict[str, Any]:
     return {"description": description, **_json("Error")}
 
@@ -46,6 +51,7 @@ _AUTH_ERRORS = {
     }
 }
 _TRIP = {"name": "tripId", "in": "path", "required": True, "schema": {"type": "string"}}
+_GEO_LAT = {"type": "number", "minimum": -85.05112878, "maximum": 85.05112878}
 _NO_STORE = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
 # RFC 3339 with an offset, or epoch milliseconds (13 digits reach the year 2286).
 _TIME_PARAM = {
@@ -248,6 +254,29 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/v1/tracking/nearby": {
+            "get": {
+                "summary": "The org's trucks nearest a point (docs/api.md#nearby-trucks)",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    _query("lat", _GEO_LAT, True),
+                    _query("lon", {"type": "number", "minimum": -180, "maximum": 180}, True),
+                    _query("radius_m", {"type": "number", "minimum": 0, "maximum": 200_000}, True),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, False),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Trips nearest first, silent ones left out",
+                        **_json("NearbyTrips"),
+                        "headers": _NO_STORE,
+                    },
+                    "400": _err("Invalid query parameter"),
+                    **_AUTH_ERRORS,
+                    "403": _err("Not a dispatcher token"),
+                    "503": {**_err("Redis unavailable"), "headers": retry},
+                },
+            }
+        },
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
         "/readyz": {
             "get": {
@@ -273,6 +302,7 @@ def openapi_document() -> bytes:
         Handover,
         TripOwner,
         TripSummary,
+        NearbyTrips,
     )
     _, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
@@ -283,6 +313,8 @@ def openapi_document() -> bytes:
         optional = "anyOf" in props[name]  # float | None
         props[name] = {**props[name], "anyOf": [number, {"type": "null"}]} if optional else number
     props["timestamp"]["description"] = _TIMESTAMP_DOC
+    # Raw on the wire (the stored latest JSON, not decoded again): the same shape.
+    components["NearbyTrip"]["properties"]["location"] = _ref("StoredLocation")
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "ingest", "version": __version__},

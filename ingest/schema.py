@@ -113,6 +113,17 @@ class LatestLocation(msgspec.Struct):
     location: StoredLocation
 
 
+class NearbyTrip(msgspec.Struct):
+    tripId: str
+    driverId: str
+    distanceM: float
+    location: msgspec.Raw  # the latest location's JSON as stored, not decoded
+
+
+class NearbyTrips(msgspec.Struct):
+    trips: list[NearbyTrip]
+
+
 class LocationPage(msgspec.Struct):
     tripId: str
     locations: list[StoredLocation]

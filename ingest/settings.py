@@ -68,6 +68,8 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Cluster mode: the hash-tag buckets an org's trips spread over (keyspace.py).
     redis_cluster_buckets: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     latest_ttl_s: PositiveInt = 86_400  # 1 day
+    # Nearby leaves out trips silent for longer than this (the same on every pod).
+    nearby_max_age_s: PositiveInt = 600
     ws_max_subscriptions: PositiveInt = 1000
     ws_max_messages_per_s: PositiveFloat = 20.0
     ws_send_buffer_bytes: PositiveInt = 1_048_576  # per socket; above it the socket is closed

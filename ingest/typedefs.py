@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .fanout import Fanout
     from .flush import Flusher
     from .live import Live
+    from .nearby import NearbySearch
     from .ratelimit import RateLimiter
     from .reads import ReadReplica
     from .settings import Settings
@@ -26,6 +27,7 @@ READ_REPLICA: web.AppKey[ReadReplica] = web.AppKey("read_replica")
 BUFFER: web.AppKey[Buffer] = web.AppKey("buffer")
 FLUSHER: web.AppKey[Flusher] = web.AppKey("flusher")
 LIVE: web.AppKey[Live] = web.AppKey("live")
+NEARBY: web.AppKey[NearbySearch] = web.AppKey("nearby")
 FANOUT: web.AppKey[Fanout] = web.AppKey("fanout")
 VERIFIER: web.AppKey[Verifier] = web.AppKey("verifier")
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")

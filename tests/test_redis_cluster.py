@@ -34,6 +34,12 @@ from .test_live import (
     test_message_is_encoded_once_whatever_the_subscribers,
     test_subscriber_gets_exactly_the_committed_pings_of_its_trips,
 )
+from .test_nearby import (
+    test_a_silent_truck_is_left_out_and_never_brought_back_by_a_late_upload,
+    test_a_truck_moves_and_a_late_upload_never_moves_it_back,
+    test_nearest_first_within_the_radius_and_limit,
+    test_two_orgs_with_the_same_ids_see_only_their_own_trucks,
+)
 from .test_tenancy import (
     test_future_timestamps_cannot_crowd_a_truck_out_of_the_fleet_snapshot,
     test_org_b_with_the_same_ids_never_touches_org_a,
@@ -54,6 +60,10 @@ CONTRACT = [
     test_org_ids_with_a_colon_do_not_meet_in_redis,
     test_reads_of_another_org_answer_like_an_unknown_trip,
     test_websocket_subscribers_see_only_their_org,
+    test_a_silent_truck_is_left_out_and_never_brought_back_by_a_late_upload,
+    test_a_truck_moves_and_a_late_upload_never_moves_it_back,
+    test_nearest_first_within_the_radius_and_limit,
+    test_two_orgs_with_the_same_ids_see_only_their_own_trucks,
 ]
 PING = "/api/v1/tracking/ping"
 LATEST = "/api/v1/tracking/trips/{}/latest"
@@ -113,12 +123,17 @@ def test_every_name_of_a_trip_shares_one_slot_and_an_org_spreads_over_many() -> 
     for org, trip in [("org_1", "t1"), ("a{b}:c", "x}{y"), ("", "{}"), ("%3A", ":")]:
         names = [
             keys.latest(org, trip), keys.trip_channel(org, trip), keys.fleet_set(org, trip),
-            keys.fleet_channel(org, trip),
+            keys.fleet_channel(org, trip), keys.geo_set(org, trip),
         ]  # fmt: skip
         assert len({key_slot(n.encode()) for n in names}) == 1, names
         assert keys.names(org, trip) == tuple(names)
         bucket = zlib.crc32(trip.encode()) % 16
         assert keys.fleet_set(org, trip) == keys.fleet_sets(org)[bucket]
+        geo, fleet, latest_prefix, swept = keys.nearby_sets(org)[bucket]
+        assert (geo, fleet, latest_prefix + trip) == (
+            keys.geo_set(org, trip), keys.fleet_set(org, trip), keys.latest(org, trip),
+        )  # fmt: skip
+        assert key_slot(swept.encode()) == key_slot(geo.encode())
         assert keys.fleet_channel(org, trip) == keys.fleet_subscriptions(org)[bucket]
     plain = Keyspace("ingest:")
     for org, trip in [("org_1", "t1"), ("a:b", "c"), (None, "t")]:
@@ -127,7 +142,13 @@ def test_every_name_of_a_trip_shares_one_slot_and_an_org_spreads_over_many() -> 
             plain.trip_channel(org, trip),
             plain.fleet_set(org, trip),
             "",
+            plain.geo_set(org, trip),
         )
+        if org is not None:
+            ((geo, fleet, latest_prefix, _),) = plain.nearby_sets(org)
+            assert (geo, fleet, latest_prefix + trip) == (
+                plain.geo_set(org, trip), plain.fleet_set(org, trip), plain.latest(org, trip),
+            )  # fmt: skip
     slots = {key_slot(keys.latest("big_org", f"trip_{i}").encode()) for i in range(1000)}
     assert len(slots) == 16  # one org's trips over all its buckets, not one slot
 
