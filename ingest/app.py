@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import (
     dashboard,
+    geofences_api,
     ingest_api,
     logs,
     maintenance,
@@ -44,11 +45,13 @@ from .buffer import Buffer
 from .fanout import Fanout
 from .fanout_cluster import ShardedFanout
 from .flush import Flusher
+from .geofence_events import GeofenceEvaluator
 from .keyspace import keyspace
 from .live import Live
 from .nearby import NearbySearch
 from .ratelimit import RateLimiter
 from .reads import PRIMARY_APP_NAME, REPLICA_APP_NAME, ReadReplica
+from .records import Record
 from .responses import error
 from .settings import Settings
 from .shutdown import Lifecycle, close_pool, stop_task
@@ -58,6 +61,7 @@ from .typedefs import (
     EXPORT_SLOTS,
     FANOUT,
     FLUSHER,
+    GEOFENCES,
     LIFECYCLE,
     LIVE,
     NEARBY,
@@ -206,15 +210,25 @@ async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     buffer = Buffer(s.buffer_max_rows, s.flush_max_rows, s.flush_interval_ms / 1000)
     metrics.BUFFER_LIMIT.set(s.buffer_max_rows)
-    flusher = Flusher(s, buffer, app[POOL], app[LIVE].committed)
-    app[BUFFER], app[FLUSHER] = buffer, flusher
+    live = app[LIVE]
+    evaluator = GeofenceEvaluator(app[POOL], live, s.geofence_max_vertices)
+
+    def committed(rows: list[Record]) -> None:
+        live.committed(rows)
+        evaluator.committed(rows)
+
+    flusher = Flusher(s, buffer, app[POOL], committed)
+    app[BUFFER], app[FLUSHER], app[GEOFENCES] = buffer, flusher, evaluator
     life = app[LIFECYCLE]
     task = life.start(flusher.run(), "flusher")
+    geofencing = life.start(evaluator.run(), "geofence-evaluator")
     sweeper = life.start(_sweep_acks(buffer, s.ack_timeout_ms / 1000), "ack-sweeper")
     yield
     await stop_task(sweeper)
     buffer.close()
     await stop_task(task, timeout=1.0)
+    evaluator.stop()
+    await stop_task(geofencing, timeout=1.0)
 
 
 async def _sweep_acks(buffer: Buffer, timeout_s: float) -> None:
@@ -263,6 +277,11 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/api/v1/tracking/trips/{tripId}/locations", read_api.history)
     r.add_get("/api/v1/tracking/trips/{tripId}/summary", trip_summary.summary)
     r.add_get("/api/v1/tracking/nearby", nearby.nearby)
+    r.add_post("/api/v1/geofences", geofences_api.create)
+    r.add_get("/api/v1/geofences", geofences_api.list_all)
+    r.add_get("/api/v1/geofences/{id}", geofences_api.get_one)
+    r.add_delete("/api/v1/geofences/{id}", geofences_api.delete)
+    r.add_get("/api/v1/geofences/{id}/events", geofences_api.events)
     if settings.runs_live:
         r.add_get("/api/v1/live", ws.live_socket)
     r.add_get("/healthz", ops.healthz)

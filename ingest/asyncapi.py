@@ -14,6 +14,7 @@ import msgspec
 from . import __version__
 from .schema import (
     LiveError,
+    LiveGeofence,
     LiveLocations,
     LiveRefreshed,
     LiveSnapshot,
@@ -46,6 +47,11 @@ _SERVER = {
     "locations": (
         LiveLocations,
         "New committed pings of a followed trip, in time order; one per trip per flush",
+    ),
+    "geofence": (
+        LiveGeofence,
+        "To fleet subscribers: a trip of the org entered or left one of its geofences; each"
+        " event once, in the trip's time order (docs/api.md#geofences)",
     ),
     "refreshed": (LiveRefreshed, "The reply to an accepted refresh: the new token's exp"),
     "error": (
@@ -117,6 +123,7 @@ def _operations() -> dict[str, Any]:
         },
         "sendSnapshot": {"action": "send", "channel": channel, "messages": messages("snapshot")},
         "sendLocations": {"action": "send", "channel": channel, "messages": messages("locations")},
+        "sendGeofence": {"action": "send", "channel": channel, "messages": messages("geofence")},
         "sendError": {
             "action": "send",
             "channel": channel,

@@ -78,6 +78,11 @@ class Keyspace:
         """The GEO set that holds ``trip``'s latest position."""
         return f"{self.prefix}{GEO_KEY}{org_part(org)}"
 
+    def geofence_channel(self, org: str, trip: str) -> str:
+        """Where ``trip``'s geofence events go: to the org's fleet subscribers only. The trip
+        channel with an empty trip id, which the fleet pattern matches and no trip has."""
+        return f"{self.prefix}{LIVE_CHANNEL}{org_part(org)}:"
+
     def names(self, org: str | None, trip: str) -> tuple[str, str, str, str, str]:
         """(latest, trip channel, fleet set, fleet channel, GEO set) in one call: once per
         trip per flush, on the live step's path."""
@@ -142,6 +147,9 @@ class ClusterKeyspace(Keyspace):
 
     def geo_set(self, org: str | None, trip: str) -> str:
         return f"{self.prefix}{GEO_KEY}{self.tag(org, trip)}"
+
+    def geofence_channel(self, org: str, trip: str) -> str:
+        return self.fleet_channel(org, trip)
 
     def fleet_subscriptions(self, org: str) -> list[str]:
         part = _tag_part(org)

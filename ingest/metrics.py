@@ -142,6 +142,31 @@ COMMITS_RESOLVED = Counter(
 )
 TRIP_HANDOVERS = Counter("ingest_trip_handovers_total", "Trips handed over to another driver")
 
+# -- geofences (docs/api.md#geofences) ---------------------------------------------------------
+GEOFENCE_CHANGES = Counter(
+    "ingest_geofence_changes_total", "Geofences created or deleted", ["change"]
+)
+GEOFENCE_EVENTS = Counter(
+    "ingest_geofence_events_total", "Geofence enter and exit events stored", ["event"]
+)
+GEOFENCE_EVALUATED = Counter(
+    "ingest_geofence_pings_evaluated_total", "Stored pings evaluated against geofences"
+)
+GEOFENCE_GAP_PINGS = Counter(
+    "ingest_geofence_gap_pings_total",
+    "Stored pings read back from PostgreSQL because their own evaluation had not run yet",
+)
+GEOFENCE_FAILURES = Counter(
+    "ingest_geofence_failures_total", "Geofence evaluations that failed and were retried"
+)
+GEOFENCE_DROPPED = Counter(
+    "ingest_geofence_dropped_flushes_total",
+    "Flushes left unevaluated by a full backlog (their trips' next flush reads them back)",
+)
+GEOFENCE_SECONDS = Histogram(
+    "ingest_geofence_evaluation_seconds", "Time to evaluate one flush's pings, commit included"
+)
+
 # -- latest-location repair after failed Redis writes (docs/reliability.md) ------------------
 LATEST_REPAIR_PENDING = Gauge(
     "ingest_latest_repair_pending",

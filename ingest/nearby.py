@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import math
 import operator
 import time
+from collections.abc import Mapping
 
 import msgspec
 from aiohttp import web
@@ -25,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from . import auth, metrics
 from .keyspace import master_of
 from .live import Live
+from .query import BadQuery, parse_limit, parse_number
 from .responses import error, json_response, retry_later
 from .schema import NearbyTrip, NearbyTrips
 from .typedefs import NEARBY
@@ -94,35 +95,12 @@ class _Latest(msgspec.Struct):
 _latest = msgspec.json.Decoder(_Latest)
 
 
-class BadQuery(ValueError):
-    pass
-
-
-def _number(query: dict[str, str], name: str, low: float, high: float) -> float:
-    raw = query.get(name)
-    if not raw:
-        raise BadQuery(f"{name}: required")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadQuery(f"{name}: not a number") from None
-    if not math.isfinite(value) or not low <= value <= high:
-        raise BadQuery(f"{name}: must be a finite number between {low:g} and {high:g}")
-    return value
-
-
-def parse_query(query: dict[str, str]) -> tuple[float, float, float, int]:
+def parse_query(query: Mapping[str, str]) -> tuple[float, float, float, int]:
     """(lat, lon, radius_m, limit); BadQuery names the parameter."""
-    lat = _number(query, "lat", -GEO_MAX_LAT, GEO_MAX_LAT)
-    lon = _number(query, "lon", -180, 180)
-    radius = _number(query, "radius_m", 0, MAX_RADIUS_M)
-    raw_limit = query.get("limit") or str(DEFAULT_LIMIT)
-    if not raw_limit.isascii() or not raw_limit.isdigit() or len(raw_limit) > 6:
-        raise BadQuery(f"limit: must be an integer between 1 and {MAX_LIMIT}")
-    limit = int(raw_limit)
-    if not 1 <= limit <= MAX_LIMIT:
-        raise BadQuery(f"limit: must be an integer between 1 and {MAX_LIMIT}")
-    return lat, lon, radius, limit
+    lat = parse_number(query, "lat", -GEO_MAX_LAT, GEO_MAX_LAT)
+    lon = parse_number(query, "lon", -180, 180)
+    radius = parse_number(query, "radius_m", 0, MAX_RADIUS_M)
+    return lat, lon, radius, parse_limit(query, DEFAULT_LIMIT, MAX_LIMIT)
 
 
 class NearbySearch:
@@ -190,7 +168,7 @@ async def nearby(request: web.Request) -> web.Response:
     p = auth.authenticate(request)
     auth.require(p, auth.DISPATCH)
     try:
-        lat, lon, radius, limit = parse_query(dict(request.query))
+        lat, lon, radius, limit = parse_query(request.query)
     except BadQuery as exc:
         return error(400, "invalid_query", str(exc))
     try:

@@ -16,6 +16,10 @@ import msgspec
 from . import __version__
 from .schema import (
     Error,
+    Geofence,
+    GeofenceEvents,
+    GeofenceIn,
+    GeofenceList,
     Handover,
     LatestLocation,
     LocationPage,
@@ -50,6 +54,7 @@ _AUTH_ERRORS = {
         "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
     }
 }
+_FENCE = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _TRIP = {"name": "tripId", "in": "path", "required": True, "schema": {"type": "string"}}
 _GEO_LAT = {"type": "number", "minimum": -85.05112878, "maximum": 85.05112878}
 _NO_STORE = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
@@ -277,6 +282,77 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/v1/geofences": {
+            "post": {
+                "summary": "Create a geofence: a GeoJSON Polygon, or a Point with radiusM",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, **_json("GeofenceIn")},
+                "responses": {
+                    "201": {"description": "Created", **_json("Geofence")},
+                    "400": _err("Invalid body or geometry (the detail names the field)"),
+                    **_AUTH_ERRORS,
+                    "403": _err("Not a dispatcher token"),
+                    "409": _err("GEOFENCE_MAX_PER_ORG reached"),
+                },
+            },
+            "get": {
+                "summary": "The org's geofences",
+                "security": [{"bearer": []}],
+                "responses": {
+                    "200": {"description": "Every geofence of the org", **_json("GeofenceList")},
+                    **_AUTH_ERRORS,
+                    "403": _err("Not a dispatcher token"),
+                },
+            },
+        },
+        "/api/v1/geofences/{id}": {
+            "get": {
+                "summary": "One geofence",
+                "security": [{"bearer": []}],
+                "parameters": [_FENCE],
+                "responses": {
+                    "200": {"description": "The geofence", **_json("Geofence")},
+                    **_AUTH_ERRORS,
+                    "403": _err("Not a dispatcher token"),
+                    "404": _err("Unknown geofence (or another org's)"),
+                },
+            },
+            "delete": {
+                "summary": "Delete a geofence and its events",
+                "security": [{"bearer": []}],
+                "parameters": [_FENCE],
+                "responses": {
+                    "204": {"description": "Deleted"},
+                    **_AUTH_ERRORS,
+                    "403": _err("Not a dispatcher token"),
+                    "404": _err("Unknown geofence (or another org's)"),
+                },
+            },
+        },
+        "/api/v1/geofences/{id}/events": {
+            "get": {
+                "summary": "Enter and exit events of a geofence, in time order",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    _FENCE,
+                    _query("from", _TIME_PARAM, False),
+                    _query("to", _TIME_PARAM, False),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 5000}, False),
+                    _query("cursor", {"type": "string"}, False),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "A page of events",
+                        **_json("GeofenceEvents"),
+                        "headers": _NO_STORE,
+                    },
+                    "400": _err("Invalid query parameter"),
+                    **_AUTH_ERRORS,
+                    "403": _err("Not a dispatcher token"),
+                    "404": _err("Unknown geofence (or another org's)"),
+                },
+            }
+        },
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
         "/readyz": {
             "get": {
@@ -303,6 +379,10 @@ def openapi_document() -> bytes:
         TripOwner,
         TripSummary,
         NearbyTrips,
+        GeofenceIn,
+        Geofence,
+        GeofenceList,
+        GeofenceEvents,
     )
     _, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import msgspec
 from aiohttp import web
 
 from . import auth, metrics, trip_export
+from .query import INTEGER, MAX_TIME, MIN_TIME, BadQuery, parse_time
 from .reads import run_read
 from .responses import error, json_response
 from .schema import LatestLocation, LocationPage, StoredLocation, storable_id
 from .typedefs import LIVE, POOL
-from .validate import parse_rfc3339, rfc3339_problem
 
 log = logging.getLogger("ingest.read")
 
@@ -39,15 +38,8 @@ _EXISTS_SQL = """
 SELECT 1 FROM "TripLocation"
 WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3) LIMIT 1
 """
-# Open ends of a range, inside PostgreSQL's timestamptz range.
-_MIN = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX = datetime(9999, 1, 1, tzinfo=UTC)
+_MIN, _MAX = MIN_TIME, MAX_TIME
 _latest_decoder = msgspec.json.Decoder(LatestLocation)
-_INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "+1", " 1", "1_0", other digits
-
-
-class BadQuery(ValueError):
-    pass
 
 
 def _not_found(trip: str) -> web.Response:
@@ -76,27 +68,6 @@ async def latest(request: web.Request) -> web.Response:
     return json_response(LatestLocation(trip, row[0], loc), headers=_NO_STORE)
 
 
-def parse_time(value: str, name: str) -> datetime:
-    """RFC 3339 with an offset, or epoch milliseconds: in UTC, cut to the millisecond as
-    stored pings are (validate.parse_rfc3339). Beyond the years 1-9999 in UTC: BadQuery."""
-    if _INTEGER.fullmatch(value):
-        digits = value.lstrip("-").lstrip("0")
-        try:
-            if len(digits) > 20:  # out of range anyway; and int() refuses 4300 digits
-                raise OverflowError(value)
-            ms = int(digits or "0")
-            return _MIN + timedelta(milliseconds=-ms if value[0] == "-" else ms)
-        except OverflowError:
-            raise BadQuery(f"{name}: epoch milliseconds out of range") from None
-    try:
-        ts = parse_rfc3339(value)
-        return ts if ts.tzinfo is UTC else ts.astimezone(UTC)  # asyncpg would, unguarded
-    except ValueError:
-        raise BadQuery(f"{name}: {rfc3339_problem(value)}") from None
-    except OverflowError:
-        raise BadQuery(f"{name}: out of range (the years 1 to 9999, in UTC)") from None
-
-
 def encode_cursor(ts: datetime) -> str:
     us = (ts - _MIN) // timedelta(microseconds=1)
     return base64.urlsafe_b64encode(f"v1:{us}".encode()).decode().rstrip("=")
@@ -106,7 +77,7 @@ def decode_cursor(cursor: str) -> datetime:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         version, us = raw.split(":")
-        if version != "v1" or not _INTEGER.fullmatch(us) or len(us) > 30:
+        if version != "v1" or not INTEGER.fullmatch(us) or len(us) > 30:
             raise ValueError(version)
         return _MIN + timedelta(microseconds=int(us))
     except (ValueError, UnicodeDecodeError, OverflowError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -124,6 +124,42 @@ class NearbyTrips(msgspec.Struct):
     trips: list[NearbyTrip]
 
 
+class GeofenceIn(msgspec.Struct):
+    """POST /api/v1/geofences. The geometry's own rules are geofence_shapes.parse_shape's."""
+
+    name: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=200, pattern=f"^[^{CONTROL_CHARS}]+$")
+    ]
+    geometry: dict[str, Any]
+    radiusM: Any = None
+
+
+class Geofence(msgspec.Struct, omit_defaults=True):
+    id: str
+    name: str
+    geometry: msgspec.Raw  # GeoJSON as accepted
+    createdAt: datetime
+    radiusM: float | None = None
+
+
+class GeofenceList(msgspec.Struct):
+    geofences: list[Geofence]
+
+
+class GeofenceEvent(msgspec.Struct):
+    geofenceId: str
+    event: str  # enter | exit
+    tripId: str
+    driverId: str
+    timestamp: datetime
+    location: StoredLocation
+
+
+class GeofenceEvents(msgspec.Struct):
+    events: list[GeofenceEvent]
+    nextCursor: str | None
+
+
 class LocationPage(msgspec.Struct):
     tripId: str
     locations: list[StoredLocation]
@@ -166,6 +202,18 @@ class LiveLocations(msgspec.Struct, tag="locations", tag_field="type"):
 class LiveSnapshot(msgspec.Struct, tag="snapshot", tag_field="type"):
     tripId: str
     driverId: str
+    location: StoredLocation
+
+
+class LiveGeofence(msgspec.Struct, tag="geofence", tag_field="type"):
+    """A trip entered or left a geofence: sent once to the org's fleet subscribers."""
+
+    event: str  # enter | exit
+    geofenceId: str
+    geofenceName: str
+    tripId: str
+    driverId: str
+    timestamp: datetime
     location: StoredLocation
 
 

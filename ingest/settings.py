@@ -70,6 +70,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     latest_ttl_s: PositiveInt = 86_400  # 1 day
     # Nearby leaves out trips silent for longer than this (the same on every pod).
     nearby_max_age_s: PositiveInt = 600
+    # Geofences (docs/api.md#geofences): positions of a polygon (all rings), fences per org.
+    geofence_max_vertices: Annotated[int, msgspec.Meta(ge=4, le=100_000)] = 1000
+    geofence_max_per_org: PositiveInt = 1000
     ws_max_subscriptions: PositiveInt = 1000
     ws_max_messages_per_s: PositiveFloat = 20.0
     ws_send_buffer_bytes: PositiveInt = 1_048_576  # per socket; above it the socket is closed

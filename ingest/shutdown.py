@@ -13,7 +13,7 @@ closing, for at most CLOSE_S. T is SHUTDOWN_TIMEOUT_S:
 | 4. WebSockets closed with 1001                                    | 5 s, and 0.5 T          |
 | 5. in-flight requests: 503 at 0.5 T to those waiting for a commit | 0.6 T: the rest cancelled |
 | 6. final flush; what it could not commit is counted               | T                       |
-| 7. publish what it committed                                      | T, or 1 s past it       |
+| 7. publish (and evaluate against geofences) what it committed    | T, or 1 s past it       |
 | 8. stop the pub/sub listener                                      | T + CLOSE_S             |
 | 9. close Redis, then PostgreSQL                                   | T + CLOSE_S             |
 | 10. log what was left: rows not committed, what was cancelled     |                         |
@@ -35,7 +35,17 @@ from typing import Any
 import asyncpg
 from aiohttp import WSCloseCode, web
 
-from .typedefs import BUFFER, FANOUT, FLUSHER, LIFECYCLE, LIVE, POOL, READ_REPLICA, SOCKETS
+from .typedefs import (
+    BUFFER,
+    FANOUT,
+    FLUSHER,
+    GEOFENCES,
+    LIFECYCLE,
+    LIVE,
+    POOL,
+    READ_REPLICA,
+    SOCKETS,
+)
 
 log = logging.getLogger("ingest.shutdown")
 
@@ -163,8 +173,13 @@ async def shutdown(app: web.Application, runner: web.BaseRunner, timeout_s: floa
     # 7. Publish what the final flush committed (the publisher has been publishing every
     #    commit as it came): it returns once its backlog is empty. Until the deadline, or a
     #    moment past it when the flush took all the time.
+    #    The geofence evaluator likewise evaluates what is left, one attempt per flush.
     live.stop()
-    await end("live-publisher", max(deadline, min(loop.time() + _CANCEL_WAIT_S, hard)))
+    if GEOFENCES in app:
+        app[GEOFENCES].stop()
+    until = max(deadline, min(loop.time() + _CANCEL_WAIT_S, hard))
+    await end("live-publisher", until)
+    await end("geofence-evaluator", until)
 
     # 8. Stop the pub/sub listener: no socket is left to deliver to. stop() also closes the
     #    connection it reads from, in case redis-py swallows the cancellation.

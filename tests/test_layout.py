@@ -9,7 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ingest"
 # Modules holding request handlers; only the route tables import them.
 HANDLERS = {
+    "ingest.geofences_api",
     "ingest.ingest_api",
+    "ingest.nearby",
     "ingest.read_api",
     "ingest.trips_api",
     "ingest.trip_summary",

@@ -1,0 +1,214 @@
+"""Geofences of an org: create, list, read, delete, and the events of one fence.
+
+Dispatcher tokens only; another org's fence answers 404, as an unknown one. Every create and
+delete bumps the org's fence version in the same transaction (row-locked), so evaluations
+(geofence_events.py) see a fence set no older than the one before, and a delete waits for an
+evaluation that is using the fence. A fence's events go with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+from datetime import datetime, timedelta
+
+import asyncpg
+import msgspec
+from aiohttp import web
+
+from . import auth, metrics
+from .body import read_body
+from .geofence_shapes import GeometryError, parse_shape
+from .query import MAX_TIME, MIN_TIME, BadQuery, parse_limit, parse_time
+from .responses import error, json_response
+from .schema import (
+    DECODE_ERRORS,
+    Geofence,
+    GeofenceEvent,
+    GeofenceEvents,
+    GeofenceIn,
+    GeofenceList,
+    StoredLocation,
+    storable_id,
+)  # fmt: skip
+from .typedefs import POOL, SETTINGS
+
+log = logging.getLogger("ingest.geofences")
+
+DEFAULT_EVENTS = 1000
+MAX_EVENTS = 5000
+_NO_STORE = {"Cache-Control": "no-store"}
+_MIN, _MAX = MIN_TIME, MAX_TIME
+_decoder = msgspec.json.Decoder(GeofenceIn)
+_json = msgspec.json.Encoder()
+
+# The org's row is locked first: creates and deletes of one org run one at a time, and the
+# count checked is the count committed.
+_BUMP = """
+INSERT INTO "GeofenceOrg" ("orgId", "version", "fences") VALUES ($1, 1, 0)
+ON CONFLICT ("orgId") DO UPDATE SET "version" = "GeofenceOrg"."version" + 1
+RETURNING "fences"
+"""
+_INSERT = """
+INSERT INTO "Geofence" ("orgId", "id", "name", "geometry", "radiusM")
+VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING "createdAt"
+"""
+_COUNT = 'UPDATE "GeofenceOrg" SET "fences" = "fences" + $2 WHERE "orgId" = $1'
+_COLS = '"id", "name", "geometry"::text, "createdAt", "radiusM"'
+_LIST = f'SELECT {_COLS} FROM "Geofence" WHERE "orgId" = $1 ORDER BY "createdAt", "id"'
+_ONE = f'SELECT {_COLS} FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
+# The org's row first, as evaluations lock it (FOR SHARE) before inserting events that refer to
+# the fence: the same order, so no deadlock.
+_LOCK_ORG = 'SELECT 1 FROM "GeofenceOrg" WHERE "orgId" = $1 FOR UPDATE'
+_EXISTS = 'SELECT 1 FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
+_DELETE = 'DELETE FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
+_EVENTS = """
+SELECT "geofenceId", "event", "tripId", "driverId", "timestamp", "latitude", "longitude",
+       "accuracy", "speed", "heading", "altitude"
+FROM "GeofenceEvent"
+WHERE "orgId" = $1 AND "geofenceId" = $2 AND "timestamp" >= $3 AND "timestamp" < $4
+  AND ("timestamp", "tripId", "event") > ($5, $6, $7)
+ORDER BY "timestamp", "tripId", "event" LIMIT $8
+"""
+
+
+class _Cursor(msgspec.Struct, array_like=True):
+    us: int  # microseconds since _MIN
+    trip: str
+    event: str
+
+
+def _not_found(fence_id: str) -> web.Response:
+    return error(404, "not_found", f"no geofence {fence_id!r}", headers=_NO_STORE)
+
+
+def _fence(row: asyncpg.Record) -> Geofence:
+    return Geofence(row[0], row[1], msgspec.Raw(row[2].encode()), row[3], row[4])
+
+
+def _dispatcher(request: web.Request) -> auth.Principal:
+    principal = auth.authenticate(request)
+    auth.require(principal, auth.DISPATCH)
+    return principal
+
+
+async def create(request: web.Request) -> web.Response:
+    p = _dispatcher(request)
+    settings = request.app[SETTINGS]
+    body = await read_body(request, settings.max_body_bytes)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        fence = _decoder.decode(body)
+        shape = parse_shape(fence.geometry, fence.radiusM, settings.geofence_max_vertices)
+    except (*DECODE_ERRORS, GeometryError) as exc:
+        return error(400, "invalid_payload", str(exc))
+    fence_id = "gf_" + secrets.token_urlsafe(12)
+    radius = float(fence.radiusM) if fence.radiusM is not None else None
+    geometry = _json.encode(fence.geometry)
+    del shape  # parsed to validate; stored as given, parsed again where it is evaluated
+    async with request.app[POOL].acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            count = await conn.fetchval(_BUMP, p.org)
+            if count >= settings.geofence_max_per_org:
+                await tx.rollback()
+                return error(
+                    409, "too_many_geofences",
+                    f"the org has {count} geofences, the most GEOFENCE_MAX_PER_ORG allows",
+                )  # fmt: skip
+            created = await conn.fetchval(
+                _INSERT, p.org, fence_id, fence.name, geometry.decode(), radius
+            )
+            await conn.execute(_COUNT, p.org, 1)
+        except BaseException:
+            await tx.rollback()
+            raise
+        await tx.commit()
+    metrics.GEOFENCE_CHANGES.labels("create").inc()
+    log.info("geofence_created", extra={"geofence": fence_id})
+    out = Geofence(fence_id, fence.name, msgspec.Raw(geometry), created, radius)
+    return json_response(out, 201, headers={"Location": f"/api/v1/geofences/{fence_id}"})
+
+
+async def list_all(request: web.Request) -> web.Response:
+    p = _dispatcher(request)
+    rows = await request.app[POOL].fetch(_LIST, p.org)
+    return json_response(GeofenceList([_fence(r) for r in rows]), headers=_NO_STORE)
+
+
+async def get_one(request: web.Request) -> web.Response:
+    p = _dispatcher(request)
+    fence_id = request.match_info["id"]
+    if not storable_id(fence_id):
+        return _not_found(fence_id)
+    row = await request.app[POOL].fetchrow(_ONE, p.org, fence_id)
+    if row is None:
+        return _not_found(fence_id)
+    return json_response(_fence(row), headers=_NO_STORE)
+
+
+async def delete(request: web.Request) -> web.Response:
+    p = _dispatcher(request)
+    fence_id = request.match_info["id"]
+    if not storable_id(fence_id):
+        return _not_found(fence_id)
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        # Locks the org's row: waits for an evaluation using the fence set to commit. An
+        # unknown id changes nothing (no version bump: every pod would reload the org's set).
+        await conn.execute(_LOCK_ORG, p.org)
+        if await conn.fetchval(_EXISTS, p.org, fence_id) is None:
+            return _not_found(fence_id)
+        await conn.fetchval(_BUMP, p.org)
+        await conn.execute(_DELETE, p.org, fence_id)
+        await conn.execute(_COUNT, p.org, -1)
+    metrics.GEOFENCE_CHANGES.labels("delete").inc()
+    log.info("geofence_deleted", extra={"geofence": fence_id})
+    return web.Response(status=204)
+
+
+def _encode_cursor(ts: datetime, trip: str, event: str) -> str:
+    raw = msgspec.msgpack.encode(_Cursor((ts - _MIN) // timedelta(microseconds=1), trip, event))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        c = msgspec.msgpack.decode(raw, type=_Cursor)
+        if c.event not in ("enter", "exit") or not storable_id(c.trip):
+            raise ValueError(c.event)
+        return _MIN + timedelta(microseconds=c.us), c.trip, c.event
+    except (ValueError, msgspec.DecodeError, OverflowError):
+        raise BadQuery("cursor: not a cursor this service issued") from None
+
+
+async def events(request: web.Request) -> web.Response:
+    p = _dispatcher(request)
+    fence_id = request.match_info["id"]
+    q = request.query
+    try:
+        start = parse_time(q["from"], "from") if q.get("from") else _MIN
+        end = parse_time(q["to"], "to") if q.get("to") else _MAX
+        after = _decode_cursor(q["cursor"]) if q.get("cursor") else (_MIN - timedelta(1), "", "")
+        limit = parse_limit(q, DEFAULT_EVENTS, MAX_EVENTS)
+    except BadQuery as exc:
+        return error(400, "invalid_query", str(exc))
+    if not storable_id(fence_id):
+        return _not_found(fence_id)
+    pool = request.app[POOL]
+    rows = await pool.fetch(_EVENTS, p.org, fence_id, start, end, *after, limit + 1)
+    if not rows and await pool.fetchrow(_ONE, p.org, fence_id) is None:
+        return _not_found(fence_id)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    out = [
+        GeofenceEvent(
+            r[0], r[1], r[2], r[3], r[4], StoredLocation(r[5], r[6], r[4], r[7], r[8], r[9], r[10])
+        )
+        for r in rows
+    ]
+    cursor = _encode_cursor(rows[-1][4], rows[-1][2], rows[-1][1]) if more else None
+    return json_response(GeofenceEvents(out, cursor), headers=_NO_STORE)
