@@ -34,6 +34,10 @@ from .test_live import (
     test_message_is_encoded_once_whatever_the_subscribers,
     test_subscriber_gets_exactly_the_committed_pings_of_its_trips,
 )
+from .test_geofences import (
+    test_consecutive_batches_on_two_pods_make_each_event_once,
+    test_events_go_live_to_the_fleet_subscribers_of_the_org_only,
+)
 from .test_nearby import (
     test_a_silent_truck_is_left_out_and_never_brought_back_by_a_late_upload,
     test_a_truck_moves_and_a_late_upload_never_moves_it_back,
@@ -64,6 +68,8 @@ CONTRACT = [
     test_a_truck_moves_and_a_late_upload_never_moves_it_back,
     test_nearest_first_within_the_radius_and_limit,
     test_two_orgs_with_the_same_ids_see_only_their_own_trucks,
+    test_consecutive_batches_on_two_pods_make_each_event_once,
+    test_events_go_live_to_the_fleet_subscribers_of_the_org_only,
 ]
 PING = "/api/v1/tracking/ping"
 LATEST = "/api/v1/tracking/trips/{}/latest"
