@@ -144,7 +144,7 @@ TRIP_HANDOVERS = Counter("ingest_trip_handovers_total", "Trips handed over to an
 
 # -- geofences (docs/api.md#geofences) ---------------------------------------------------------
 GEOFENCE_CHANGES = Counter(
-    "ingest_geofence_changes_total", "Geofences created or deleted", ["change"]
+    "ingest_geofence_changes_total", "Geofences created or deleted", ["operation"]
 )
 GEOFENCE_EVENTS = Counter(
     "ingest_geofence_events_total", "Geofence enter and exit events stored", ["event"]

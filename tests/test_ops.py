@@ -288,7 +288,8 @@ async def test_redis_unreachable_shows_on_metrics_but_ingest_stays_ready(make_cl
 def test_metric_names_units_and_labels_follow_prometheus_conventions():
     found = list(_metric_objects())
     assert len(found) >= 30
-    allowed_labels = {"reason", "outcome", "route", "status", "operation"}
+    # Each with a small, fixed set of values (event: enter | exit).
+    allowed_labels = {"reason", "outcome", "route", "status", "operation", "event"}
     for m in found:
         family = m.describe()[0]
         kind = family.type
