@@ -52,6 +52,7 @@ GAP_FIRST = timedelta(minutes=10)
 # At most this many pings read back per trip (the newest ones) after a long pause.
 GAP_MAX_PINGS = 10_000
 _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 5.0
+_GIVE_UP_AFTER = 8  # failed attempts at one flush (about 15 s of backoff)
 
 _FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
 _LOCK_ORGS = """
@@ -184,7 +185,7 @@ class GeofenceEvaluator:
 
     async def run(self) -> None:
         """Evaluate committed rows until stop(), then what is left (one attempt each)."""
-        delay = _RETRY_MIN_S
+        delay, failures = _RETRY_MIN_S, 0
         while True:
             if not self._backlog:
                 if self._stopping:
@@ -198,13 +199,21 @@ class GeofenceEvaluator:
             except Exception as exc:
                 metrics.GEOFENCE_FAILURES.inc()
                 log.warning("geofence_evaluation_failed", extra={"error": repr(exc)})
+                failures += 1
                 if self._stopping:
                     self._backlog.clear()
                     return
+                if failures >= _GIVE_UP_AFTER and self._backlog and self._backlog[0] is rows:
+                    # Whatever fails this flush must not stop every later one: its trips'
+                    # next evaluation reads these pings back.
+                    self._backlog.popleft()
+                    metrics.GEOFENCE_DROPPED.inc()
+                    log.error("geofence_flush_given_up", extra={"rows": len(rows)})
+                    failures = 0
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
-            delay = _RETRY_MIN_S
+            delay, failures = _RETRY_MIN_S, 0
             if self._backlog and self._backlog[0] is rows:
                 self._backlog.popleft()
 
@@ -278,7 +287,7 @@ class GeofenceEvaluator:
                         (trip, r[1], org, r[2], r[3], r[4], r[5], r[6], r[7], r[8], None)
                     )
                 for key, recs in before.items():
-                    recs.reverse()  # read newest first (the newest GAP_MAX_PINGS)
+                    recs.sort(key=_TS_OF)  # read newest first (the newest GAP_MAX_PINGS)
                     pings[key] = recs + pings[key]
         events: list[Event] = []
         updates: tuple[list[str], list[str], list[datetime], list[str]] = ([], [], [], [])

@@ -405,3 +405,33 @@ async def test_a_deleted_fence_takes_its_events_and_makes_no_exit(client, db):
     assert left == 0
     r = await client.get(f"{FENCES}/{fid}/events", headers=dispatcher())
     assert r.status == 404
+
+
+async def test_a_blocked_evaluation_never_delays_the_ack_and_catches_up_once(client, db):
+    fid = await fence(client)
+    t = now_ms(1)
+    # Another session holds the state table: the evaluation waits, the ack must not.
+    async with db.transaction():
+        await db.execute('LOCK TABLE "GeofenceState" IN ACCESS EXCLUSIVE MODE')
+        answer = await drive(client, [OUTSIDE, INSIDE], t, settle=False)
+        assert answer["accepted"] == 2
+        await asyncio.sleep(0.3)
+        assert client.server.app[GEOFENCES].pending == 1
+    await settled(client)
+    assert kinds(await events(client, fid)) == [("enter", t + 1000)]
+
+
+async def test_a_failing_evaluation_is_retried_and_stores_each_event_once(client, db):
+    fid = await fence(client)
+    t = now_ms(1)
+    # PostgreSQL refuses every event for a while (a real refusal, not a patched call).
+    await db.execute(
+        'ALTER TABLE "GeofenceEvent" ADD CONSTRAINT "refuse" CHECK ("event" = \'none\') NOT VALID'
+    )
+    await drive(client, [OUTSIDE, INSIDE], t, settle=False)
+    await asyncio.sleep(0.5)  # a few attempts fail
+    assert client.server.app[GEOFENCES].pending == 1
+    await db.execute('ALTER TABLE "GeofenceEvent" DROP CONSTRAINT "refuse"')
+    await settled(client)
+    await drive(client, [OUTSIDE], t + 2000)
+    assert kinds(await events(client, fid)) == [("enter", t + 1000), ("exit", t + 2000)]

@@ -26,6 +26,10 @@ from ingest.settings import Settings, SettingsError, load_settings
 from ingest.typedefs import FANOUT, LIVE
 
 from .conftest import SECRET, auth, batch, now_ms, quiet, subscribed, token, ws_connect
+from .test_geofences import (
+    test_consecutive_batches_on_two_pods_make_each_event_once,
+    test_events_go_live_to_the_fleet_subscribers_of_the_org_only,
+)
 from .test_live import (
     test_fleet_and_trip_subscription_deliver_once,
     test_fleet_subscriber_sees_only_its_org,
@@ -33,10 +37,6 @@ from .test_live import (
     test_latest_never_moves_backwards,
     test_message_is_encoded_once_whatever_the_subscribers,
     test_subscriber_gets_exactly_the_committed_pings_of_its_trips,
-)
-from .test_geofences import (
-    test_consecutive_batches_on_two_pods_make_each_event_once,
-    test_events_go_live_to_the_fleet_subscribers_of_the_org_only,
 )
 from .test_nearby import (
     test_a_silent_truck_is_left_out_and_never_brought_back_by_a_late_upload,
