@@ -11,6 +11,14 @@
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 15000;
   const LEAFLET_TIMEOUT_MS = 4000;
+  const FENCES_REFRESH_MS = 60 * 1000; // fences made or deleted elsewhere show up within a minute
+  const EVENTS_MAX = 100; // geofence events kept in the panel
+  const BACKFILL_MS = 60 * 60 * 1000; // on load, each fence's events of the last hour
+  const BACKFILL_PAGES = 5; // pages of 1000 per fence, at most
+  const BACKFILL_PARALLEL = 4; // fences read at once
+  const FENCE_INK = '#6a32c9';
+  const FENCE_FILL = 'rgba(106, 50, 201, 0.12)';
+  const LABEL_MAX = 40; // characters of a fence's name drawn on the canvas
   // Leaflet 1.9.4 from a CDN, pinned by hash.
   const LEAFLET = {
     js: 'https://unpkg.com/leaflet@1.9.4/dist/leaflet.js',
@@ -23,6 +31,7 @@
   const $ = (id) => document.getElementById(id);
   const mapEl = $('map');
   const listEl = $('trips');
+  const eventsEl = $('events');
   const params = new URLSearchParams(location.search);
 
   // --- token ----------------------------------------------------------------------------
@@ -49,6 +58,14 @@
   /** The trip whose history is drawn: {tripId, points, loading} or null. */
   let selected = null;
   let dirty = true;
+  /** id -> fence (see toFence). Replaced, never changed in place, when the set changes: a
+   * renderer knows it drew the current set by comparing the Map it drew. */
+  let fences = new Map();
+  let fencesJson = '';
+  /** Geofence events, newest first, at most EVENTS_MAX: {key, geofenceId, event, tripId,
+   * driverId, ts, el}; eventKeys holds their keys (live and backfilled copies meet). */
+  let events = [];
+  let eventKeys = new Set();
 
   function toPoint(l) {
     return {
@@ -320,6 +337,180 @@
     return m;
   }
 
+  // --- geofences and their events -------------------------------------------------------
+
+  /** A fence from GET /api/v1/geofences as the renderers draw it: a polygon's rings (the
+   * exterior, then holes) or a circle's centre and radius; its box, and where its name goes. */
+  function toFence(f) {
+    const g = f.geometry || {};
+    const k = Math.PI / 180;
+    if (g.type === 'Polygon' && Array.isArray(g.coordinates) && g.coordinates.length) {
+      const rings = g.coordinates.map((ring) => ring.map(([lon, lat]) => ({ lat, lon })));
+      let s = 90, n = -90, w = 180, e = -180;
+      for (const p of rings[0]) {
+        s = Math.min(s, p.lat); n = Math.max(n, p.lat);
+        w = Math.min(w, p.lon); e = Math.max(e, p.lon);
+      }
+      const box = { s, w, n, e };
+      return { id: f.id, name: f.name, rings, box, label: { lat: (s + n) / 2, lon: (w + e) / 2 } };
+    }
+    if (g.type === 'Point' && Array.isArray(g.coordinates) && Number.isFinite(f.radiusM)) {
+      const [lon, lat] = g.coordinates;
+      const dLat = f.radiusM / 111320;
+      const dLon = dLat / Math.max(0.01, Math.cos(lat * k));
+      const box = { s: lat - dLat, w: lon - dLon, n: lat + dLat, e: lon + dLon };
+      return { id: f.id, name: f.name, center: { lat, lon }, radiusM: f.radiusM, box, label: { lat, lon } };
+    }
+    return null; // a shape this page does not know: not drawn
+  }
+
+  /** Two corners of each fence's box: what the map fits to while no truck is live. */
+  function fenceCorners() {
+    const out = [];
+    for (const f of fences.values()) out.push({ lat: f.box.s, lon: f.box.w }, { lat: f.box.n, lon: f.box.e });
+    return out;
+  }
+
+  /** The fence's name for a map label: a text node's content, never markup. */
+  function fenceLabel(f) {
+    const span = document.createElement('span');
+    span.textContent = f.name;
+    span.dataset.geofenceId = f.id;
+    return span;
+  }
+
+  /** Reads the org's fences; keeps the ones drawn when that fails. True when read. */
+  async function loadFences() {
+    let body;
+    try {
+      body = await (await getOk(new URL('api/v1/geofences', location.href))).json();
+    } catch (err) {
+      console.warn('geofences:', err.message);
+      return false;
+    }
+    const json = JSON.stringify(body.geofences || []);
+    if (json === fencesJson) return true;
+    const next = new Map();
+    for (const f of body.geofences || []) {
+      const fence = toFence(f);
+      if (fence) next.set(fence.id, fence);
+    }
+    fences = next;
+    fencesJson = json;
+    dirty = true;
+    return true;
+  }
+
+  /** Events from the socket or the events endpoint, in any order and repeated: each kept once. */
+  function addEvents(list) {
+    let added = false;
+    for (const e of list) {
+      const ts = Date.parse(e.timestamp);
+      if (!Number.isFinite(ts) || (e.event !== 'enter' && e.event !== 'exit')) continue;
+      const key = `${e.geofenceId} ${e.tripId} ${e.event} ${ts}`;
+      if (eventKeys.has(key)) continue;
+      eventKeys.add(key);
+      events.push({
+        key, ts, geofenceId: e.geofenceId, event: e.event, tripId: e.tripId,
+        driverId: e.driverId || '', name: e.geofenceName || null, el: null,
+      });
+      added = true;
+    }
+    if (!added) return;
+    events.sort((a, b) => b.ts - a.ts);
+    if (events.length > EVENTS_MAX) {
+      events = events.slice(0, EVENTS_MAX);
+      eventKeys = new Set(events.map((e) => e.key));
+    }
+    renderEvents();
+  }
+
+  /** Rows moved in place, as the trip list's are: a focused one stays focused. */
+  function renderEvents() {
+    events.forEach((e, i) => {
+      if (!e.el) e.el = makeEventRow(e);
+      if (eventsEl.children[i] !== e.el) eventsEl.insertBefore(e.el, eventsEl.children[i] || null);
+    });
+    while (eventsEl.children.length > events.length) eventsEl.lastElementChild.remove();
+    $('event-count').textContent = String(events.length);
+    $('events-empty').hidden = events.length > 0;
+  }
+
+  function makeEventRow(e) {
+    const li = document.createElement('li');
+    li.className = e.event;
+    Object.assign(li.dataset, {
+      geofenceId: e.geofenceId, event: e.event, trip: e.tripId, driver: e.driverId, ts: String(e.ts),
+    });
+    const b = document.createElement('button');
+    b.type = 'button';
+    const time = document.createElement('span');
+    time.className = 'time';
+    time.textContent = new Date(e.ts).toLocaleTimeString();
+    time.title = new Date(e.ts).toISOString();
+    const kind = document.createElement('span');
+    kind.className = 'kind';
+    kind.textContent = e.event;
+    const fence = document.createElement('span');
+    fence.className = 'fence';
+    // The live message names the fence; a backfilled event has only the id.
+    const known = fences.get(e.geofenceId);
+    fence.textContent = e.name || (known ? known.name : e.geofenceId);
+    fence.title = fence.textContent;
+    const meta = document.createElement('span');
+    meta.className = 'meta';
+    meta.textContent = `${e.tripId} · ${e.driverId || '?'}`;
+    b.append(time, kind, fence, meta);
+    // Shows the trip's history; unlike the trip list, a second click does not clear it.
+    b.addEventListener('click', () => { if (!selected || selected.tripId !== e.tripId) select(e.tripId); });
+    li.append(b);
+    return li;
+  }
+
+  /** Each fence's events of the last hour, merged into the panel (live ones may come first). */
+  let backfilling = false;
+  async function backfillEvents() {
+    if (backfilling) return;
+    backfilling = true;
+    const from = new Date(Date.now() - BACKFILL_MS).toISOString();
+    const ids = [...fences.keys()];
+    const found = [];
+    const worker = async () => {
+      while (ids.length) {
+        const id = ids.shift();
+        const mine = [];
+        let cursor = null;
+        let pages = 0;
+        try {
+          do { // oldest first: a fence busier than BACKFILL_PAGES pages an hour misses its newest
+            const url = new URL(`api/v1/geofences/${encodeURIComponent(id)}/events`, location.href);
+            url.searchParams.set('from', from);
+            url.searchParams.set('limit', '1000');
+            if (cursor) url.searchParams.set('cursor', cursor);
+            const page = await (await getOk(url)).json();
+            mine.push(...page.events);
+            cursor = page.nextCursor;
+          } while (cursor && ++pages < BACKFILL_PAGES);
+        } catch (err) {
+          console.warn('geofence events:', id, err.message);
+        }
+        found.push(...mine.slice(-EVENTS_MAX));
+      }
+    };
+    try {
+      await Promise.all(Array.from({ length: BACKFILL_PARALLEL }, worker));
+      addEvents(found);
+    } finally {
+      backfilling = false;
+    }
+  }
+
+  /** The fences, and with events also the last hour's events: on load and after a reconnect
+   * (events sent while the socket was down are not sent again). */
+  async function refreshGeofences(withEvents) {
+    if (await loadFences() && withEvents) await backfillEvents();
+  }
+
   // --- canvas map (offline) -------------------------------------------------------------
 
   /** Positions on a plain canvas: equirectangular around the view centre, drag to pan,
@@ -331,6 +522,7 @@
       this.view = null; // {lat, lon, mpp: metres per CSS pixel}
       this.follow = true; // refit to the fleet until the user pans or zooms
       this.hits = [];
+      this.fencesShown = null; // the fences Map last drawn
       this.resize();
       this.bindInput();
     }
@@ -445,11 +637,14 @@
     draw() {
       const ctx = this.ctx;
       const live = [...trips.values()].filter((t) => t.loc);
-      if (this.follow) this.followFleet(live.map((t) => t.loc));
+      // The fleet; with no truck live yet, the fences.
+      if (this.follow) this.followFleet(live.length ? live.map((t) => t.loc) : fenceCorners());
       ctx.fillStyle = '#e8ecf1';
       ctx.fillRect(0, 0, this.w, this.h);
+      this.fencesShown = null;
       if (!this.view) return;
       this.drawGrid();
+      this.drawFences();
       if (selected && selected.points.length) {
         this.line(selected.points, '#1d2330', 4, 0.75);
         const a = selected.points[0];
@@ -502,6 +697,50 @@
       ctx.fillStyle = '#1d2330';
       ctx.font = '11px system-ui, sans-serif';
       ctx.fillText(step >= 1000 ? `${step / 1000} km` : `${step} m`, 12, this.h - 20);
+    }
+
+    /** Every fence, on the same projection as the trucks: polygons with their holes (even-odd
+     * fill), circles to scale (an ellipse, as the projection stretches longitude by the
+     * view's latitude, not the circle's); then the names, above all shapes. */
+    drawFences() {
+      const ctx = this.ctx;
+      const k = Math.PI / 180;
+      ctx.save();
+      ctx.strokeStyle = FENCE_INK;
+      ctx.fillStyle = FENCE_FILL;
+      ctx.lineWidth = 2;
+      for (const f of fences.values()) {
+        ctx.beginPath();
+        if (f.rings) {
+          for (const ring of f.rings) {
+            ring.forEach((p, i) => {
+              const [x, y] = this.project(p.lat, p.lon);
+              if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+            });
+            ctx.closePath();
+          }
+        } else {
+          const [x, y] = this.project(f.center.lat, f.center.lon);
+          const ry = f.radiusM / this.view.mpp;
+          const rx = (ry * Math.cos(this.view.lat * k)) / Math.max(0.01, Math.cos(f.center.lat * k));
+          ctx.ellipse(x, y, rx, ry, 0, 0, 2 * Math.PI);
+        }
+        ctx.fill('evenodd');
+        ctx.stroke();
+      }
+      ctx.font = '600 12px system-ui, sans-serif';
+      ctx.textAlign = 'center';
+      ctx.lineWidth = 3;
+      ctx.strokeStyle = 'rgba(255,255,255,.85)';
+      ctx.fillStyle = FENCE_INK;
+      for (const f of fences.values()) {
+        const [x, y] = this.project(f.label.lat, f.label.lon);
+        const name = f.name.length > LABEL_MAX ? `${f.name.slice(0, LABEL_MAX - 1)}…` : f.name;
+        ctx.strokeText(name, x, y);
+        ctx.fillText(name, x, y);
+      }
+      ctx.restore();
+      this.fencesShown = fences;
     }
 
     line(points, color, width, alpha) {
@@ -566,6 +805,13 @@
       this.layers = new Map(); // tripId -> {marker, trail}
       this.history = null;
       this.fitted = false;
+      this.fencesFitted = false;
+      // Fences in a pane of their own under the trails and trucks (overlayPane is 400), drawn
+      // on their own canvas; rebuilt whenever the set changes.
+      this.map.createPane('fences').style.zIndex = 350;
+      this.fenceRenderer = L.canvas({ pane: 'fences' });
+      this.fenceLayer = L.layerGroup().addTo(this.map);
+      this.fencesShown = null;
       let loaded = 0;
       let failed = 0;
       L.tileLayer(LEAFLET.tiles, {
@@ -588,6 +834,11 @@
     draw() {
       const live = [...trips.values()].filter((t) => t.loc);
       if (!this.fitted && live.length) this.fitTo(live.map((t) => t.loc));
+      if (this.fencesShown !== fences) this.drawFences();
+      if (!this.fitted && !this.fencesFitted && fences.size) { // no truck yet: show the fences
+        this.map.fitBounds(L.latLngBounds(fenceCorners().map((p) => [p.lat, p.lon])), { padding: [30, 30], maxZoom: 17 });
+        this.fencesFitted = true;
+      }
       for (const t of live) {
         let l = this.layers.get(t.tripId);
         const color = colorOf(t.tripId);
@@ -610,6 +861,25 @@
       const pts = selected ? selected.points.map((p) => [p.lat, p.lon]) : [];
       if (!this.history) this.history = L.polyline([], { color: '#1d2330', weight: 4, opacity: 0.7 }).addTo(this.map);
       this.history.setLatLngs(pts);
+    }
+
+    /** Polygons with their holes, circles in metres; not clickable, so a click on a truck
+     * inside a fence still selects it. The name is a permanent label made of a text node
+     * (a string would be set as HTML). */
+    drawFences() {
+      this.fenceLayer.clearLayers();
+      const style = {
+        pane: 'fences', renderer: this.fenceRenderer, interactive: false,
+        color: FENCE_INK, weight: 2, fillColor: FENCE_INK, fillOpacity: 0.12,
+      };
+      for (const f of fences.values()) {
+        const shape = f.rings
+          ? L.polygon(f.rings.map((ring) => ring.map((p) => [p.lat, p.lon])), style)
+          : L.circle([f.center.lat, f.center.lon], { ...style, radius: f.radiusM });
+        shape.bindTooltip(fenceLabel(f), { permanent: true, direction: 'center', className: 'fence-label' });
+        this.fenceLayer.addLayer(shape);
+      }
+      this.fencesShown = fences;
     }
 
     destroy() { this.map.remove(); }
@@ -668,11 +938,18 @@
 
   new ResizeObserver(() => renderer.resize()).observe(mapEl);
 
+  let fencesMirrored = null; // the fences the #map attributes describe
+
   function frame() {
     if (dirty) {
       dirty = false;
       renderer.draw();
       mapEl.dataset.trucks = String([...trips.values()].filter((t) => t.loc).length);
+      if (renderer.fencesShown !== fencesMirrored) {
+        fencesMirrored = renderer.fencesShown;
+        mapEl.dataset.fenceCount = String(fencesMirrored ? fencesMirrored.size : 0);
+        mapEl.dataset.fenceIds = fencesMirrored ? [...fencesMirrored.keys()].join(' ') : '';
+      }
       renderList();
     }
     requestAnimationFrame(frame);
@@ -686,6 +963,7 @@
   let backoff = BACKOFF_MIN_MS;
   let retryTimer = null;
   let rejected = false;
+  let subscribedBefore = false;
 
   function setStatus(state, text) {
     document.body.dataset.ws = state;
@@ -712,7 +990,13 @@
       try { m = JSON.parse(ev.data); } catch (_) { return; }
       if (m.type === 'locations') apply(m.tripId, m.driverId, m.locations || []);
       else if (m.type === 'snapshot') apply(m.tripId, m.driverId, m.location ? [m.location] : []);
-      else if (m.type === 'subscribed') { backoff = BACKOFF_MIN_MS; setStatus('live', 'live'); }
+      else if (m.type === 'geofence') addEvents([m]);
+      else if (m.type === 'subscribed') {
+        backoff = BACKOFF_MIN_MS;
+        setStatus('live', 'live');
+        if (subscribedBefore) refreshGeofences(true); // what changed while we were away
+        subscribedBefore = true;
+      }
       else if (m.type === 'error') console.warn('live:', m.error, m.detail);
     };
     ws.onclose = async (ev) => {
@@ -751,4 +1035,7 @@
   document.addEventListener('visibilitychange', () => { if (!document.hidden) reconnectNow(); });
 
   connect();
+  refreshGeofences(true);
+  setInterval(() => refreshGeofences(false), FENCES_REFRESH_MS);
+  renderEvents();
 })();
