@@ -1,6 +1,8 @@
 """The dashboard in headless Chromium against the running service and the simulator: trucks
 appear and move, a click draws a trip's history and shows its summary and GeoJSON and GPX
-downloads, offline (canvas) and online (Leaflet and OpenStreetMap tiles, answered locally). Screenshots go to test-artifacts/.
+downloads, offline (canvas) and online (Leaflet and OpenStreetMap tiles, answered locally); the
+org's geofences on both maps and their enter and exit events listed live (names as text, never
+another org's). Screenshots go to test-artifacts/.
 
 Needs Debian's chromium, and playwright-core and leaflet in tests/browser
 (.ci/install-browser-tools installs them); without them this test fails, saying so, rather than skipping.
@@ -9,16 +11,22 @@ Needs Debian's chromium, and playwright-core and leaflet in tests/browser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import struct
+import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.simulate import Config, Fleet
 
-from .conftest import ROOT, SECRET, token
+from .conftest import ROOT, SECRET, auth, now_ms, token
+from .test_geofences import LAT0, LON0, drive, fence
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +130,242 @@ async def test_dashboard_shows_the_fleet_moving_and_a_trip_history(make_client, 
     assert shot.stat().st_size > 10_000
     assert shot.with_name(shot.stem + "-history.png").is_file()
     assert stats.failed == 0 and stats.accepted > 0
+
+
+# -- Geofences on the map and their events ------------------------------------------------
+
+# One Chromium page that the test drives a step at a time, so that it can post pings between
+# looks at the page: one JSON command a line on stdin, one JSON answer a line on stdout (the
+# value, or the error, and every page error or dialog so far). Run from tests/browser, where
+# playwright-core is. With a Leaflet dist directory, the CDN and the tile server are answered
+# locally, as dashboard.mjs does; argv: <url> [<leaflet dist dir> <tile png>].
+DRIVER = r"""
+import { createInterface } from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const [url, leaflet, tile] = process.argv.slice(1);
+const problems = [];
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    '--disable-dev-shm-usage'],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+page.setDefaultTimeout(15000);
+page.on('pageerror', (err) => problems.push(`pageerror: ${err}`));
+page.on('dialog', (d) => { problems.push(`dialog: ${d.type()} ${d.message()}`); d.dismiss().catch(() => {}); });
+if (leaflet) {
+  const headers = { 'Access-Control-Allow-Origin': '*' };
+  for (const [name, contentType] of [['leaflet.js', 'text/javascript'], ['leaflet.css', 'text/css']]) {
+    await page.route(`https://unpkg.com/leaflet@1.9.4/dist/${name}`,
+      (r) => r.fulfill({ path: `${leaflet}/${name}`, contentType, headers }));
+  }
+  await page.route('https://tile.openstreetmap.org/**',
+    (r) => r.fulfill({ path: tile, contentType: 'image/png', headers }));
+}
+// A function's source and its argument, called in the page.
+const call = (c) => `(${c.js})(${JSON.stringify(c.arg ?? null)})`;
+// Polled here: waitForFunction would evaluate the string inside the page, which the page's
+// CSP (no 'unsafe-eval') refuses; page.evaluate goes through the DevTools protocol.
+async function poll(c) {
+  const deadline = Date.now() + 15000;
+  for (;;) {
+    const value = await page.evaluate(call(c));
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`still ${JSON.stringify(value)} after 15 s: ${c.js}`);
+    await page.waitForTimeout(100);
+  }
+}
+const ops = {
+  goto: () => page.goto(url, { waitUntil: 'load' }).then(() => null),
+  wait: poll,
+  eval: (c) => page.evaluate(call(c)),
+  click: (c) => page.click(c.selector).then(() => null),
+  shot: (c) => page.screenshot({ path: c.path }).then(() => null),
+};
+for await (const line of createInterface({ input: process.stdin })) {
+  const c = JSON.parse(line);
+  let answer;
+  try {
+    answer = { value: (await ops[c.op](c)) ?? null };
+  } catch (err) {
+    answer = { error: `${c.op}: ${err.message.split('\n')[0]}` };
+  }
+  process.stdout.write(JSON.stringify({ ...answer, problems }) + '\n');
+}
+await browser.close();
+"""
+
+
+class Page:
+    """The page in Chromium, through DRIVER. Every step fails the test on an error of its own
+    or of the page (an uncaught exception, or a dialog such as an injected alert())."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def step(self, op: str, **command: object) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"op": op, **command}).encode() + b"\n")
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+        assert line, f"the browser driver ended (exit {self.proc.returncode})"
+        answer = json.loads(line)
+        assert "error" not in answer and answer["problems"] == [], answer
+        return answer["value"]
+
+    async def wait(self, js: str, arg: object = None) -> Any:
+        """Polls ``js`` (a function's source, called with ``arg``) until its value is truthy."""
+        return await self.step("wait", js=js, arg=arg)
+
+    async def eval(self, js: str, arg: object = None) -> Any:
+        return await self.step("eval", js=js, arg=arg)
+
+
+@contextlib.asynccontextmanager
+async def chromium_page(url: str, screenshot: Path, leaflet: bool) -> AsyncIterator[Page]:
+    """The page at ``url``; its last state goes to ``screenshot``, whatever the test found."""
+    node = browser_tools()
+    args = [url]
+    if leaflet:
+        tile = ARTIFACTS / "tile.png"
+        tile.write_bytes(grey_png())
+        args += [str(BROWSER_DIR / "node_modules" / "leaflet" / "dist"), str(tile)]
+    proc = await asyncio.create_subprocess_exec(
+        node, "--input-type=module", "-e", DRIVER, *args, cwd=BROWSER_DIR,
+        env={**os.environ, "CHROMIUM_PATH": CHROMIUM},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    page = Page(proc)
+    try:
+        await page.step("goto")
+        yield page
+    finally:
+        with contextlib.suppress(Exception):
+            await page.step("shot", path=str(screenshot))
+        assert proc.stdin is not None
+        proc.stdin.close()  # the driver closes the browser and exits
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def grey_png(size: int = 8) -> bytes:
+    """A plain grey PNG: a map tile, as far as Leaflet can tell."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    pixels = (b"\x00" + b"\xec" * size) * size  # each row: filter 0, then its pixels
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixels))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+def square(half: float, lat: float = LAT0, lon: float = LON0) -> list[list[float]]:
+    """A closed ring: a square of ``half`` degrees either side of (lat, lon)."""
+    return [[lon - half, lat - half], [lon + half, lat - half], [lon + half, lat + half],
+            [lon - half, lat + half], [lon - half, lat - half]]  # fmt: skip
+
+
+# A ~900 m square with a ~220 m hole in its middle, and a 150 m circle east of it.
+DEPOT = {"type": "Polygon", "coordinates": [square(0.004), square(0.001)]}
+GATE = {"type": "Point", "coordinates": [LON0 + 0.008, LAT0]}
+INJECTION = "<img src=x onerror=alert(1)>"
+
+# Page functions (called with one argument).
+FENCES_DRAWN = """(n) => {
+  const el = document.getElementById('map');
+  return document.body.dataset.ws === 'live' && Number(el.dataset.fenceCount) === n
+    && el.dataset.fenceIds.split(' ').sort();
+}"""
+EVENT_ROWS = """(n) => {
+  const rows = [...document.querySelectorAll('#events li')];
+  return rows.length >= n && rows.map((li) => ({
+    fence: li.dataset.geofenceId, event: li.dataset.event, trip: li.dataset.trip,
+    driver: li.dataset.driver, name: li.querySelector('.fence').textContent,
+    text: li.textContent, kindColour: getComputedStyle(li.querySelector('.kind')).backgroundColor,
+  }));
+}"""
+# Pixels of the fences' ink (#6a32c9) on a canvas: the shapes were drawn there.
+INK_PIXELS = """(selector) => {
+  const c = document.querySelector(selector);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (Math.abs(d[i] - 106) + Math.abs(d[i + 1] - 50) + Math.abs(d[i + 2] - 201) < 40) n++;
+  }
+  return n;
+}"""
+LABELS = """() => Object.fromEntries([...document.querySelectorAll('.fence-label [data-geofence-id]')]
+  .map((el) => [el.dataset.geofenceId, el.textContent]))"""
+
+
+@pytest.mark.parametrize("leaflet", [False, True], ids=["canvas", "leaflet"])
+async def test_dashboard_draws_the_orgs_geofences_and_lists_their_events_live(client, leaflet):
+    org, rival = "org_fences", "org_rival"
+    depot = await fence(client, DEPOT, "Depot north", org)
+    gate = await fence(client, GATE, INJECTION, org, radiusM=150)
+    theirs = await fence(client, DEPOT, "Rival yard", rival)
+    # Before the page opens: a truck enters the gate (shown from the last hour's events), and
+    # one of the other org enters its own fence in the same place.
+    start = now_ms(1)  # a fence applies to pings from its creation on
+    await drive(client, [(LAT0, LON0 + 0.02), (LAT0, LON0 + 0.008)], start, "trip_early", "drv_early", org)  # fmt: skip
+    await drive(client, [(LAT0 - 0.02, LON0), (LAT0 - 0.003, LON0)], start, "trip_rival", "drv_rival", rival)  # fmt: skip
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    base = str(client.make_url("")).rstrip("/")
+    url = f"{base}/?token={token('dispatcher', 'disp_1', org)}" + ("" if leaflet else "&map=canvas")
+    shot = ARTIFACTS / f"dashboard-geofences-{'osm' if leaflet else 'canvas'}.png"
+    async with chromium_page(url, shot, leaflet) as page:
+        # Both fences of the org are drawn, the other org's never; the early event is listed.
+        assert await page.wait(FENCES_DRAWN, 2) == sorted([depot, gate])
+        renderer = await page.eval("() => document.getElementById('map').dataset.renderer")
+        assert renderer == ("leaflet" if leaflet else "canvas")
+        (early,) = await page.wait(EVENT_ROWS, 1)
+        assert early["fence"] == gate and early["event"] == "enter", early
+        assert (early["trip"], early["driver"], early["name"]) == ("trip_early", "drv_early", INJECTION)  # fmt: skip
+        if leaflet:  # the labels are text, on a canvas of the fences' own
+            assert await page.eval(LABELS) == {depot: "Depot north", gate: INJECTION}
+            canvas = ".leaflet-fences-pane canvas"
+        else:
+            canvas = "#canvas"
+        assert await page.wait(INK_PIXELS, canvas) > 200
+
+        # A truck drives from outside into the polygon (its ring, not its hole): "enter".
+        t0 = now_ms(1)
+        await drive(client, [(LAT0 - 0.008, LON0), (LAT0 - 0.006, LON0), (LAT0 - 0.003, LON0)], t0, "trip_live", "drv_live", org)  # fmt: skip
+        entered = (await page.wait(EVENT_ROWS, 2))[0]
+        assert entered["fence"] == depot and entered["event"] == "enter", entered
+        assert (entered["name"], entered["trip"], entered["driver"]) == ("Depot north", "trip_live", "drv_live")  # fmt: skip
+        assert "Depot north" in entered["text"] and "trip_live" in entered["text"]
+        # Then out of it and into the circle: "exit" and "enter", newest first.
+        await drive(client, [(LAT0 - 0.003, LON0 + 0.006), (LAT0, LON0 + 0.008)], t0 + 3000, "trip_live", "drv_live", org)  # fmt: skip
+        rows = await page.wait(EVENT_ROWS, 4)
+        assert [(r["fence"], r["event"], r["trip"]) for r in rows] == [
+            (gate, "enter", "trip_live"), (depot, "exit", "trip_live"),
+            (depot, "enter", "trip_live"), (gate, "enter", "trip_early"),
+        ], rows  # fmt: skip
+        assert rows[0]["kindColour"] != rows[1]["kindColour"]  # enter and exit look different
+        assert rows[0]["name"] == INJECTION
+        assert await page.eval("() => document.querySelector('img[src=\"x\"]') === null")
+
+        # The other org's fence and event exist, and never reached this page.
+        r = await client.get(f"/api/v1/geofences/{theirs}/events", headers=auth("dispatcher", "disp_1", rival))  # fmt: skip
+        assert [e["tripId"] for e in (await r.json())["events"]] == ["trip_rival"]
+        ids = await page.eval("() => document.getElementById('map').dataset.fenceIds")
+        assert theirs not in ids and "trip_rival" not in await page.eval("() => document.body.textContent")  # fmt: skip
+
+        # A click on an event shows its trip's history, as a click in the trip list does.
+        await page.step("click", selector=f'#events li[data-geofence-id="{depot}"][data-event="exit"] button')  # fmt: skip
+        assert await page.wait("""() => {
+            const el = document.getElementById('map');
+            return Number(el.dataset.historyPoints) > 0 && el.dataset.historyTrip;
+        }""") == "trip_live"  # fmt: skip
