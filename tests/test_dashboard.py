@@ -134,69 +134,8 @@ async def test_dashboard_shows_the_fleet_moving_and_a_trip_history(make_client, 
 
 # -- Geofences on the map and their events ------------------------------------------------
 
-# One Chromium page that the test drives a step at a time, so that it can post pings between
-# looks at the page: one JSON command a line on stdin, one JSON answer a line on stdout (the
-# value, or the error, and every page error or dialog so far). Run from tests/browser, where
-# playwright-core is. With a Leaflet dist directory, the CDN and the tile server are answered
-# locally, as dashboard.mjs does; argv: <url> [<leaflet dist dir> <tile png>].
-DRIVER = r"""
-import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
-
-const [url, leaflet, tile] = process.argv.slice(1);
-const problems = [];
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage'],
-});
-const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
-page.setDefaultTimeout(15000);
-page.on('pageerror', (err) => problems.push(`pageerror: ${err}`));
-page.on('dialog', (d) => { problems.push(`dialog: ${d.type()} ${d.message()}`); d.dismiss().catch(() => {}); });
-if (leaflet) {
-  const headers = { 'Access-Control-Allow-Origin': '*' };
-  for (const [name, contentType] of [['leaflet.js', 'text/javascript'], ['leaflet.css', 'text/css']]) {
-    await page.route(`https://unpkg.com/leaflet@1.9.4/dist/${name}`,
-      (r) => r.fulfill({ path: `${leaflet}/${name}`, contentType, headers }));
-  }
-  await page.route('https://tile.openstreetmap.org/**',
-    (r) => r.fulfill({ path: tile, contentType: 'image/png', headers }));
-}
-// A function's source and its argument, called in the page.
-const call = (c) => `(${c.js})(${JSON.stringify(c.arg ?? null)})`;
-// Polled here: waitForFunction would evaluate the string inside the page, which the page's
-// CSP (no 'unsafe-eval') refuses; page.evaluate goes through the DevTools protocol.
-async function poll(c) {
-  const deadline = Date.now() + 15000;
-  for (;;) {
-    const value = await page.evaluate(call(c));
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`still ${JSON.stringify(value)} after 15 s: ${c.js}`);
-    await page.waitForTimeout(100);
-  }
-}
-const ops = {
-  goto: () => page.goto(url, { waitUntil: 'load' }).then(() => null),
-  wait: poll,
-  eval: (c) => page.evaluate(call(c)),
-  click: (c) => page.click(c.selector).then(() => null),
-  shot: (c) => page.screenshot({ path: c.path }).then(() => null),
-};
-for await (const line of createInterface({ input: process.stdin })) {
-  const c = JSON.parse(line);
-  let answer;
-  try {
-    answer = { value: (await ops[c.op](c)) ?? null };
-  } catch (err) {
-    answer = { error: `${c.op}: ${err.message.split('\n')[0]}` };
-  }
-  process.stdout.write(JSON.stringify({ ...answer, problems }) + '\n');
-}
-await browser.close();
-"""
+# tests/browser/page_driver.mjs: one Chromium page, driven a command at a time.
+DRIVER = "page_driver.mjs"
 
 
 class Page:
@@ -234,7 +173,7 @@ async def chromium_page(url: str, screenshot: Path, leaflet: bool) -> AsyncItera
         tile.write_bytes(grey_png())
         args += [str(BROWSER_DIR / "node_modules" / "leaflet" / "dist"), str(tile)]
     proc = await asyncio.create_subprocess_exec(
-        node, "--input-type=module", "-e", DRIVER, *args, cwd=BROWSER_DIR,
+        node, DRIVER, *args, cwd=BROWSER_DIR,
         env={**os.environ, "CHROMIUM_PATH": CHROMIUM},
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
