@@ -14,6 +14,8 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 if ! "$VENV/bin/python" -c 'import matplotlib' >/dev/null 2>&1 || [ ! -x "$VENV/bin/py-spy" ]; then
-    "$VENV/bin/pip" install -q --disable-pip-version-check matplotlib py-spy
+    # python -m pip, not bin/pip: the latter's shebang names the venv it was made in, which
+    # is another one in a copied venv (the helpers' working copies).
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check matplotlib py-spy
 fi
 echo "bench tools ready: $(wrk -v 2>&1 | head -1)"
