@@ -22,73 +22,19 @@ import random
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 from ingest.geofence_shapes import FenceIndex, Shape, parse_shape
 
-CENTER = (12.9716, 77.5946)  # lat, lon, as in decode_validate
-HALF_SIDE_M = 25_000.0
-M_PER_DEG = 111_195.08  # of latitude
+from ..load.city import CENTER, fence_geometries, outline, tracks
+
 COUNTS = (0, 10, 100, 1000)
 
 
-def offset(lat: float, lon: float, north_m: float, east_m: float) -> tuple[float, float]:
-    """A point some metres north and east of (lat, lon), flat-earth (fine over a city)."""
-    return (
-        lat + north_m / M_PER_DEG,
-        lon + east_m / (M_PER_DEG * math.cos(math.radians(lat))),
-    )
-
-
-def outline(
-    rng: random.Random, lat: float, lon: float, radius_m: float, corners: int, jag: float
-) -> list[list[float]]:
-    """A closed ring of ``corners`` distinct positions around (lat, lon), one per equal sector
-    (so consecutive corners are less than half a turn apart and the ring never crosses
-    itself): three lobes, each corner's radius cut by up to ``jag`` (a fraction) at random."""
-    sector, phase = 2 * math.pi / corners, rng.uniform(0, 2 * math.pi)
-    ring = []
-    for i in range(corners):
-        a = (i + rng.uniform(0, 0.8)) * sector
-        r = radius_m * (1 + 0.25 * math.sin(3 * a + phase)) * rng.uniform(1 - jag, 1)
-        y, x = offset(lat, lon, r * math.sin(a), r * math.cos(a))
-        ring.append([x, y])
-    return [*ring, ring[0]]
-
-
 def fences(rng: random.Random, count: int) -> list[tuple[str, Shape]]:
-    out: list[tuple[str, Shape]] = []
-    for i in range(count):
-        lat, lon = offset(
-            *CENTER, rng.uniform(-1, 1) * HALF_SIDE_M, rng.uniform(-1, 1) * HALF_SIDE_M
-        )
-        radius = rng.uniform(100, 2000)
-        if i % 2:
-            geometry: dict[str, Any] = {"type": "Point", "coordinates": [lon, lat]}
-            out.append((f"circle_{i}", parse_shape(geometry, radius, 1000)))
-        else:
-            ring = outline(rng, lat, lon, radius, rng.randint(3, 49), 0.5)  # 4 - 50 positions
-            geometry = {"type": "Polygon", "coordinates": [ring]}
-            out.append((f"polygon_{i}", parse_shape(geometry, None, 1000)))
-    return out
-
-
-def trucks(rng: random.Random, count: int, pings: int) -> list[tuple[float, float]]:
-    """(lat, lon) of the pings of ``count`` trucks, ``pings`` each, interleaved as they arrive."""
-    tracks = []
-    for _ in range(count):
-        lat, lon = offset(
-            *CENTER, rng.uniform(-1, 1) * HALF_SIDE_M, rng.uniform(-1, 1) * HALF_SIDE_M
-        )
-        heading, track = rng.uniform(0, 2 * math.pi), []
-        for _ in range(pings):
-            if rng.random() < 0.05:
-                heading += rng.choice((-1, 1)) * math.pi / 2  # a turn at a junction
-            step = 50 * rng.uniform(0.0, 1.2)  # ~10 m/s, 5 s apart, stops included
-            lat, lon = offset(lat, lon, step * math.cos(heading), step * math.sin(heading))
-            track.append((lat, lon))
-        tracks.append(track)
-    return [p for ping in zip(*tracks, strict=True) for p in ping]
+    return [
+        (name, parse_shape(geometry, radius, 1000))
+        for name, geometry, radius in fence_geometries(rng, count)
+    ]
 
 
 def best_ns_per_call(index: FenceIndex, points: list[tuple[float, float]], rounds: int) -> float:
@@ -144,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     all_fences = fences(rng, max(COUNTS))
-    points = trucks(rng, 100, 100)
+    points = tracks(rng, 100, 100)
     gc.disable()  # the service freezes start-up objects and runs GC rarely (docs/bench.md)
     for count in COUNTS:
         index = FenceIndex(all_fences[:count])
