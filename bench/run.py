@@ -23,14 +23,14 @@ from .load.closedloop import check_wrk
 from .report.machine import loadavg, machine
 from .report.targets import add_ratios, targets
 from .report.write import write
-from .stages import fanout_bench, overload
+from .stages import fanout_bench, geofences_bench, nearby_bench, overload
 from .stages.profile_service import profile_service
 from .stages.throughput import Cell, run_cell
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 N_DRIVERS = 1024
-STAGES = ("ingest", "latency", "fanout", "overload", "profile")
+STAGES = ("ingest", "latency", "fanout", "overload", "nearby", "geofences", "profile")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +40,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument(
         "--quick",
         action="store_true",
-        help="headline cell only, 1k subscribers, 10 s overload: under a minute",
+        help="headline cell only, 1k subscribers, 10 s overload, short nearby cases, no"
+        " geofence rounds (unless --only names them): about a minute and a half",
     )
     mode.add_argument("--full", action="store_true", help="the whole matrix (about 15 minutes)")
     p.add_argument(
@@ -91,7 +92,8 @@ async def _main(args: argparse.Namespace) -> int:
     if unknown := only - set(STAGES):
         print(f"unknown stage(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    stages = only or set(STAGES) - ({"profile"} if args.quick and not args.profile else set())
+    skip = ({"geofences"} | (set() if args.profile else {"profile"})) if args.quick else set()
+    stages = only or set(STAGES) - skip
     secret = tokens.new_secret()
     db = infra.BenchDB(args.database_url, f"ingest_bench_{os.getpid()}")
     prefix = f"bench{os.getpid()}:"
@@ -142,6 +144,21 @@ async def _stages(
         )
         ctx.say(f"overload: answers {r['totals']}, peak RSS {r['peak_rss_mib']} MiB,"
                 f" after: {r['recovery']['stored_pps']:,} pings/s = {r['recovery']['of_before']:.0%} of before")  # fmt: skip
+    if "nearby" in stages:
+        ctx.say("nearby: one org of 10,000 trucks")
+        res["nearby"] = await nearby_bench.run(
+            ctx, plan.nearby_s, plan.nearby_ref_s, plan.nearby_during_s
+        )
+    if "geofences" in stages:
+        ctx.say(
+            f"geofences: rounds of {', '.join(map(str, plan.geofence_rounds))} fences at b20 c256"
+        )
+        g = res["geofences"] = await geofences_bench.run(
+            ctx, plan.geofence_rounds, plan.duration_s, plan.warm_s
+        )
+        ctx.say(
+            f"geofences: 1000 ÷ 0 fences, stored pings/s: {g['ratio_pps']} (pairs {g['pair_ratios']})"
+        )
     res["targets"] = targets(res)
     if "profile" in stages:
         b, c = plans.HEADLINE

@@ -1,4 +1,5 @@
-"""Closed-loop load with wrk (Debian's package) and bench/load/wrk/pings.lua.
+"""Closed-loop load with wrk (Debian's package) and a script of bench/load/wrk/: pings.lua
+(ingest), nearby.lua (the nearby read).
 
 wrk runs in its own process with one thread: on 2 cores every cycle it spends is taken
 from the contender, so its CPU time is measured (wait4 rusage) and reported beside the
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LUA = Path(__file__).resolve().parent / "wrk" / "pings.lua"
+NEARBY_LUA = LUA.with_name("nearby.lua")
 
 
 @dataclass
@@ -45,11 +47,21 @@ def run_wrk(
     url: str, data_file: Path, batch: int, conns: int, duration_s: float, tag: str,
     start_ms: int, threads: int = 1, timeout_s: float = 10.0,
 ) -> WrkResult:  # fmt: skip
-    """Blocking: run wrk for ``duration_s`` and parse its BENCH_JSON line."""
+    """Blocking: post pings (wrk/pings.lua) for ``duration_s``."""
+    args = [str(data_file), str(batch), tag, str(start_ms), str(threads)]
+    return run_script(
+        url + "/api/v1/tracking/ping", LUA, args, conns, duration_s, threads, timeout_s
+    )
+
+
+def run_script(
+    url: str, script: Path, args: list[str], conns: int, duration_s: float, threads: int = 1,
+    timeout_s: float = 10.0,
+) -> WrkResult:  # fmt: skip
+    """Blocking: run wrk with ``script`` for ``duration_s`` and parse its BENCH_JSON line."""
     argv = [
         check_wrk(), "-t", str(threads), "-c", str(conns), "-d", f"{round(duration_s)}s",
-        "--timeout", f"{timeout_s:g}s", "-s", str(LUA), url + "/api/v1/tracking/ping",
-        "--", str(data_file), str(batch), tag, str(start_ms), str(threads),
+        "--timeout", f"{timeout_s:g}s", "-s", str(script), url, "--", *args,
     ]  # fmt: skip
     with tempfile.TemporaryFile() as err:
         started = time.time()

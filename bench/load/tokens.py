@@ -26,16 +26,26 @@ def sign(secret: str, sub: str, role: str, org: str = ORG, ttl_s: int = 4 * 3600
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def drivers(secret: str, n: int, prefix: str = "drv") -> list[tuple[str, str]]:
-    """``n`` (driverId, token) pairs."""
-    return [(f"{prefix}{i:05d}", sign(secret, f"{prefix}{i:05d}", "driver")) for i in range(n)]
+def drivers(secret: str, n: int, prefix: str = "drv", org: str = ORG) -> list[tuple[str, str]]:
+    """``n`` (driverId, token) pairs of ``org``."""
+    return [(f"{prefix}{i:05d}", sign(secret, f"{prefix}{i:05d}", "driver", org)) for i in range(n)]
 
 
-def write_lua(path: Path, pairs: list[tuple[str, str]]) -> Path:
-    """A Lua chunk returning {drivers = {...}, tokens = {...}}, for wrk's dofile()."""
+def write_lua(
+    path: Path,
+    pairs: list[tuple[str, str]],
+    tracks: list[tuple[float, float, float, float]] | None = None,
+) -> Path:
+    """A Lua chunk returning {drivers = {...}, tokens = {...}}, for wrk's dofile(); with
+    ``tracks``, also each driver's {lat, lon, dlat, dlon}: where its trip starts and the degrees
+    it moves per ping (wrk/pings.lua)."""
     ids = ",".join(f'"{d}"' for d, _ in pairs)
     toks = ",".join(f'"{t}"' for _, t in pairs)
-    path.write_text(f"return {{drivers = {{{ids}}}, tokens = {{{toks}}}}}\n")
+    extra = ""
+    if tracks is not None:
+        assert len(tracks) == len(pairs), "one track per driver"
+        extra = ", tracks = {" + ",".join("{" + ",".join(map(repr, t)) + "}" for t in tracks) + "}"
+    path.write_text(f"return {{drivers = {{{ids}}}, tokens = {{{toks}}}{extra}}}\n")
     return path
 
 

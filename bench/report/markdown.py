@@ -108,6 +108,10 @@ def markdown(res: dict[str, Any]) -> str:
         for name in ("before", "recovery"):
             if (c := ov.get(name)) is not None:
                 L += ["", _closed_loop_line("Before" if name == "before" else "After", c)]
+    if nb := res.get("nearby"):
+        L += _nearby(nb)
+    if gf := res.get("geofences"):
+        L += _geofences(gf)
     if pr := res.get("profile"):
         L += ["", "## Profile of the service (py-spy, headline load)", ""]
         if "error" in pr:
@@ -123,3 +127,63 @@ def markdown(res: dict[str, Any]) -> str:
             L += ["", "| function (self) | % |", "|---|--:|"]
             L += [f"| `{k}` | {v} |" for k, v in pr["self_pct"]]
     return "\n".join(L) + "\n"
+
+
+def _nearby(nb: dict[str, Any]) -> list[str]:
+    L = ["", f"## Nearby (one org of {nb['org_trucks']:,} trucks)", "",
+         f"{nb['geo_set_size']:,} trucks in the org's GEO set ({nb['trucks_per_km2']} per km² over"
+         f" {nb['side_km']} x {nb['side_km']} km; {nb['noise']} trucks in other orgs), posted through"
+         f" the ingest endpoint in {nb['fill_s']} s. Closed loop from random points of the city, limit"
+         f" {nb['limit']}. *http*: wrk → the service (dispatcher token); *script*: the service's Redis"
+         " step (NearbySearch) called in the bench process; *geosearch*: bare GEOSEARCH … ASC COUNT"
+         " WITHDIST from the same client library (redis-py). Redis µs per call from INFO commandstats"
+         " (Redis is shared: a hint).", "",
+         "| case | radius | concurrency | req/s | p50 ms | p99 ms | max ms | trips per answer | service CPU µs/req | Redis µs/call (script; GEOSEARCH) | service / Redis / client cores | other busy cores |",
+         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+    for r in nb["cases"]:
+        u = r.get("redis_usec_per_call", {})
+        L.append(
+            f"| {r['kind']} | {r['radius_m'] / 1000:g} km | {r['concurrency']} | {r['rps']:,.0f}"
+            f" | {_f(r['p50_ms'], '{}')} | {_f(r['p99_ms'], '{}')} | {_f(r['max_ms'], '{}')}"
+            f" | {_f(r['trips_per_answer'], '{}')} | {_f(r.get('service_cpu_us_per_request'), '{}')}"
+            f" | {_f(u.get('evalsha'), '{}')}; {_f(u.get('geosearch'), '{}')}"
+            f" | {r['service_cpu_util']:.2f} / {r['redis_cpu_util']:.2f} / {r['client_cpu_util']:.2f}"
+            f" | {r['other_busy_cores']} |"
+        )  # fmt: skip
+    during = [r for r in nb["cases"] if "ingest_stored_pps" in r]
+    for r in during:
+        L += ["", f"{r['kind']}, concurrency {r['concurrency']}: wrk posted pings at batch 20 over"
+              f" {r['ingest_conns']} connections for 1,024 more trucks of the org meanwhile,"
+              f" {r['ingest_stored_pps']:,} stored pings/s"
+              f" (ack p99 {r['ingest_p99_ms']} ms, answers {r['ingest_statuses']})."]  # fmt: skip
+    return L
+
+
+def _geofences(gf: dict[str, Any]) -> list[str]:
+    ex = gf.get("expected", {})
+    L = ["", f"## Geofences on ingest (b{gf['batch']} c{gf['conns']} durable, 0 vs {gf['fences']} fences)", "",
+         f"{gf['drivers']:,} trucks each driving a straight line across the city, {gf['step_m']:g} m per ping;"
+         f" by the service's own index {_f(ex.get('share_inside'), '{:.0%}')} of their pings lie inside"
+         f" some fence ({ex.get('fences_per_ping')} fences per ping) and"
+         f" {ex.get('events_per_1k_pings')} crossings are expected per 1,000 pings. A fresh process per"
+         " round; evaluation counters from its /metrics, events counted in \"GeofenceEvent\".", "",
+         "| round | fences | stored pings/s | CPU s/100k | PG CPU s/100k | events | pings evaluated | read back (gap) | dropped flushes | evaluation ms/flush | drain s | other busy cores |",
+         "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+    for i, r in enumerate(gf["rounds"], 1):
+        g = r["geofences"]
+        L.append(
+            f"| {i} | {r['fences']} | {r['stored_pps']:,} | {_f(r['server_cpu_per_100k'], '{}')}"
+            f" | {_f(r['pg_cpu_per_100k'], '{}')} | {r['events']:,} | {g['pings_evaluated']:,}"
+            f" | {g['gap_pings']:,} | {g['dropped_flushes']} | {_f(g['mean_evaluation_ms'], '{}')}"
+            f" | {g['drain_s']} | {r['other_busy_cores']} |"
+        )  # fmt: skip
+    by = gf["by_fences"]
+    means = "; ".join(
+        f"{n} fences: {_f(v['stored_pps'], '{:,.0f}')} pings/s, {_f(v['server_cpu_per_100k'], '{}')}"
+        f" + PG {_f(v['pg_cpu_per_100k'], '{}')} CPU s/100k"
+        for n, v in by.items()
+    )
+    L += ["", f"Means: {means}. Stored pings/s with {gf['fences']} fences ÷ with none:"
+          f" {_f(gf['ratio_pps'], '{:.0%}')} (each 1000 round ÷ the 0 round before it:"
+          f" {', '.join(f'{x:.0%}' for x in gf['pair_ratios'])})."]  # fmt: skip
+    return L

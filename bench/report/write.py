@@ -28,4 +28,9 @@ def write(ctx: Context, out: Path, res: dict[str, Any]) -> None:
     summary = {"plan": res["plan"], "elapsed_s": res["elapsed_s"], "targets": res["targets"],
                "ingest": [{k: r.get(k) for k in ("cell", "stored_pps", "acked_pps", "x_naive", "of_pipeline", "server_cpu_per_100k")}
                           for r in res.get("ingest", [])]}  # fmt: skip
+    if nb := res.get("nearby"):
+        summary["nearby"] = [{k: r.get(k) for k in ("kind", "radius_m", "concurrency", "rps", "p50_ms", "p99_ms", "max_ms")}
+                             for r in nb["cases"]]  # fmt: skip
+    if gf := res.get("geofences"):
+        summary["geofences"] = {k: gf.get(k) for k in ("by_fences", "ratio_pps", "pair_ratios")}
     print(json.dumps(summary, indent=1))

@@ -1,4 +1,5 @@
-"""The service's own view of a run, from its /metrics: flush sizes and durations."""
+"""The service's own view of a run, from its /metrics: flush sizes and durations, geofence
+evaluations."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ async def scrape(url: str) -> dict[str, float]:
         if line.startswith("#") or " " not in line:
             continue
         name, _, value = line.rpartition(" ")
-        if name.endswith(("_sum", "_count")) or name.startswith(
-            ("ingest_batches_total", "ingest_ack_latency_seconds_bucket")
+        if name.endswith(("_sum", "_count")) or (
+            name.startswith(
+                ("ingest_batches_total", "ingest_ack_latency_seconds_bucket", "ingest_geofence_")
+            )
+            and "_created" not in name
         ):
             out[name] = float(value)
     return out
@@ -57,3 +61,23 @@ def histogram_quantile(m: dict[str, float], base: str, q: float) -> float | None
         return None
     want = q * buckets[-1][1]
     return next(le for le, count in buckets if count >= want)
+
+
+def geofence_summary(m: dict[str, float]) -> dict[str, Any]:
+    """What the geofence evaluator did (ingest/geofence_events.py), from its counters."""
+    n = m.get("ingest_geofence_evaluation_seconds_count", 0.0)
+    spent = m.get("ingest_geofence_evaluation_seconds_sum", 0.0)
+    return {
+        "evaluations": int(n),
+        "mean_evaluation_ms": round(spent / n * 1000, 2) if n else None,
+        "evaluation_s": round(spent, 3),
+        "pings_evaluated": int(m.get("ingest_geofence_pings_evaluated_total", 0)),
+        # Read back from PostgreSQL: flushes whose own evaluation had not run (a backlog).
+        "gap_pings": int(m.get("ingest_geofence_gap_pings_total", 0)),
+        "dropped_flushes": int(m.get("ingest_geofence_dropped_flushes_total", 0)),
+        "failures": int(m.get("ingest_geofence_failures_total", 0)),
+        "events": {
+            k.split('"')[1]: int(v) for k, v in m.items()
+            if k.startswith("ingest_geofence_events_total{")
+        },
+    }  # fmt: skip

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from devtools.procs import cpu_delta, cpu_seconds, status_kib
+from devtools.procs import Process, cpu_delta, cpu_seconds, status_kib
 
 from ..contenders.registry import ALL, SERVICE, Contender
 from ..context import Context
 from ..load.closedloop import run_wrk
 from ..procs import machine_busy_s
 from .scrape import flush_summary, scrape
+
+Hook = Callable[[Process], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,14 @@ def _cpu(s0: Sample, s1: Sample, pings: int, loadgen_util: float) -> dict[str, A
     }  # fmt: skip
 
 
-async def run_cell(ctx: Context, cell: Cell, duration: float, warm: float) -> dict[str, Any]:
+async def run_cell(
+    ctx: Context, cell: Cell, duration: float, warm: float, *, drivers: Path | None = None,
+    start_ago_ms: int = 600_000, before: Hook | None = None, after: Hook | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One cell. Optional: ``drivers`` (a wrk data file, default the run's), how long before
+    the load starts its pings' timestamps start, and what to do on the running server just
+    before the load and just after it (the geofence stage creates fences, then waits for
+    their evaluation)."""
     contender = ALL[cell.contender]
     await ctx.db.reset()
     if not contender.http:
@@ -94,10 +105,13 @@ async def run_cell(ctx: Context, cell: Cell, duration: float, warm: float) -> di
     )  # fmt: skip
     await server.start()
     try:
+        if before is not None:
+            await before(server)
         tag = ctx.tag()
-        start_ms = int(time.time() * 1000) - 600_000
+        start_ms = int(time.time() * 1000) - start_ago_ms
         wrk = asyncio.create_task(asyncio.to_thread(
-            run_wrk, server.url, ctx.lua_drivers, cell.batch, cell.conns, duration, tag, start_ms,
+            run_wrk, server.url, drivers or ctx.lua_drivers, cell.batch, cell.conns, duration,
+            tag, start_ms,
         ))  # fmt: skip
         await asyncio.sleep(warm)
         pids = [server.pid]
@@ -105,6 +119,8 @@ async def run_cell(ctx: Context, cell: Cell, duration: float, warm: float) -> di
         await asyncio.sleep(max(0.0, duration - warm - 0.05))
         s1 = await _sample(ctx, pids)
         w = await wrk
+        if after is not None:
+            await after(server)
         hwm = status_kib(server.pid, "VmHWM") / 1024
         flushes = await _flush_stats(contender, server.url)
     finally:
