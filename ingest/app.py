@@ -211,7 +211,7 @@ async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     buffer = Buffer(s.buffer_max_rows, s.flush_max_rows, s.flush_interval_ms / 1000)
     metrics.BUFFER_LIMIT.set(s.buffer_max_rows)
     live = app[LIVE]
-    evaluator = GeofenceEvaluator(app[POOL], live, s.geofence_max_vertices)
+    evaluator = GeofenceEvaluator(app[POOL], live, s.geofence_settle_ms / 1000)
 
     def committed(rows: list[Record]) -> None:
         live.committed(rows)

@@ -3,40 +3,47 @@ enter and exit once, and send it once to the org's fleet subscribers.
 
 Exactly once across replays and pods rests on one row per trip in "GeofenceState": the time
 its pings are evaluated up to and the fences it was then inside. Each flush's evaluation runs
-in its own transaction, off the ack path, on the pod that committed the pings:
+in its own transaction, off the ack path, on the pod that committed the pings, and waits
+GEOFENCE_SETTLE_MS after the commit, so that a trip's batches committed out of order on two
+pods within that time are evaluated in time order:
 
 1. lock the org rows of "GeofenceOrg" (FOR SHARE) and read their fence versions: a fence set
    older than the cached one is never used, and no fence is deleted under the evaluation;
 2. lock the trips' state rows, in (org, trip) order (no deadlock between pods);
 3. read back the stored pings between the state and the flush's first ping: those of a flush
-   (on any pod) whose own evaluation has not run yet, or never will (its pod died). Usually
-   there are none, and this is one index probe per trip;
-4. walk each trip's pings in time order through the fence index, noting every change;
+   (on any pod) whose own evaluation has not run yet. Usually there are none, and this is one
+   index probe per trip;
+4. walk each trip's pings in time order through the fence index, noting every change (and
+   yielding the event loop every few milliseconds: an org's fences never hold the pod);
 5. insert the events (their key is a second guard), update the states, commit; then publish
    the events that were inserted.
 
-A replayed batch stores no ping, so it is never evaluated. A ping older than its trip's
-evaluated time (a late upload, or a flush committed on another pod that evaluated a newer one
-first) makes no event: the crossing is noticed at the next evaluated ping instead.
+A sweep (one pod at a time, every few seconds) evaluates the trips with stored pings that no
+evaluation took in time: those of a pod that died between its commit and its evaluation, or
+of a flush given up. A replayed batch stores no ping, so it is never evaluated. A ping older
+than its trip's evaluated time (a late upload) makes no event: the crossing is noticed at the
+next evaluated ping instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import operator
 import time
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
 from . import metrics
-from .geofence_shapes import FenceIndex, Shape, parse_shape
+from .constants import GEOFENCE_SWEEP_LOCK_ID
+from .geofence_shapes import FenceIndex, Shape, stored_shape
 from .live import Live
 from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LiveGeofence, StoredLocation
@@ -52,6 +59,18 @@ GAP_FIRST = timedelta(minutes=10)
 # At most this many pings read back per trip (the newest ones) after a long pause.
 GAP_MAX_PINGS = 10_000
 _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 5.0
+# Pings walked through the index between looks at the clock, and the time after which the
+# evaluation lets the event loop run.
+_CHUNK = 16
+_PUBLISH_CHUNK = 500
+_SLICE_S = 0.004
+# ... and how long it then leaves the loop to the rest (requests, the flusher, sockets).
+_PAUSE_S = 0.001
+SWEEP_INTERVAL_S = 2.0
+# The sweep looks at trips evaluated within this long; beyond it, the trip's next ping.
+_SWEEP_WINDOW = timedelta(hours=1)
+_SWEEP_MAX_TRIPS = 500
+_NO_END = datetime(9999, 1, 1, tzinfo=UTC)
 _GIVE_UP_AFTER = 8  # failed attempts at one flush (about 15 s of backoff)
 
 _FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
@@ -90,6 +109,19 @@ ON CONFLICT DO NOTHING
 RETURNING "orgId", "geofenceId", "timestamp", "tripId", "event"
 """
 # Fence ids are the service's own ("gf_" + URL-safe base64): never a space.
+_TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+# Trips of orgs with fences, evaluated within _SWEEP_WINDOW, with a ping stored more than the
+# settle time ago and never evaluated.
+_UNEVALUATED = """
+SELECT s."orgId", s."tripId" FROM "GeofenceState" s
+WHERE s."orgId" = ANY($1::text[]) AND s."updatedAt" > now() - $2::interval
+  AND s."evaluatedTo" IS NOT NULL
+  AND EXISTS (
+    SELECT 1 FROM "TripLocation" t
+    WHERE t."orgId" = s."orgId" AND t."tripId" = s."tripId" AND t."timestamp" > s."evaluatedTo"
+      AND t."createdAt" < now() - $3::interval)
+ORDER BY s."orgId", s."tripId" LIMIT $4
+"""
 _UPDATE_STATES = """
 UPDATE "GeofenceState" s
 SET "evaluatedTo" = u.ts, "inside" = string_to_array(u.inside, ' '), "updatedAt" = now()
@@ -119,6 +151,8 @@ class FenceSet:
         # A fence applies to pings from its creation on: older pings (a late upload, or the
         # pings read back before a trip's first evaluation) do not see it.
         self.newest = max((f.created for f in fences.values()), default=None)
+        # No ping older than every fence can be in one: nothing older is read back.
+        self.oldest = min((f.created for f in fences.values()), default=_NO_END)
 
     def containing(self, ping: Record) -> frozenset[str]:
         found = self.index.containing(ping[LAT], ping[LON])
@@ -155,23 +189,30 @@ def crossings(
 class GeofenceEvaluator:
     """Fed each flush's stored rows (committed()); evaluates them in its own task."""
 
-    def __init__(self, pool: asyncpg.Pool, live: Live, max_vertices: int) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, live: Live, settle_s: float,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+    ) -> None:  # fmt: skip
         self.pool = pool
         self.live = live
-        self.max_vertices = max_vertices
-        self._backlog: collections.deque[list[Record]] = collections.deque()
+        self.settle_s = settle_s
+        self.sweep_interval_s = sweep_interval_s
+        # (loop time it is due, the flush's stored rows), in commit order.
+        self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._fenced: frozenset[str] = _EMPTY
         self._fenced_at = -1e9  # loop time of the last look-up of orgs with fences
+        self._sweep_at = 0.0
         self._sets: dict[str, FenceSet] = {}
 
     def committed(self, rows: list[Record]) -> None:
         """Called by the flusher after each commit; never blocks it."""
         if len(self._backlog) >= _BACKLOG_FLUSHES:
-            self._backlog.popleft()  # its trips' next evaluation reads those pings back
+            self._backlog.popleft()  # read back by its trips' next evaluation, or the sweep
             metrics.GEOFENCE_DROPPED.inc()
-        self._backlog.append(rows)
+        due = asyncio.get_running_loop().time() + self.settle_s
+        self._backlog.append((due, rows))
         self._wakeup.set()
 
     @property
@@ -180,20 +221,31 @@ class GeofenceEvaluator:
         return len(self._backlog)
 
     def stop(self) -> None:
+        """Evaluate what is left at once, then end run()."""
         self._stopping = True
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Evaluate committed rows until stop(), then what is left (one attempt each)."""
+        """Evaluate committed rows, each once due, and sweep, until stop(); then evaluate what
+        is left (one attempt each)."""
+        loop = asyncio.get_running_loop()
+        self._sweep_at = loop.time() + self.sweep_interval_s
         delay, failures = _RETRY_MIN_S, 0
         while True:
+            now = loop.time()
+            if now >= self._sweep_at and not self._stopping:
+                await self._sweep_safely()
+                self._sweep_at = loop.time() + self.sweep_interval_s
+                continue
             if not self._backlog:
                 if self._stopping:
                     return
-                await self._wakeup.wait()
-                self._wakeup.clear()
+                await self._sleep(self._sweep_at - now)
                 continue
-            rows = self._backlog[0]
+            due, rows = self._backlog[0]
+            if due > now and not self._stopping:
+                await self._sleep(min(due, self._sweep_at) - now)
+                continue
             try:
                 await self.evaluate(rows)
             except Exception as exc:
@@ -203,25 +255,34 @@ class GeofenceEvaluator:
                 if self._stopping:
                     self._backlog.clear()
                     return
-                if failures >= _GIVE_UP_AFTER and self._backlog and self._backlog[0] is rows:
+                if failures >= _GIVE_UP_AFTER and self._backlog and self._backlog[0][1] is rows:
                     # Whatever fails this flush must not stop every later one: its trips'
-                    # next evaluation reads these pings back.
+                    # next evaluation, or the sweep, reads these pings back.
                     self._backlog.popleft()
                     metrics.GEOFENCE_DROPPED.inc()
                     log.error("geofence_flush_given_up", extra={"rows": len(rows)})
                     failures = 0
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             delay, failures = _RETRY_MIN_S, 0
-            if self._backlog and self._backlog[0] is rows:
+            if self._backlog and self._backlog[0][1] is rows:
                 self._backlog.popleft()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until ``seconds`` have passed or something was committed or stop() was called."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), seconds)
+        self._wakeup.clear()
 
     async def _fenced_orgs(self) -> frozenset[str]:
         now = asyncio.get_running_loop().time()
         if now - self._fenced_at >= ORGS_REFRESH_S:
             rows = await self.pool.fetch(_FENCED_ORGS)
             self._fenced, self._fenced_at = frozenset(r[0] for r in rows), now
+            # An org without fences any more holds no memory here.
+            self._sets = {o: s for o, s in self._sets.items() if o in self._fenced}
         return self._fenced
 
     async def evaluate(self, rows: list[Record]) -> int:
@@ -235,8 +296,39 @@ class GeofenceEvaluator:
                 by_trip.setdefault(key, []).extend(run)
         if not by_trip:
             return 0
+        return await self._in_transaction(by_trip, None)
+
+    async def sweep(self) -> int:
+        """Evaluate trips whose stored pings no evaluation took (at most _SWEEP_MAX_TRIPS);
+        the number of events stored. One pod sweeps at a time."""
+        fenced = await self._fenced_orgs()
+        if not fenced:
+            return 0
+        return await self._in_transaction({}, sorted(fenced))
+
+    async def _sweep_safely(self) -> None:
+        try:
+            if stored := await self.sweep():
+                log.info("geofence_sweep_found", extra={"events": stored})
+        except Exception as exc:
+            metrics.GEOFENCE_FAILURES.inc()
+            log.warning("geofence_sweep_failed", extra={"error": repr(exc)})
+
+    async def _in_transaction(
+        self, by_trip: dict[tuple[str, str], list[Record]], sweep_orgs: list[str] | None
+    ) -> int:
         started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
+            if sweep_orgs is not None:
+                if not await conn.fetchval(_TRY_SWEEP_LOCK, GEOFENCE_SWEEP_LOCK_ID):
+                    return 0  # another pod sweeps
+                window = timedelta(seconds=self.settle_s + 1)
+                found = await conn.fetch(
+                    _UNEVALUATED, sweep_orgs, _SWEEP_WINDOW, window, _SWEEP_MAX_TRIPS
+                )
+                by_trip = {(r[0], r[1]): [] for r in found}
+                if not by_trip:
+                    return 0
             events = await self._evaluate(conn, by_trip)
             stored = await self._store(conn, events)
         metrics.GEOFENCE_SECONDS.observe(time.perf_counter() - started)
@@ -247,6 +339,8 @@ class GeofenceEvaluator:
     async def _evaluate(
         self, conn: asyncpg.Connection, by_trip: dict[tuple[str, str], list[Record]]
     ) -> list[Event]:
+        """The events of ``by_trip``'s pings, the trips' states updated. A trip given no rows
+        (the sweep) is evaluated from its stored pings after its state."""
         orgs = sorted({org for org, _ in by_trip})
         versions = {r[0]: r[1] for r in await conn.fetch(_LOCK_ORGS, orgs)}
         sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
@@ -264,15 +358,16 @@ class GeofenceEvaluator:
             recs = sorted(by_trip[key], key=_TS_OF)
             if evaluated_to is not None:
                 recs = [r for r in recs if r[TS] > evaluated_to]  # older: a late upload
-            if not recs:
-                continue
+            if not recs and by_trip[key]:
+                continue  # only late pings
+            fences = sets[org]
+            inside[key] = frozenset(f for f in was_inside if f in fences.fences)  # deleted
             pings[key] = recs
-            fences = sets[org].fences
-            inside[key] = frozenset(f for f in was_inside if f in fences)  # deleted: dropped
-            first = recs[0][TS]
+            hi = recs[0][TS] if recs else _NO_END
+            lo = evaluated_to if evaluated_to is not None else hi - GAP_FIRST
             gap_keys.append(key)
-            gap_lo.append(evaluated_to if evaluated_to is not None else first - GAP_FIRST)
-            gap_hi.append(first)
+            gap_lo.append(max(lo, fences.oldest))
+            gap_hi.append(hi)
         if gap_keys:
             gap = await conn.fetch(
                 _GAP, [o for o, _ in gap_keys], [t for _, t in gap_keys], gap_lo, gap_hi,
@@ -292,9 +387,18 @@ class GeofenceEvaluator:
         events: list[Event] = []
         updates: tuple[list[str], list[str], list[datetime], list[str]] = ([], [], [], [])
         evaluated = 0
+        loop_free_at = time.perf_counter() + _SLICE_S
         for (org, trip), recs in pings.items():
-            found, now_inside = crossings(org, recs, inside[(org, trip)], sets[org])
-            events += found
+            if not recs:
+                continue
+            now_inside = inside[(org, trip)]
+            for i in range(0, len(recs), _CHUNK):
+                found, now_inside = crossings(org, recs[i : i + _CHUNK], now_inside, sets[org])
+                events += found
+                if time.perf_counter() > loop_free_at:
+                    # Costly fences slow this org's events, never the pod's requests.
+                    await asyncio.sleep(_PAUSE_S)
+                    loop_free_at = time.perf_counter() + _SLICE_S
             evaluated += len(recs)
             updates[0].append(org)
             updates[1].append(trip)
@@ -315,11 +419,13 @@ class GeofenceEvaluator:
         old = cached.fences if cached is not None else {}
         fences = {fid: old[fid] for fid in ids if fid in old}
         missing = [fid for fid in ids if fid not in old]
+        loop_free_at = time.perf_counter() + _SLICE_S
         for fid, name, geometry, radius, created in await conn.fetch(_FENCES, org, missing):
-            decoded = msgspec.json.decode(geometry) if isinstance(geometry, str) else geometry
-            # The limit it was created under may have been higher: never refuse a stored fence.
-            shape = parse_shape(decoded, radius, max(self.max_vertices, 1_000_000))
-            fences[fid] = Fence(name, shape, created)
+            # Checked when it was created: built as it is (never refused by a lower limit now).
+            fences[fid] = Fence(name, stored_shape(msgspec.json.decode(geometry), radius), created)
+            if time.perf_counter() > loop_free_at:
+                await asyncio.sleep(_PAUSE_S)
+                loop_free_at = time.perf_counter() + _SLICE_S
         fence_set = FenceSet(version, fences)
         self._sets[org] = fence_set
         return fence_set
@@ -349,23 +455,26 @@ class GeofenceEvaluator:
         events are stored, and listed by the events endpoint whatever happens here."""
         live = self.live
         keys = live.keys
-        messages: list[tuple[str, bytes]] = []
-        for e in events:
-            p = e.ping
-            fence = self._sets[e.org].fences.get(e.fence)
-            name = fence.name if fence is not None else ""
-            loc = StoredLocation(p[LAT], p[LON], p[TS], p[ACC], p[SPEED], p[HEADING], p[ALT])
-            msg = LiveGeofence(e.kind, e.fence, name, p[TRIP], p[DRIVER], p[TS], loc)
-            messages.append((keys.geofence_channel(e.org, p[TRIP]), _JSON.encode(msg)))
-        try:
-            if isinstance(live.redis, RedisCluster):
-                await asyncio.gather(*(live.redis.spublish(c, m) for c, m in messages))
-            else:
-                async with live.redis.pipeline(transaction=False) as pipe:
-                    for channel, message in messages:
-                        pipe.publish(channel, message)
-                    await pipe.execute()
-        except Exception as exc:
-            metrics.REDIS_ERRORS.labels("geofence_publish").inc()
-            extra = {"error": repr(exc), "events": len(messages)}
-            log.warning("geofence_publish_failed", extra=extra)
+        for i in range(0, len(events), _PUBLISH_CHUNK):
+            messages: list[tuple[str, bytes]] = []
+            for e in events[i : i + _PUBLISH_CHUNK]:
+                p = e.ping
+                fence = self._sets[e.org].fences.get(e.fence)
+                name = fence.name if fence is not None else ""
+                loc = StoredLocation(p[LAT], p[LON], p[TS], p[ACC], p[SPEED], p[HEADING], p[ALT])
+                msg = LiveGeofence(e.kind, e.fence, name, p[TRIP], p[DRIVER], p[TS], loc)
+                messages.append((keys.geofence_channel(e.org, p[TRIP]), _JSON.encode(msg)))
+            try:
+                if isinstance(live.redis, RedisCluster):
+                    await asyncio.gather(*(live.redis.spublish(c, m) for c, m in messages))
+                else:
+                    async with live.redis.pipeline(transaction=False) as pipe:
+                        for channel, message in messages:
+                            pipe.publish(channel, message)
+                        await pipe.execute()
+            except Exception as exc:
+                metrics.REDIS_ERRORS.labels("geofence_publish").inc()
+                extra = {"error": repr(exc), "events": len(events) - i}
+                log.warning("geofence_publish_failed", extra=extra)
+                return
+            await asyncio.sleep(0)  # many events (overlapping fences): the loop runs between

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
 from math import asin, cos, degrees, floor, isfinite, radians, sin
 from operator import itemgetter
+from typing import Any
 
 # The mean Earth radius (IUGG), as ingest/trip_summary.py uses; its haversine_m is not imported
 # because trip_summary is a handler module (tests/test_layout.py) and pulls in aiohttp.
@@ -37,6 +38,10 @@ EARTH_RADIUS_M = 6_371_008.8
 MIN_RADIUS_M = 1.0
 MAX_RADIUS_M = 50_000.0
 SUPPORTED = ("Polygon", "Point")
+# Edges one point may be tested against (a latitude band's): the cost of a ping in the fence.
+# A traced outline has a few dozen at most; a comb whose every tooth spans the fence's height
+# has as many as it has positions, and would cost ~65 us per ping per fence.
+MAX_BAND_EDGES = 256
 
 BBox = tuple[float, float, float, float]  # (min_lat, min_lon, max_lat, max_lon), degrees
 LonLat = tuple[float, float]  # (lon, lat), GeoJSON's order
@@ -111,7 +116,7 @@ class Polygon(Shape):
     Built by parse_shape after validation; built directly, nothing is checked.
     """
 
-    __slots__ = ("_band_scale", "_bands", "rings")
+    __slots__ = ("_band_scale", "_bands", "busiest", "rings")
 
     def __init__(self, rings: Sequence[Sequence[LonLat]]) -> None:
         self.rings = tuple(tuple((float(x), float(y)) for x, y in ring) for ring in rings)
@@ -139,6 +144,7 @@ class Polygon(Shape):
             for i in range(first, last + 1):
                 bands[i].append(edge)
         self._bands = tuple(tuple(band) for band in bands)
+        self.busiest = max(map(len, bands))
 
     def contains(self, lat: float, lon: float) -> bool:
         south, west, north, east = self.bbox
@@ -185,7 +191,37 @@ def parse_shape(geometry: object, radius_m: object, max_vertices: int) -> Shape:
         return Circle(lat, lon, _radius(radius_m))
     if radius_m is not None:
         raise GeometryError("$.radiusM", "only with a Point")
-    return Polygon(_rings(coordinates, max_vertices))
+    polygon = Polygon(_rings(coordinates, max_vertices))
+    if polygon.busiest > MAX_BAND_EDGES:
+        raise GeometryError(
+            _COORDS,
+            f"too intricate: a point would be tested against {polygon.busiest} edges (at most"
+            f" {MAX_BAND_EDGES}); simplify it or split it into several fences",
+        )
+    return polygon
+
+
+def stored_shape(geometry: dict[str, object], radius_m: float | None) -> Shape:
+    """The Shape of a geometry parse_shape accepted and geojson() wrote: built without the
+    checks (the crossing test costs milliseconds per fence, and every pod loads every fence)."""
+    coordinates: Any = geometry["coordinates"]
+    if geometry["type"] == "Point":
+        return Circle(coordinates[1], coordinates[0], float(radius_m or 0.0))
+    return Polygon([[(p[0], p[1]) for p in ring] for ring in coordinates])
+
+
+def vertices(shape: Shape) -> int:
+    """Positions a shape counts against an org's budget: a circle counts as one."""
+    return sum(len(r) for r in shape.rings) if isinstance(shape, Polygon) else 1
+
+
+def geojson(shape: Shape) -> dict[str, object]:
+    """The shape as the GeoJSON geometry that is stored and served: its type and coordinates,
+    [lon, lat] only, nothing else the client sent."""
+    if isinstance(shape, Circle):
+        return {"type": "Point", "coordinates": [shape.lon, shape.lat]}
+    assert isinstance(shape, Polygon)
+    return {"type": "Polygon", "coordinates": [[list(p) for p in r] for r in shape.rings]}
 
 
 def _kind(value: object) -> str:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import auth, metrics
 from .body import read_body
-from .geofence_shapes import GeometryError, parse_shape
+from .geofence_shapes import Circle, GeometryError, geojson, parse_shape, vertices
 from .query import MAX_TIME, MIN_TIME, BadQuery, parse_limit, parse_time
 from .responses import error, json_response
 from .schema import (
@@ -46,22 +46,25 @@ _json = msgspec.json.Encoder()
 # The org's row is locked first: creates and deletes of one org run one at a time, and the
 # count checked is the count committed.
 _BUMP = """
-INSERT INTO "GeofenceOrg" ("orgId", "version", "fences") VALUES ($1, 1, 0)
+INSERT INTO "GeofenceOrg" ("orgId", "version", "fences", "vertices") VALUES ($1, 1, 0, 0)
 ON CONFLICT ("orgId") DO UPDATE SET "version" = "GeofenceOrg"."version" + 1
-RETURNING "fences"
+RETURNING "fences", "vertices"
 """
 _INSERT = """
-INSERT INTO "Geofence" ("orgId", "id", "name", "geometry", "radiusM")
-VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING "createdAt"
+INSERT INTO "Geofence" ("orgId", "id", "name", "geometry", "radiusM", "vertices")
+VALUES ($1, $2, $3, $4::jsonb, $5, $6) RETURNING "createdAt"
 """
-_COUNT = 'UPDATE "GeofenceOrg" SET "fences" = "fences" + $2 WHERE "orgId" = $1'
+_COUNT = """
+UPDATE "GeofenceOrg" SET "fences" = "fences" + $2, "vertices" = "vertices" + $3
+WHERE "orgId" = $1
+"""
 _COLS = '"id", "name", "geometry"::text, "createdAt", "radiusM"'
 _LIST = f'SELECT {_COLS} FROM "Geofence" WHERE "orgId" = $1 ORDER BY "createdAt", "id"'
 _ONE = f'SELECT {_COLS} FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
 # The org's row first, as evaluations lock it (FOR SHARE) before inserting events that refer to
 # the fence: the same order, so no deadlock.
 _LOCK_ORG = 'SELECT 1 FROM "GeofenceOrg" WHERE "orgId" = $1 FOR UPDATE'
-_EXISTS = 'SELECT 1 FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
+_VERTICES = 'SELECT "vertices" FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
 _DELETE = 'DELETE FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
 _EVENTS = """
 SELECT "geofenceId", "event", "tripId", "driverId", "timestamp", "latitude", "longitude",
@@ -105,24 +108,30 @@ async def create(request: web.Request) -> web.Response:
     except (*DECODE_ERRORS, GeometryError) as exc:
         return error(400, "invalid_payload", str(exc))
     fence_id = "gf_" + secrets.token_urlsafe(12)
-    radius = float(fence.radiusM) if fence.radiusM is not None else None
-    geometry = _json.encode(fence.geometry)
-    del shape  # parsed to validate; stored as given, parsed again where it is evaluated
+    radius = shape.radius_m if isinstance(shape, Circle) else None
+    # Only what the shape is: a member the client added (a NUL, a megabyte of junk) is not kept.
+    geometry = _json.encode(geojson(shape))
+    size = vertices(shape)
     async with request.app[POOL].acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
-            count = await conn.fetchval(_BUMP, p.org)
+            count, total = await conn.fetchrow(_BUMP, p.org)
+            refused = None
             if count >= settings.geofence_max_per_org:
+                refused = f"the org has {count} geofences, the most GEOFENCE_MAX_PER_ORG allows"
+            elif total + size > settings.geofence_max_vertices_per_org:
+                refused = (
+                    f"the org's geofences hold {total} positions; this one would take them past"
+                    f" GEOFENCE_MAX_VERTICES_PER_ORG ({settings.geofence_max_vertices_per_org})"
+                )
+            if refused:
                 await tx.rollback()
-                return error(
-                    409, "too_many_geofences",
-                    f"the org has {count} geofences, the most GEOFENCE_MAX_PER_ORG allows",
-                )  # fmt: skip
+                return error(409, "too_many_geofences", refused)
             created = await conn.fetchval(
-                _INSERT, p.org, fence_id, fence.name, geometry.decode(), radius
+                _INSERT, p.org, fence_id, fence.name, geometry.decode(), radius, size
             )
-            await conn.execute(_COUNT, p.org, 1)
+            await conn.execute(_COUNT, p.org, 1, size)
         except BaseException:
             await tx.rollback()
             raise
@@ -159,11 +168,12 @@ async def delete(request: web.Request) -> web.Response:
         # Locks the org's row: waits for an evaluation using the fence set to commit. An
         # unknown id changes nothing (no version bump: every pod would reload the org's set).
         await conn.execute(_LOCK_ORG, p.org)
-        if await conn.fetchval(_EXISTS, p.org, fence_id) is None:
+        size = await conn.fetchval(_VERTICES, p.org, fence_id)
+        if size is None:
             return _not_found(fence_id)
         await conn.fetchval(_BUMP, p.org)
         await conn.execute(_DELETE, p.org, fence_id)
-        await conn.execute(_COUNT, p.org, -1)
+        await conn.execute(_COUNT, p.org, -1, -size)
     metrics.GEOFENCE_CHANGES.labels("delete").inc()
     log.info("geofence_deleted", extra={"geofence": fence_id})
     return web.Response(status=204)

@@ -73,6 +73,12 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Geofences (docs/api.md#geofences): positions of a polygon (all rings), fences per org.
     geofence_max_vertices: Annotated[int, msgspec.Meta(ge=4, le=100_000)] = 1000
     geofence_max_per_org: PositiveInt = 1000
+    # Positions of all an org's fences together (a circle counts one): bounds what every pod
+    # holds and tests per ping for the org.
+    geofence_max_vertices_per_org: PositiveInt = 100_000
+    # A commit is evaluated this long after it, so that a trip's batches committed out of order
+    # on two pods within it are evaluated in time order (docs/api.md#geofences).
+    geofence_settle_ms: NonNegInt = 2000
     ws_max_subscriptions: PositiveInt = 1000
     ws_max_messages_per_s: PositiveFloat = 20.0
     ws_send_buffer_bytes: PositiveInt = 1_048_576  # per socket; above it the socket is closed

@@ -180,6 +180,8 @@ def make_settings(database: str, redis_prefix: str) -> Callable[..., Settings]:
             "flush_interval_ms": 20,
             "rate_limit_per_s": 1000,
             "rate_limit_burst": 1000,
+            # Geofence events at once; the tests of the settle time set their own.
+            "geofence_settle_ms": 0,
         }
         base.update(overrides)
         return load_settings({}, **base)

@@ -305,8 +305,12 @@ async def test_batches_committed_out_of_order_on_two_pods_lose_no_crossing(
     """
     buffered = mode.startswith("buffered")
     ack = "buffered" if buffered else "durable"
-    slow = await make_client(ack_mode=ack, flush_interval_ms=600 if buffered else 300)
-    fast = await make_client(ack_mode=ack, flush_interval_ms=10)
+    # GEOFENCE_SETTLE_MS (default 2 s) is what orders them: longer than the slow pod's flush.
+    settle = 1500
+    slow = await make_client(
+        ack_mode=ack, flush_interval_ms=600 if buffered else 300, geofence_settle_ms=settle
+    )
+    fast = await make_client(ack_mode=ack, flush_interval_ms=10, geofence_settle_ms=settle)
     fid = await fence(fast)
     t = now_ms(1)
     await drive(fast, [OUTSIDE], t)
@@ -345,8 +349,10 @@ async def test_a_committed_crossing_is_evaluated_even_if_the_trip_stops_reportin
     _evaluate and no flush rows. For the cache alone: bump a Redis key on create and check it
     per flush, or evaluate the skipped rows again once the refresh finds the org.
     """
-    other = await make_client()
-    pod = await make_client()
+    # A settle time over the one-second orgs look-up (the default 2 s is): the evaluation then
+    # runs after a look-up that follows the commit.
+    other = await make_client(geofence_settle_ms=1500)
+    pod = await make_client(geofence_settle_ms=1500)
     t = now_ms(1)
     if cause == "stale_fenced_orgs_cache":
         # The pod looks the orgs with fences up (none yet), then the depot is drawn.
@@ -369,3 +375,32 @@ async def test_a_committed_crossing_is_evaluated_even_if_the_trip_stops_reportin
     await settled(pod, evaluated=alive)
     got = await events_within(other, fid, [("enter", t + 1000)], 5.0)
     assert got == [("enter", t + 1000)], f"the parked truck's enter: {got}"
+
+
+@pytest.mark.timing
+async def test_fences_costly_within_the_limits_slow_their_org_not_the_pod(client: Client) -> None:
+    """The comb above is refused; one just within MAX_BAND_EDGES is not. 100 of them make every
+    ping of the org cost ~1 ms to evaluate, a 1000-ping batch about a second: the evaluation
+    lets the event loop run every few milliseconds, so another org's acks do not wait for it."""
+    shape = comb(250)
+    for i in range(100):
+        status, answer = await create(client, shape, "org_evil", f"comb {i}")
+        assert status == 201, answer
+    start = now_ms(1)
+    # In the comb's back (below the teeth), in every fence: 100 enters, then nothing new; the
+    # cost is the tests themselves (the flood of events is another matter).
+    back = (LAT0 - 0.0495, LON0)
+    await drive(
+        client, [back] * 1000, start, trip="t_evil", driver="drv_evil", org="org_evil", step_ms=10
+    )
+    worst, n, until = 0.0, 0, time.perf_counter() + 2.0  # the evaluation takes longer
+    while time.perf_counter() < until:
+        began = time.perf_counter()
+        await drive(client, [(1.0, 1.0)], now_ms(-1) + n, org="org_good", driver="drv_good")
+        worst = max(worst, time.perf_counter() - began)
+        n += 1
+    await settled(client)
+    (comb_0,) = [f["id"] for f in (await (await client.get(FENCES, headers=dispatcher(
+        "org_evil"))).json())["geofences"] if f["name"] == "comb 0"]  # fmt: skip
+    assert await events(client, comb_0, "org_evil") == [("enter", start)]  # evaluated after all
+    assert worst < 0.5, f"org_good's one-ping batch waited {worst:.2f} s ({n} batches)"

@@ -91,7 +91,7 @@ def make_settings(
         base: dict[str, Any] = {
             "database_url": database, "redis_url": redis_cluster.url, "redis_mode": "cluster",
             "redis_prefix": redis_prefix, "jwt_secret": SECRET, "flush_interval_ms": 20,
-            "rate_limit_per_s": 1000, "rate_limit_burst": 1000,
+            "rate_limit_per_s": 1000, "rate_limit_burst": 1000, "geofence_settle_ms": 0,
         }  # fmt: skip
         base.update(overrides)
         return load_settings({}, **base)

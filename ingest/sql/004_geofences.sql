@@ -5,9 +5,10 @@ CREATE TABLE "Geofence" (
     "orgId"     text NOT NULL,
     "id"        text NOT NULL,
     "name"      text NOT NULL,
-    -- The GeoJSON geometry as accepted (validated by geofence_shapes.parse_shape).
+    -- The GeoJSON geometry as accepted (geofence_shapes.parse_shape): type and coordinates.
     "geometry"  jsonb NOT NULL,
     "radiusM"   double precision,
+    "vertices"  integer NOT NULL,
     "createdAt" timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY ("orgId", "id")
 );
@@ -16,8 +17,9 @@ CREATE TABLE "Geofence" (
 -- state lock, so it never uses an older fence set than the evaluation before it.
 CREATE TABLE "GeofenceOrg" (
     "orgId"   text PRIMARY KEY,
-    "version" bigint NOT NULL,
-    "fences"  integer NOT NULL
+    "version"  bigint NOT NULL,
+    "fences"   integer NOT NULL,
+    "vertices" bigint NOT NULL
 );
 
 -- One row per trip evaluated: its pings are evaluated up to "evaluatedTo" (in time order; NULL:
