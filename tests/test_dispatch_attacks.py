@@ -24,24 +24,9 @@ from aiohttp.test_utils import TestClient
 from ingest.typedefs import BUFFER, GEOFENCES
 
 from .conftest import ClientFactory, auth, iso, now_ms, post_ping
+from .test_geofences import FENCES, INSIDE, LAT0, LON0, OUTSIDE, SQUARE, dispatcher
 
 Client = TestClient[web.Request, web.Application]
-
-FENCES = "/api/v1/geofences"
-LAT0, LON0 = 12.97, 77.59
-# A 0.02 degree square (about 2.2 km) around (LAT0, LON0).
-SQUARE = {
-    "type": "Polygon",
-    "coordinates": [[
-        [LON0 - 0.01, LAT0 - 0.01], [LON0 + 0.01, LAT0 - 0.01], [LON0 + 0.01, LAT0 + 0.01],
-        [LON0 - 0.01, LAT0 + 0.01], [LON0 - 0.01, LAT0 - 0.01],
-    ]],
-}  # fmt: skip
-INSIDE, OUTSIDE = (LAT0, LON0), (LAT0 - 0.05, LON0)
-
-
-def dispatcher(org: str = "org_1") -> dict[str, str]:
-    return auth("dispatcher", "disp_1", org)
 
 
 async def create(
