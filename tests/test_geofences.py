@@ -435,3 +435,26 @@ async def test_a_failing_evaluation_is_retried_and_stores_each_event_once(client
     await settled(client)
     await drive(client, [OUTSIDE], t + 2000)
     assert kinds(await events(client, fid)) == [("enter", t + 1000), ("exit", t + 2000)]
+
+
+async def test_an_orgs_positions_are_budgeted_over_all_its_fences(make_client):
+    client = await make_client(geofence_max_vertices_per_org=12)
+    await fence(client, org="org_1")  # 5 positions
+    point = {"type": "Point", "coordinates": [LON0, LAT0]}
+    await fence(client, point, "Gate", org="org_1", radiusM=50)  # a circle counts one: 6
+    status, answer = await create(client, {"name": "x", "geometry": SQUARE})  # 11 of 12
+    assert status == 201, answer
+    status, answer = await create(client, {"name": "y", "geometry": SQUARE})
+    assert status == 409 and answer["error"] == "too_many_geofences", answer
+    assert "GEOFENCE_MAX_VERTICES_PER_ORG" in answer["detail"]
+    await fence(client, org="org_2")  # another org's budget is its own
+    oldest = (await list_ids(client))[0]
+    r = await client.delete(f"{FENCES}/{oldest}", headers=dispatcher())
+    assert r.status == 204  # deleting gives the positions back
+    status, answer = await create(client, {"name": "y", "geometry": SQUARE})
+    assert status == 201, answer
+
+
+async def list_ids(client, org="org_1") -> list[str]:
+    r = await client.get(FENCES, headers=dispatcher(org))
+    return [f["id"] for f in (await r.json())["geofences"]]

@@ -167,7 +167,9 @@ try {
 
   // A click on a trip draws its history from the read API.
   const trip = first[0].trip;
-  await page.click(`#trips li[data-trip="${trip}"] button`);
+  // A DOM click on that row's button: the list re-sorts as trucks report, so a click at the
+  // row's position on screen may land on the row that took its place.
+  await page.$eval(`#trips li[data-trip="${trip}"] button`, (b) => b.click());
   await page.waitForFunction(
     (t) => {
       const el = document.getElementById('map');
