@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import struct
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -169,9 +167,7 @@ async def chromium_page(url: str, screenshot: Path, leaflet: bool) -> AsyncItera
     node = browser_tools()
     args = [url]
     if leaflet:
-        tile = ARTIFACTS / "tile.png"
-        tile.write_bytes(grey_png())
-        args += [str(BROWSER_DIR / "node_modules" / "leaflet" / "dist"), str(tile)]
+        args.append(str(BROWSER_DIR / "node_modules" / "leaflet" / "dist"))
     proc = await asyncio.create_subprocess_exec(
         node, DRIVER, *args, cwd=BROWSER_DIR,
         env={**os.environ, "CHROMIUM_PATH": CHROMIUM},
@@ -191,21 +187,6 @@ async def chromium_page(url: str, screenshot: Path, leaflet: bool) -> AsyncItera
         except TimeoutError:
             proc.kill()
             await proc.wait()
-
-
-def grey_png(size: int = 8) -> bytes:
-    """A plain grey PNG: a map tile, as far as Leaflet can tell."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    pixels = (b"\x00" + b"\xec" * size) * size  # each row: filter 0, then its pixels
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixels))
-        + chunk(b"IEND", b"")
-    )  # fmt: skip
 
 
 def square(half: float, lat: float = LAT0, lon: float = LON0) -> list[list[float]]:

@@ -1,33 +1,19 @@
 // One Chromium page that tests/test_dashboard.py drives a step at a time, so that it can post
 // pings between looks at the page: one JSON command a line on stdin, one JSON answer a line on
 // stdout (the value, or the error, and every page error or dialog so far). With a Leaflet dist
-// directory, the CDN and the tile server are answered locally, as dashboard.mjs does.
-// argv: <url> [<leaflet dist dir> <tile png>]
+// directory, the CDN and the tile server are answered locally (chromium.mjs).
+// argv: <url> [<leaflet dist dir>]
 import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { launch, serveMapLocally, tilePng } from './chromium.mjs';
 
-const [url, leaflet, tile] = process.argv.slice(2);
+const [url, leaflet] = process.argv.slice(2);
 const problems = [];
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage'],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
 page.setDefaultTimeout(15000);
 page.on('pageerror', (err) => problems.push(`pageerror: ${err}`));
 page.on('dialog', (d) => { problems.push(`dialog: ${d.type()} ${d.message()}`); d.dismiss().catch(() => {}); });
-if (leaflet) {
-  const headers = { 'Access-Control-Allow-Origin': '*' };
-  for (const [name, contentType] of [['leaflet.js', 'text/javascript'], ['leaflet.css', 'text/css']]) {
-    await page.route(`https://unpkg.com/leaflet@1.9.4/dist/${name}`,
-      (r) => r.fulfill({ path: `${leaflet}/${name}`, contentType, headers }));
-  }
-  await page.route('https://tile.openstreetmap.org/**',
-    (r) => r.fulfill({ path: tile, contentType: 'image/png', headers }));
-}
+if (leaflet) await serveMapLocally(page, leaflet, await tilePng());
 // A function's source and its argument, called in the page.
 const call = (c) => `(${c.js})(${JSON.stringify(c.arg ?? null)})`;
 // Polled here: waitForFunction would evaluate the string inside the page, which the page's
