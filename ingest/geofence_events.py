@@ -35,7 +35,7 @@ import logging
 import operator
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -45,16 +45,18 @@ from . import metrics
 from .constants import GEOFENCE_SWEEP_LOCK_ID
 from .geofence_shapes import FenceIndex, Shape, stored_shape
 from .live import Live
+from .query import MAX_TIME
 from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LiveGeofence, StoredLocation
 
 log = logging.getLogger("ingest.geofences")
 
 _BACKLOG_FLUSHES = 256
-# Orgs with fences are looked up this often; a flush of other orgs costs no query. A fence
-# created meanwhile is still applied to those pings: a trip's first evaluation reads back its
-# pings of the GAP_FIRST before the flush.
+# Orgs with fences are looked up this often; a flush of other orgs costs no query. Shorter than
+# GEOFENCE_SETTLE_MS's default: the look-up an evaluation uses then follows its commit.
 ORGS_REFRESH_S = 1.0
+# A trip's first evaluation also reads back its pings of this long before the flush (another
+# pod's, not evaluated yet).
 GAP_FIRST = timedelta(minutes=10)
 # At most this many pings read back per trip (the newest ones) after a long pause.
 GAP_MAX_PINGS = 10_000
@@ -70,7 +72,6 @@ SWEEP_INTERVAL_S = 2.0
 # The sweep looks at trips evaluated within this long; beyond it, the trip's next ping.
 _SWEEP_WINDOW = timedelta(hours=1)
 _SWEEP_MAX_TRIPS = 500
-_NO_END = datetime(9999, 1, 1, tzinfo=UTC)
 _GIVE_UP_AFTER = 8  # failed attempts at one flush (about 15 s of backoff)
 
 _FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
@@ -108,7 +109,6 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::
 ON CONFLICT DO NOTHING
 RETURNING "orgId", "geofenceId", "timestamp", "tripId", "event"
 """
-# Fence ids are the service's own ("gf_" + URL-safe base64): never a space.
 _TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
 # Trips of orgs with fences, evaluated within _SWEEP_WINDOW, with a ping stored more than the
 # settle time ago and never evaluated.
@@ -122,6 +122,7 @@ WHERE s."orgId" = ANY($1::text[]) AND s."updatedAt" > now() - $2::interval
       AND t."createdAt" < now() - $3::interval)
 ORDER BY s."orgId", s."tripId" LIMIT $4
 """
+# Fence ids are the service's own ("gf_" + URL-safe base64): never a space.
 _UPDATE_STATES = """
 UPDATE "GeofenceState" s
 SET "evaluatedTo" = u.ts, "inside" = string_to_array(u.inside, ' '), "updatedAt" = now()
@@ -133,6 +134,19 @@ _JSON = msgspec.json.Encoder()
 _EMPTY: frozenset[str] = frozenset()
 _TRIP_OF = operator.itemgetter(ORG, TRIP)
 _TS_OF = operator.itemgetter(TS)
+
+
+class _TimeSlice:
+    """Lets the event loop run for _PAUSE_S after every _SLICE_S of work: costly fences slow
+    their org's events, never the pod's requests."""
+
+    def __init__(self) -> None:
+        self._until = time.perf_counter() + _SLICE_S
+
+    async def check(self) -> None:
+        if time.perf_counter() > self._until:
+            await asyncio.sleep(_PAUSE_S)
+            self._until = time.perf_counter() + _SLICE_S
 
 
 class Fence(msgspec.Struct, frozen=True, gc=False):
@@ -152,7 +166,7 @@ class FenceSet:
         # pings read back before a trip's first evaluation) do not see it.
         self.newest = max((f.created for f in fences.values()), default=None)
         # No ping older than every fence can be in one: nothing older is read back.
-        self.oldest = min((f.created for f in fences.values()), default=_NO_END)
+        self.oldest = min((f.created for f in fences.values()), default=MAX_TIME)
 
     def containing(self, ping: Record) -> frozenset[str]:
         found = self.index.containing(ping[LAT], ping[LON])
@@ -363,7 +377,7 @@ class GeofenceEvaluator:
             fences = sets[org]
             inside[key] = frozenset(f for f in was_inside if f in fences.fences)  # deleted
             pings[key] = recs
-            hi = recs[0][TS] if recs else _NO_END
+            hi = recs[0][TS] if recs else MAX_TIME
             lo = evaluated_to if evaluated_to is not None else hi - GAP_FIRST
             gap_keys.append(key)
             gap_lo.append(max(lo, fences.oldest))
@@ -387,7 +401,7 @@ class GeofenceEvaluator:
         events: list[Event] = []
         updates: tuple[list[str], list[str], list[datetime], list[str]] = ([], [], [], [])
         evaluated = 0
-        loop_free_at = time.perf_counter() + _SLICE_S
+        time_slice = _TimeSlice()
         for (org, trip), recs in pings.items():
             if not recs:
                 continue
@@ -395,10 +409,7 @@ class GeofenceEvaluator:
             for i in range(0, len(recs), _CHUNK):
                 found, now_inside = crossings(org, recs[i : i + _CHUNK], now_inside, sets[org])
                 events += found
-                if time.perf_counter() > loop_free_at:
-                    # Costly fences slow this org's events, never the pod's requests.
-                    await asyncio.sleep(_PAUSE_S)
-                    loop_free_at = time.perf_counter() + _SLICE_S
+                await time_slice.check()
             evaluated += len(recs)
             updates[0].append(org)
             updates[1].append(trip)
@@ -419,13 +430,11 @@ class GeofenceEvaluator:
         old = cached.fences if cached is not None else {}
         fences = {fid: old[fid] for fid in ids if fid in old}
         missing = [fid for fid in ids if fid not in old]
-        loop_free_at = time.perf_counter() + _SLICE_S
+        time_slice = _TimeSlice()
         for fid, name, geometry, radius, created in await conn.fetch(_FENCES, org, missing):
             # Checked when it was created: built as it is (never refused by a lower limit now).
             fences[fid] = Fence(name, stored_shape(msgspec.json.decode(geometry), radius), created)
-            if time.perf_counter() > loop_free_at:
-                await asyncio.sleep(_PAUSE_S)
-                loop_free_at = time.perf_counter() + _SLICE_S
+            await time_slice.check()
         fence_set = FenceSet(version, fences)
         self._sets[org] = fence_set
         return fence_set
@@ -446,8 +455,8 @@ class GeofenceEvaluator:
         stored = [
             e for e in events if (e.org, e.fence, e.ping[TS], e.ping[TRIP], e.kind) in inserted
         ]
-        for e in stored:
-            metrics.GEOFENCE_EVENTS.labels(e.kind).inc()
+        for kind, count in collections.Counter(e.kind for e in stored).items():
+            metrics.GEOFENCE_EVENTS.labels(kind).inc(count)
         return stored
 
     async def _publish(self, events: list[Event]) -> None:

@@ -207,7 +207,7 @@ def stored_shape(geometry: dict[str, object], radius_m: float | None) -> Shape:
     coordinates: Any = geometry["coordinates"]
     if geometry["type"] == "Point":
         return Circle(coordinates[1], coordinates[0], float(radius_m or 0.0))
-    return Polygon([[(p[0], p[1]) for p in ring] for ring in coordinates])
+    return Polygon(coordinates)
 
 
 def vertices(shape: Shape) -> int:

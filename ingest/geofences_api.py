@@ -39,31 +39,32 @@ log = logging.getLogger("ingest.geofences")
 DEFAULT_EVENTS = 1000
 MAX_EVENTS = 5000
 _NO_STORE = {"Cache-Control": "no-store"}
-_MIN, _MAX = MIN_TIME, MAX_TIME
+# A cursor before every event.
+_BEFORE_ALL = (MIN_TIME - timedelta(days=1), "", "")
 _decoder = msgspec.json.Decoder(GeofenceIn)
 _json = msgspec.json.Encoder()
 
-# The org's row is locked first: creates and deletes of one org run one at a time, and the
-# count checked is the count committed.
-_BUMP = """
-INSERT INTO "GeofenceOrg" ("orgId", "version", "fences", "vertices") VALUES ($1, 1, 0, 0)
-ON CONFLICT ("orgId") DO UPDATE SET "version" = "GeofenceOrg"."version" + 1
-RETURNING "fences", "vertices"
+# The org's row, made if need be, then locked: creates and deletes of one org run one at a
+# time, each checks what is committed, and each changes the version with the counts.
+_ORG_ROW = """
+INSERT INTO "GeofenceOrg" ("orgId", "version", "fences", "vertices") VALUES ($1, 0, 0, 0)
+ON CONFLICT ("orgId") DO NOTHING
+"""
+# Evaluations lock it (FOR SHARE) before inserting events that refer to a fence: the same order
+# as a delete's, so no deadlock, and a delete waits for an evaluation using the fence.
+_LOCK_ORG = 'SELECT "fences", "vertices" FROM "GeofenceOrg" WHERE "orgId" = $1 FOR UPDATE'
+_CHANGE = """
+UPDATE "GeofenceOrg"
+SET "version" = "version" + 1, "fences" = "fences" + $2, "vertices" = "vertices" + $3
+WHERE "orgId" = $1
 """
 _INSERT = """
 INSERT INTO "Geofence" ("orgId", "id", "name", "geometry", "radiusM", "vertices")
 VALUES ($1, $2, $3, $4::jsonb, $5, $6) RETURNING "createdAt"
 """
-_COUNT = """
-UPDATE "GeofenceOrg" SET "fences" = "fences" + $2, "vertices" = "vertices" + $3
-WHERE "orgId" = $1
-"""
 _COLS = '"id", "name", "geometry"::text, "createdAt", "radiusM"'
 _LIST = f'SELECT {_COLS} FROM "Geofence" WHERE "orgId" = $1 ORDER BY "createdAt", "id"'
 _ONE = f'SELECT {_COLS} FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
-# The org's row first, as evaluations lock it (FOR SHARE) before inserting events that refer to
-# the fence: the same order, so no deadlock.
-_LOCK_ORG = 'SELECT 1 FROM "GeofenceOrg" WHERE "orgId" = $1 FOR UPDATE'
 _VERTICES = 'SELECT "vertices" FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
 _DELETE = 'DELETE FROM "Geofence" WHERE "orgId" = $1 AND "id" = $2'
 _EVENTS = """
@@ -77,7 +78,7 @@ ORDER BY "timestamp", "tripId", "event" LIMIT $8
 
 
 class _Cursor(msgspec.Struct, array_like=True):
-    us: int  # microseconds since _MIN
+    us: int  # microseconds since MIN_TIME
     trip: str
     event: str
 
@@ -88,6 +89,10 @@ def _not_found(fence_id: str) -> web.Response:
 
 def _fence(row: asyncpg.Record) -> Geofence:
     return Geofence(row[0], row[1], msgspec.Raw(row[2].encode()), row[3], row[4])
+
+
+def _too_many(detail: str) -> web.Response:
+    return error(409, "too_many_geofences", detail)
 
 
 def _dispatcher(request: web.Request) -> auth.Principal:
@@ -112,30 +117,21 @@ async def create(request: web.Request) -> web.Response:
     # Only what the shape is: a member the client added (a NUL, a megabyte of junk) is not kept.
     geometry = _json.encode(geojson(shape))
     size = vertices(shape)
-    async with request.app[POOL].acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            count, total = await conn.fetchrow(_BUMP, p.org)
-            refused = None
-            if count >= settings.geofence_max_per_org:
-                refused = f"the org has {count} geofences, the most GEOFENCE_MAX_PER_ORG allows"
-            elif total + size > settings.geofence_max_vertices_per_org:
-                refused = (
-                    f"the org's geofences hold {total} positions; this one would take them past"
-                    f" GEOFENCE_MAX_VERTICES_PER_ORG ({settings.geofence_max_vertices_per_org})"
-                )
-            if refused:
-                await tx.rollback()
-                return error(409, "too_many_geofences", refused)
-            created = await conn.fetchval(
-                _INSERT, p.org, fence_id, fence.name, geometry.decode(), radius, size
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        await conn.execute(_ORG_ROW, p.org)
+        count, total = await conn.fetchrow(_LOCK_ORG, p.org)
+        # Refused before any change: the version stays, so no pod reloads the org's fences.
+        if count >= settings.geofence_max_per_org:
+            return _too_many(f"the org has {count} geofences, the most GEOFENCE_MAX_PER_ORG allows")
+        if total + size > settings.geofence_max_vertices_per_org:
+            return _too_many(
+                f"the org's geofences hold {total} positions; this one would take them past"
+                f" GEOFENCE_MAX_VERTICES_PER_ORG ({settings.geofence_max_vertices_per_org})"
             )
-            await conn.execute(_COUNT, p.org, 1, size)
-        except BaseException:
-            await tx.rollback()
-            raise
-        await tx.commit()
+        created = await conn.fetchval(
+            _INSERT, p.org, fence_id, fence.name, geometry.decode(), radius, size
+        )
+        await conn.execute(_CHANGE, p.org, 1, size)
     metrics.GEOFENCE_CHANGES.labels("create").inc()
     log.info("geofence_created", extra={"geofence": fence_id})
     out = Geofence(fence_id, fence.name, msgspec.Raw(geometry), created, radius)
@@ -165,22 +161,20 @@ async def delete(request: web.Request) -> web.Response:
     if not storable_id(fence_id):
         return _not_found(fence_id)
     async with request.app[POOL].acquire() as conn, conn.transaction():
-        # Locks the org's row: waits for an evaluation using the fence set to commit. An
-        # unknown id changes nothing (no version bump: every pod would reload the org's set).
+        # An unknown id changes nothing (no version bump: every pod would reload the org's set).
         await conn.execute(_LOCK_ORG, p.org)
         size = await conn.fetchval(_VERTICES, p.org, fence_id)
         if size is None:
             return _not_found(fence_id)
-        await conn.fetchval(_BUMP, p.org)
         await conn.execute(_DELETE, p.org, fence_id)
-        await conn.execute(_COUNT, p.org, -1, -size)
+        await conn.execute(_CHANGE, p.org, -1, -size)
     metrics.GEOFENCE_CHANGES.labels("delete").inc()
     log.info("geofence_deleted", extra={"geofence": fence_id})
     return web.Response(status=204)
 
 
 def _encode_cursor(ts: datetime, trip: str, event: str) -> str:
-    raw = msgspec.msgpack.encode(_Cursor((ts - _MIN) // timedelta(microseconds=1), trip, event))
+    raw = msgspec.msgpack.encode(_Cursor((ts - MIN_TIME) // timedelta(microseconds=1), trip, event))
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -190,7 +184,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str, str]:
         c = msgspec.msgpack.decode(raw, type=_Cursor)
         if c.event not in ("enter", "exit") or not storable_id(c.trip):
             raise ValueError(c.event)
-        return _MIN + timedelta(microseconds=c.us), c.trip, c.event
+        return MIN_TIME + timedelta(microseconds=c.us), c.trip, c.event
     except (ValueError, msgspec.DecodeError, OverflowError):
         raise BadQuery("cursor: not a cursor this service issued") from None
 
@@ -200,9 +194,9 @@ async def events(request: web.Request) -> web.Response:
     fence_id = request.match_info["id"]
     q = request.query
     try:
-        start = parse_time(q["from"], "from") if q.get("from") else _MIN
-        end = parse_time(q["to"], "to") if q.get("to") else _MAX
-        after = _decode_cursor(q["cursor"]) if q.get("cursor") else (_MIN - timedelta(1), "", "")
+        start = parse_time(q["from"], "from") if q.get("from") else MIN_TIME
+        end = parse_time(q["to"], "to") if q.get("to") else MAX_TIME
+        after = _decode_cursor(q["cursor"]) if q.get("cursor") else _BEFORE_ALL
         limit = parse_limit(q, DEFAULT_EVENTS, MAX_EVENTS)
     except BadQuery as exc:
         return error(400, "invalid_query", str(exc))
@@ -210,7 +204,7 @@ async def events(request: web.Request) -> web.Response:
         return _not_found(fence_id)
     pool = request.app[POOL]
     rows = await pool.fetch(_EVENTS, p.org, fence_id, start, end, *after, limit + 1)
-    if not rows and await pool.fetchrow(_ONE, p.org, fence_id) is None:
+    if not rows and await pool.fetchval(_VERTICES, p.org, fence_id) is None:
         return _not_found(fence_id)
     more = len(rows) > limit
     rows = rows[:limit]

@@ -14,7 +14,6 @@ from .validate import parse_rfc3339, rfc3339_problem
 MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "+1", " 1", "1_0", other digits
-_MIN = MIN_TIME
 
 
 class BadQuery(ValueError):
@@ -30,7 +29,7 @@ def parse_time(value: str, name: str) -> datetime:
             if len(digits) > 20:  # out of range anyway; and int() refuses 4300 digits
                 raise OverflowError(value)
             ms = int(digits or "0")
-            return _MIN + timedelta(milliseconds=-ms if value[0] == "-" else ms)
+            return MIN_TIME + timedelta(milliseconds=-ms if value[0] == "-" else ms)
         except OverflowError:
             raise BadQuery(f"{name}: epoch milliseconds out of range") from None
     try:
