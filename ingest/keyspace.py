@@ -15,6 +15,8 @@ fleet subscriber subscribes to all of them, and a snapshot reads all the bucket 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -33,6 +35,9 @@ from .constants import trip_channel as _trip_channel
 
 # Cluster-mode fleet channels: fleetlive:{org:bucket}
 FLEET_CHANNEL = "fleetlive:"
+# A script called on a cluster once per master touches keys of several slots of that master.
+CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
+T = TypeVar("T")
 
 
 class Keyspace:
@@ -175,3 +180,14 @@ def master_of(cluster: RedisCluster, name: str | bytes) -> str | None:
     except Exception:
         return None
     return node.name if node is not None else None
+
+
+def by_master(
+    cluster: RedisCluster, items: Iterable[T], name: Callable[[T], str]
+) -> dict[str, list[T]]:
+    """``items`` grouped by the master serving the slot of each one's ``name``, as the client
+    last saw the cluster ("" for a slot no node serves right now: its own call finds out)."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(master_of(cluster, name(item)) or "", []).append(item)
+    return groups

@@ -31,7 +31,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from . import metrics
-from .keyspace import Keyspace, master_of
+from .keyspace import CROSS_SLOT, Keyspace, by_master
 from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LatestLocation, LiveLocations, StoredLocation
 
@@ -104,9 +104,6 @@ for i, it in ipairs(items) do
 end
 return {updated, skipped, unsure}
 """
-# On a cluster the script also touches keys and channels of slots other than its declared
-# key's, all served by the node it runs on (the calls are grouped per master).
-_CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
 _LATEST_OF = """
 SELECT t.org, t.trip, l.* FROM unnest($1::text[], $2::text[]) AS t(org, trip)
 CROSS JOIN LATERAL (
@@ -171,7 +168,7 @@ class Live:
         self.ttl = latest_ttl_s
         if isinstance(redis, RedisCluster):
             self._cluster: RedisCluster | None = redis
-            self._script = redis.register_script(_CROSS_SLOT + _UPDATE_AND_PUBLISH)
+            self._script = redis.register_script(CROSS_SLOT + _UPDATE_AND_PUBLISH)
         else:
             self._cluster = None
             self._script = redis.register_script(_UPDATE_AND_PUBLISH)
@@ -332,11 +329,7 @@ class Live:
         trust_from_ms: int,
     ) -> tuple[int, int, list[int], list[int], Exception | None]:  # fmt: skip
         """_update on a cluster for ``items[indexes]``: one concurrent call per master."""
-        groups: dict[str, list[int]] = {}
-        for i in indexes:
-            item = items[i]
-            # A slot served by no node right now: its own call finds out.
-            groups.setdefault(master_of(cluster, str(item[0])) or "", []).append(i)
+        groups = by_master(cluster, indexes, lambda i: str(items[i][0]))
         calls = [
             self._script(
                 keys=[str(items[g[0]][0])],

@@ -23,7 +23,7 @@ from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
 from . import auth, metrics
-from .keyspace import master_of
+from .keyspace import CROSS_SLOT, by_master
 from .live import Live
 from .query import BadQuery, parse_limit, parse_number
 from .responses import error, json_response, retry_later
@@ -84,7 +84,6 @@ for _, s in ipairs(sets) do
 end
 return out
 """
-_CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
 
 
 class _Latest(msgspec.Struct):
@@ -110,7 +109,7 @@ class NearbySearch:
         self.live = live
         cluster = live.redis if isinstance(live.redis, RedisCluster) else None
         self._cluster = cluster
-        source = (_CROSS_SLOT + _NEARBY) if cluster is not None else _NEARBY
+        source = (CROSS_SLOT + _NEARBY) if cluster is not None else _NEARBY
         self._script = live.redis.register_script(source)
 
     async def search(
@@ -144,9 +143,7 @@ class NearbySearch:
         await cluster.initialize()
         attempt = 1
         while True:
-            groups: dict[str, list[tuple[str, str, str, str]]] = {}
-            for names in sets:
-                groups.setdefault(master_of(cluster, names[0]) or "", []).append(names)
+            groups = by_master(cluster, sets, operator.itemgetter(0))
             results = await asyncio.gather(
                 *(
                     self._script(keys=[g[0][0]], args=[_MSGPACK.encode(g), *args])
