@@ -29,6 +29,8 @@ class Plan:
     nearby_during_s: float = 5.0  # nearby while ingest runs; 0: not measured
     # Fences of each geofence round, in order (--quick runs the stage only with --only).
     geofence_rounds: tuple[int, ...] = (0, 1000) * 3
+    # ... and with the fences of depots and customers' sites (load/city.py LAYOUTS).
+    geofence_site_rounds: tuple[int, ...] = (0, 1000) * 2
 
 
 def _headline() -> list[Cell]:
@@ -39,7 +41,7 @@ def _headline() -> list[Cell]:
 def quick() -> Plan:
     return Plan("quick", tuple(_headline()), 3, 0.75, 2.0, (1000,), 1.0, ("frame", "encode"),
                 10.0, 2, nearby_s=2.0, nearby_ref_s=1.0, nearby_during_s=0.0,
-                geofence_rounds=(0, 1000))  # fmt: skip
+                geofence_rounds=(0, 1000), geofence_site_rounds=(0, 1000))  # fmt: skip
 
 
 def default() -> Plan:
@@ -59,4 +61,5 @@ def full() -> Plan:
         cells.append(Cell("copy", b, 1))
     return Plan("full", tuple(cells), 10, 2.0, 10.0, (1000, 10_000), 4.0,
                 ("frame", "send_str", "encode"), 60.0, 10.0, nearby_s=10.0, nearby_ref_s=5.0,
-                nearby_during_s=10.0, geofence_rounds=(0, 1000) * 5)  # fmt: skip
+                nearby_during_s=10.0, geofence_rounds=(0, 1000) * 5,
+                geofence_site_rounds=(0, 1000) * 3)  # fmt: skip

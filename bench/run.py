@@ -150,15 +150,18 @@ async def _stages(
             ctx, plan.nearby_s, plan.nearby_ref_s, plan.nearby_during_s
         )
     if "geofences" in stages:
-        ctx.say(
-            f"geofences: rounds of {', '.join(map(str, plan.geofence_rounds))} fences at b20 c256"
-        )
-        g = res["geofences"] = await geofences_bench.run(
-            ctx, plan.geofence_rounds, plan.duration_s, plan.warm_s
-        )
-        ctx.say(
-            f"geofences: 1000 ÷ 0 fences, stored pings/s: {g['ratio_pps']} (pairs {g['pair_ratios']})"
-        )
+        for key, layout, rounds in (("geofences", "city", plan.geofence_rounds),
+                                    ("geofences_sites", "sites", plan.geofence_site_rounds)):  # fmt: skip
+            ctx.say(
+                f"geofences ({layout}): rounds of {', '.join(map(str, rounds))} fences at b20 c256"
+            )
+            g = res[key] = await geofences_bench.run(
+                ctx, rounds, plan.duration_s, plan.warm_s, layout
+            )
+            ctx.say(
+                f"geofences ({layout}): 1000 ÷ 0 fences, stored pings/s: {g['ratio_pps']}"
+                f" (pairs {g['pair_ratios']})"
+            )
     res["targets"] = targets(res)
     if "profile" in stages:
         b, c = plans.HEADLINE

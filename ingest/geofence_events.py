@@ -34,7 +34,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -52,6 +52,8 @@ from .schema import LiveGeofence, StoredLocation
 log = logging.getLogger("ingest.geofences")
 
 _BACKLOG_FLUSHES = 256
+# At most this many rows are evaluated in one transaction.
+_GROUP_ROWS = 25_000
 # Orgs with fences are looked up this often; a flush of other orgs costs no query. Shorter than
 # GEOFENCE_SETTLE_MS's default: the look-up an evaluation uses then follows its commit.
 ORGS_REFRESH_S = 1.0
@@ -168,13 +170,10 @@ class FenceSet:
         # No ping older than every fence can be in one: nothing older is read back.
         self.oldest = min((f.created for f in fences.values()), default=MAX_TIME)
 
-    def containing(self, ping: Record) -> frozenset[str]:
-        found = self.index.containing(ping[LAT], ping[LON])
-        newest, ts = self.newest, ping[TS]
-        if found and newest is not None and ts < newest:
-            fences = self.fences
-            found = frozenset(f for f in found if fences[f].created <= ts)
-        return found
+    def existing(self, found: frozenset[str], ts: datetime) -> frozenset[str]:
+        """Those of ``found`` created by ``ts``."""
+        fences = self.fences
+        return frozenset(f for f in found if fences[f].created <= ts)
 
 
 class Event(msgspec.Struct, array_like=True, gc=False):
@@ -185,14 +184,20 @@ class Event(msgspec.Struct, array_like=True, gc=False):
 
 
 def crossings(
-    org: str, pings: Iterable[Record], inside: frozenset[str], fences: FenceSet
+    org: str, pings: Sequence[Record], inside: frozenset[str], fences: FenceSet
 ) -> tuple[list[Event], frozenset[str]]:
     """The enter and exit events of ``pings`` (one trip, time order) starting ``inside``
     those fences, and the fences inside after the last ping. Exits come before enters."""
     events: list[Event] = []
-    containing = fences.containing
+    containing = fences.index.containing
+    newest = fences.newest
+    # Usually every fence is older than the pings, and the index's answer stands.
+    if newest is not None and pings and pings[0][TS] >= newest:
+        newest = None
     for ping in pings:
-        now = containing(ping)
+        now = containing(ping[LAT], ping[LON])
+        if newest is not None and now and ping[TS] < newest:
+            now = fences.existing(now, ping[TS])
         if now != inside:
             events += [Event(org, f, "exit", ping) for f in sorted(inside - now)]
             events += [Event(org, f, "enter", ping) for f in sorted(now - inside)]
@@ -256,12 +261,16 @@ class GeofenceEvaluator:
                     return
                 await self._sleep(self._sweep_at - now)
                 continue
-            due, rows = self._backlog[0]
+            due, first = self._backlog[0]
             if due > now and not self._stopping:
                 await self._sleep(min(due, self._sweep_at) - now)
                 continue
+            # Every flush due, evaluated together: a trip in several of them costs one state
+            # read and write, as a group commit shares one COMMIT. After a failure, the
+            # oldest alone, so that whatever fails it holds up no other.
+            group = [first] if failures else self._due(now)
             try:
-                await self.evaluate(rows)
+                await self.evaluate(group[0] if len(group) == 1 else [*itertools.chain(*group)])
             except Exception as exc:
                 metrics.GEOFENCE_FAILURES.inc()
                 log.warning("geofence_evaluation_failed", extra={"error": repr(exc)})
@@ -269,19 +278,33 @@ class GeofenceEvaluator:
                 if self._stopping:
                     self._backlog.clear()
                     return
-                if failures >= _GIVE_UP_AFTER and self._backlog and self._backlog[0][1] is rows:
+                if failures >= _GIVE_UP_AFTER and self._backlog and self._backlog[0][1] is first:
                     # Whatever fails this flush must not stop every later one: its trips'
                     # next evaluation, or the sweep, reads these pings back.
                     self._backlog.popleft()
                     metrics.GEOFENCE_DROPPED.inc()
-                    log.error("geofence_flush_given_up", extra={"rows": len(rows)})
+                    log.error("geofence_flush_given_up", extra={"rows": len(first)})
                     failures = 0
                 await self._sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             delay, failures = _RETRY_MIN_S, 0
-            if self._backlog and self._backlog[0][1] is rows:
+            done = {id(rows) for rows in group}
+            # (committed() may have dropped some of them meanwhile, if the backlog was full)
+            while self._backlog and id(self._backlog[0][1]) in done:
                 self._backlog.popleft()
+
+    def _due(self, now: float) -> list[list[Record]]:
+        """The flushes due by ``now`` (all of them when stopping), oldest first, up to
+        _GROUP_ROWS rows (at least one flush)."""
+        group: list[list[Record]] = []
+        total = 0
+        for due, rows in self._backlog:
+            if group and ((due > now and not self._stopping) or total + len(rows) > _GROUP_ROWS):
+                break
+            group.append(rows)
+            total += len(rows)
+        return group
 
     async def _sleep(self, seconds: float) -> None:
         """Until ``seconds`` have passed or something was committed or stop() was called."""

@@ -164,7 +164,8 @@ GEOFENCE_DROPPED = Counter(
     "Flushes left unevaluated by a full backlog (their trips' next flush reads them back)",
 )
 GEOFENCE_SECONDS = Histogram(
-    "ingest_geofence_evaluation_seconds", "Time to evaluate one flush's pings, commit included"
+    "ingest_geofence_evaluation_seconds",
+    "Time to evaluate the pings of one flush, or of the flushes due together, commit included",
 )
 
 # -- latest-location repair after failed Redis writes (docs/reliability.md) ------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from ingest import metrics
 from ingest.typedefs import GEOFENCES
 
 from .conftest import auth, iso, now_ms, post_ping, token
@@ -419,6 +420,32 @@ async def test_a_blocked_evaluation_never_delays_the_ack_and_catches_up_once(cli
         assert client.server.app[GEOFENCES].pending == 1
     await settled(client)
     assert kinds(await events(client, fid)) == [("enter", t + 1000)]
+
+
+def evaluations() -> float:
+    """Evaluation transactions this process has run (the duration histogram's count)."""
+    [family] = metrics.GEOFENCE_SECONDS.collect()
+    return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
+async def test_a_backlog_is_evaluated_in_one_transaction_in_time_order(client, db):
+    """Flushes that are all due when the evaluator gets to them (it was held up) are
+    evaluated together: one state read and write per trip, not one per flush."""
+    fid = await fence(client)
+    t = now_ms(1)
+    before = evaluations()
+    async with db.transaction():
+        await db.execute('LOCK TABLE "GeofenceState" IN ACCESS EXCLUSIVE MODE')
+        await drive(client, [OUTSIDE], t, settle=False)  # its evaluation waits for the lock
+        await asyncio.sleep(0.2)
+        for i, point in enumerate([INSIDE, OUTSIDE, INSIDE], 1):
+            await drive(client, [point], t + i * 1000, settle=False)
+        assert client.server.app[GEOFENCES].pending == 4
+    await settled(client)
+    assert kinds(await events(client, fid)) == [
+        ("enter", t + 1000), ("exit", t + 2000), ("enter", t + 3000)
+    ]  # fmt: skip
+    assert evaluations() - before == 2  # the first flush, then the other three at once
 
 
 async def test_a_failing_evaluation_is_retried_and_stores_each_event_once(client, db):

@@ -46,15 +46,21 @@ def outline(
     return [*ring, ring[0]]
 
 
+# Fence radii (m) of each layout: "city" fences cover the city over and over (1.4 fences per
+# ping), the hard case; "sites" are depots and customers' yards, with most pings in none.
+LAYOUTS = {"city": (100.0, 2000.0), "sites": (30.0, 300.0)}
+
+
 def fence_geometries(
-    rng: random.Random, count: int
+    rng: random.Random, count: int, layout: str = "city"
 ) -> list[tuple[str, dict[str, Any], float | None]]:
     """``count`` fences scattered over the city as (name, GeoJSON geometry, radiusM): every
     other one a circle, the rest polygons; the body of POST /api/v1/geofences."""
     out: list[tuple[str, dict[str, Any], float | None]] = []
+    smallest, largest = LAYOUTS[layout]
     for i in range(count):
         lat, lon = somewhere(rng)
-        radius = rng.uniform(100, 2000)
+        radius = rng.uniform(smallest, largest)
         if i % 2:
             out.append((f"circle_{i}", {"type": "Point", "coordinates": [lon, lat]}, radius))
         else:

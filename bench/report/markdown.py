@@ -110,8 +110,9 @@ def markdown(res: dict[str, Any]) -> str:
                 L += ["", _closed_loop_line("Before" if name == "before" else "After", c)]
     if nb := res.get("nearby"):
         L += _nearby(nb)
-    if gf := res.get("geofences"):
-        L += _geofences(gf)
+    for key in ("geofences", "geofences_sites"):
+        if gf := res.get(key):
+            L += _geofences(gf)
     if pr := res.get("profile"):
         L += ["", "## Profile of the service (py-spy, headline load)", ""]
         if "error" in pr:
@@ -161,8 +162,9 @@ def _nearby(nb: dict[str, Any]) -> list[str]:
 
 def _geofences(gf: dict[str, Any]) -> list[str]:
     ex = gf.get("expected", {})
-    L = ["", f"## Geofences on ingest (b{gf['batch']} c{gf['conns']} durable, 0 vs {gf['fences']} fences)", "",
-         f"{gf['drivers']:,} trucks each driving a straight line across the city, {gf['step_m']:g} m per ping;"
+    small, large = gf.get("radii_m", (100, 2000))
+    L = ["", f"## Geofences on ingest (b{gf['batch']} c{gf['conns']} durable, 0 vs {gf['fences']} fences, {gf.get('layout', 'city')})", "",
+         f"Fences of {small:g}-{large:g} m. {gf['drivers']:,} trucks each driving a straight line across the city, {gf['step_m']:g} m per ping;"
          f" by the service's own index {_f(ex.get('share_inside'), '{:.0%}')} of their pings lie inside"
          f" some fence ({ex.get('fences_per_ping')} fences per ping) and"
          f" {ex.get('events_per_1k_pings')} crossings are expected per 1,000 pings. A fresh process per"

@@ -134,13 +134,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{r['p99_ms']} ms",
                     r["p99_ms"] is not None and r["p99_ms"] < nb["target_p99_ms"],
                 )
-    if (gf := res.get("geofences")) and gf.get("ratio_pps") is not None:
-        add(
-            f"ingest b20 c256 with {gf['fences']} fences vs none",
-            ">= 95% of the stored pings/s (not measurably slower)",
-            f"{gf['ratio_pps']:.0%}",
-            gf["ratio_pps"] >= 0.95,
-        )
+    for key in ("geofences", "geofences_sites"):
+        if (gf := res.get(key)) and gf.get("ratio_pps") is not None:
+            add(
+                f"ingest b20 c256 with {gf['fences']} fences ({gf['layout']}) vs none",
+                ">= 95% of the stored pings/s (not measurably slower)",
+                f"{gf['ratio_pps']:.0%}",
+                gf["ratio_pps"] >= 0.95,
+            )
     if ov := res.get("overload"):
         flat = ov["tail_rss_max_mib"] is not None and ov["tail_rss_max_mib"] - ov[
             "tail_rss_min_mib"

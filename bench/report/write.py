@@ -31,6 +31,7 @@ def write(ctx: Context, out: Path, res: dict[str, Any]) -> None:
     if nb := res.get("nearby"):
         summary["nearby"] = [{k: r.get(k) for k in ("kind", "radius_m", "concurrency", "rps", "p50_ms", "p99_ms", "max_ms")}
                              for r in nb["cases"]]  # fmt: skip
-    if gf := res.get("geofences"):
-        summary["geofences"] = {k: gf.get(k) for k in ("by_fences", "ratio_pps", "pair_ratios")}
+    for key in ("geofences", "geofences_sites"):
+        if gf := res.get(key):
+            summary[key] = {k: gf.get(k) for k in ("by_fences", "ratio_pps", "pair_ratios")}
     print(json.dumps(summary, indent=1))

@@ -33,7 +33,7 @@ from ingest.geofence_shapes import FenceIndex, parse_shape
 
 from ..context import Context
 from ..load import tokens
-from ..load.city import fence_geometries, straight_lines
+from ..load.city import LAYOUTS, fence_geometries, straight_lines
 from ..plan import HEADLINE
 from .scrape import geofence_summary, scrape
 from .throughput import Cell, run_cell
@@ -116,20 +116,23 @@ async def _drain(server: Process) -> dict[str, Any]:
         await asyncio.sleep(0.25)
 
 
-async def run(ctx: Context, rounds: tuple[int, ...], duration: int, warm: float) -> dict[str, Any]:
-    geometries = fence_geometries(random.Random(FENCE_SEED), FENCES)
+async def run(
+    ctx: Context, rounds: tuple[int, ...], duration: int, warm: float, layout: str = "city"
+) -> dict[str, Any]:
+    geometries = fence_geometries(random.Random(FENCE_SEED), FENCES, layout)
     lines = straight_lines(random.Random(TRACK_SEED), DRIVERS, STEP_M)
     pairs = tokens.drivers(ctx.secret, DRIVERS, prefix="gdrv")
     data = tokens.write_lua(ctx.work / "drivers_city.lua", pairs, lines)
     dispatcher = tokens.sign(ctx.secret, "dispatcher1", "dispatcher")
     b, c = HEADLINE
     cell = Cell("service", b, c)
-    out: dict[str, Any] = {"fences": FENCES, "step_m": STEP_M, "drivers": DRIVERS,
-                           "batch": b, "conns": c, "rounds": []}  # fmt: skip
+    out: dict[str, Any] = {"fences": FENCES, "layout": layout, "radii_m": LAYOUTS[layout],
+                           "step_m": STEP_M, "drivers": DRIVERS, "batch": b, "conns": c,
+                           "rounds": []}  # fmt: skip
     for fences in rounds:
         r = await _round(ctx, cell, duration, warm, data, geometries[:fences], dispatcher)
         out["rounds"].append(r)
-        ctx.say(_line(r))
+        ctx.say(f"{layout}: {_line(r)}")
     # Every track's pings the way a round drives them: what share lies inside some fence.
     per_trip = max((r["stored_rows_total"] for r in out["rounds"]), default=0) // DRIVERS
     out["expected"] = _inside_share(geometries, lines, max(1, per_trip))
