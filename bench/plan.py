@@ -31,6 +31,7 @@ class Plan:
     geofence_rounds: tuple[int, ...] = (0, 1000) * 3
     # ... and with the fences of depots and customers' sites (load/city.py LAYOUTS).
     geofence_site_rounds: tuple[int, ...] = (0, 1000) * 2
+    storage_rows: int = 200_000  # rows per fill of the storage stage
 
 
 def _headline() -> list[Cell]:
@@ -41,7 +42,8 @@ def _headline() -> list[Cell]:
 def quick() -> Plan:
     return Plan("quick", tuple(_headline()), 3, 0.75, 2.0, (1000,), 1.0, ("frame", "encode"),
                 10.0, 2, nearby_s=2.0, nearby_ref_s=1.0, nearby_during_s=0.0,
-                geofence_rounds=(0, 1000), geofence_site_rounds=(0, 1000))  # fmt: skip
+                geofence_rounds=(0, 1000), geofence_site_rounds=(0, 1000),
+                storage_rows=50_000)  # fmt: skip
 
 
 def default() -> Plan:

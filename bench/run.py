@@ -23,14 +23,14 @@ from .load.closedloop import check_wrk
 from .report.machine import loadavg, machine
 from .report.targets import add_ratios, targets
 from .report.write import write
-from .stages import fanout_bench, geofences_bench, nearby_bench, overload
+from .stages import fanout_bench, geofences_bench, nearby_bench, overload, storage
 from .stages.profile_service import profile_service
 from .stages.throughput import Cell, run_cell
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 N_DRIVERS = 1024
-STAGES = ("ingest", "latency", "fanout", "overload", "nearby", "geofences", "profile")
+STAGES = ("ingest", "latency", "fanout", "overload", "nearby", "geofences", "storage", "profile")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -162,6 +162,11 @@ async def _stages(
                 f"geofences ({layout}): 1000 ÷ 0 fences, stored pings/s: {g['ratio_pps']}"
                 f" (pairs {g['pair_ratios']})"
             )
+    if "storage" in stages:
+        ctx.say(f"storage: {plan.storage_rows:,} rows per fill, before and after migration 005")
+        res["storage"] = await storage.run(ctx.db.server_url, plan.storage_rows)
+        for r in res["storage"]["results"]:
+            ctx.say(storage.line(r))
     res["targets"] = targets(res)
     if "profile" in stages:
         b, c = plans.HEADLINE

@@ -122,6 +122,33 @@ async def test_003_moves_rows_in_place_and_scopes_the_guards(old_db: asyncpg.Con
     assert "TripLocation_tripId_timestamp_key" not in names
 
 
+_BATCH_INDEXES = """
+SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+WHERE a.attname = 'batchId' AND i.indrelid IN (
+    SELECT 'public."TripLocation"'::regclass
+    UNION ALL SELECT inhrelid FROM pg_inherits WHERE inhparent = 'public."TripLocation"'::regclass)
+"""
+
+
+async def test_005_drops_the_batch_id_index_everywhere_and_keeps_the_column(
+    old_db: asyncpg.Connection,
+) -> None:
+    conn = old_db
+    await _insert_old(conn)
+    assert len(await conn.fetch(_BATCH_INDEXES)) == 3  # the parent's and both partitions'
+    applied = await migrate(conn)
+    assert "005_drop_batch_index.sql" in applied
+    assert await conn.fetch(_BATCH_INDEXES) == []
+    stored = await conn.fetch('SELECT "batchId" FROM "TripLocation" ORDER BY "batchId"')
+    assert [r[0] for r in stored] == [*sorted(b for *_, b in ROWS if b), None]
+    # A partition made afterwards has none either.
+    later = partitions.add_months(partitions.month_start(T0), 1)
+    await partitions.ensure(conn, [later])
+    assert await conn.fetch(_BATCH_INDEXES) == []
+    assert await migrate(conn) == []
+
+
 async def test_003_resumes_after_an_interrupted_prepare(old_db: asyncpg.Connection) -> None:
     """A pod killed halfway through the concurrent index build leaves an invalid index and a
     half-made CHECK: running the migration again finishes the job."""

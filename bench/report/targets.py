@@ -142,6 +142,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{gf['ratio_pps']:.0%}",
                 gf["ratio_pps"] >= 0.95,
             )
+    for r in (res.get("storage") or {}).get("results", []):
+        add(
+            f"bytes per stored ping, heap and indexes ({r['ids']})",
+            "<= 200 B",
+            f"{r['after']['bytes_per_row']['total']} B (a month over, its index rebuilt:"
+            f" {r['after']['packed_bytes_per_row']['total']} B)",
+            r["after"]["bytes_per_row"]["total"] <= 200,
+        )
     if ov := res.get("overload"):
         flat = ov["tail_rss_max_mib"] is not None and ov["tail_rss_max_mib"] - ov[
             "tail_rss_min_mib"

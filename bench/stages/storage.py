@@ -1,0 +1,189 @@
+"""STAGE: storage. Bytes per stored ping (heap and each index of "TripLocation") and COPY
+rows/s, with the schema before migration 005 (the "batchId" index) and after it, in the same
+run: each on a database of its own, migrated by the service's own migrations (all of them, or
+all but 005), filled by COPY in flush-sized chunks of the rows the service stores (one month,
+trips of pings a second apart, one batch id per 20 pings).
+
+Two id styles: the load's (short: "r0-17-3") and UUIDs (what many apps send). Sizes are read
+after VACUUM ANALYZE; COPY rows/s is the best of the variant's fills, alternated with the other
+variant's so that drift on a shared machine does not decide the ratio.
+
+    .venv/bin/python -m bench.stages.storage [--rows 200000] [--fills 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from random import Random
+from typing import Any
+
+import asyncpg
+
+from ingest import partitions
+from ingest.migrate import SQL_DIR, migrate, migration_files
+from ingest.records import COLUMNS, Record
+
+from ..infra import with_database
+
+ROWS = 200_000
+FILLS = 2
+CHUNK = 5_000  # rows per COPY: a flush at the headline cell
+TRIPS = 1_000
+BATCH = 20
+DROPPED_BY = "005_drop_batch_index.sql"
+VARIANTS = ("before 005", "after 005")
+STYLES = ("load ids", "uuid ids")
+_SIZES = """
+SELECT c.relname, pg_relation_size(c.oid),
+       (SELECT json_object_agg(i.relname, pg_relation_size(i.oid))
+        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid)
+FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+WHERE h.inhparent = '"TripLocation"'::regclass AND pg_relation_size(c.oid) > 0
+"""
+
+
+def rows(style: str, count: int, month: datetime) -> list[Record]:
+    """``count`` rows as the flusher COPYs them: TRIPS trips, each sending BATCH pings a second
+    apart per upload, uploads interleaved as they arrive."""
+    rng = Random(5)
+    if style == "uuid ids":
+        trips = [
+            (str(uuid.UUID(int=rng.getrandbits(128))), f"driver-{i:06d}") for i in range(TRIPS)
+        ]
+        new_batch = lambda n: str(uuid.UUID(int=rng.getrandbits(128)))  # noqa: E731
+    else:
+        trips = [(f"trip-r0_{i}", f"r0_{i}") for i in range(TRIPS)]
+        new_batch = lambda n: f"r0-{n % 4}-{n}"  # noqa: E731
+    out: list[Record] = []
+    upload = 0
+    while len(out) < count:
+        trip, driver = trips[upload % TRIPS]
+        batch_id = new_batch(upload)
+        first = month + timedelta(seconds=(upload // TRIPS) * BATCH)
+        for k in range(BATCH):
+            out.append((
+                trip, driver, "org_bench", 12.9 + rng.random() / 10, 77.5 + rng.random() / 10,
+                rng.uniform(3, 30), rng.uniform(0, 25), rng.uniform(0, 360), None,
+                first + timedelta(seconds=k), batch_id,
+            ))  # fmt: skip
+        upload += 1
+    return out[:count]
+
+
+async def _database(server_url: str, name: str, upto: Path) -> asyncpg.Connection:
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(with_database(server_url, name))
+    await migrate(conn, upto)
+    return conn
+
+
+async def _fill(conn: asyncpg.Connection, data: list[Record], month: datetime) -> dict[str, Any]:
+    await conn.execute('TRUNCATE "TripLocation"')
+    await partitions.ensure(conn, [month.date()])
+    await conn.execute("CHECKPOINT")
+    started = time.perf_counter()
+    for i in range(0, len(data), CHUNK):
+        await conn.copy_records_to_table(
+            "TripLocation", records=data[i : i + CHUNK], columns=COLUMNS
+        )
+    took = time.perf_counter() - started
+    await conn.execute('VACUUM ANALYZE "TripLocation"')
+    out = {"copy_rows_s": round(len(data) / took), "bytes_per_row": await _sizes(conn, len(data))}
+    # The indexes of a month that is over, rebuilt (REINDEX): packed, as no ping arrives
+    # in the middle of a trip's keys any more.
+    await conn.execute('REINDEX TABLE "TripLocation"')
+    out["packed_bytes_per_row"] = await _sizes(conn, len(data))
+    return out
+
+
+async def _sizes(conn: asyncpg.Connection, n: int) -> dict[str, float]:
+    heap = 0
+    indexes: dict[str, int] = {}
+    for _, size, idx in await conn.fetch(_SIZES):
+        heap += size
+        for name, index_size in (json.loads(idx) if idx else {}).items():
+            kind = "batchId" if "batch" in name.lower() else "unique"
+            indexes[kind] = indexes.get(kind, 0) + index_size
+    per_row = {"heap": round(heap / n, 1)} | {k: round(v / n, 1) for k, v in indexes.items()}
+    per_row["total"] = round((heap + sum(indexes.values())) / n, 1)
+    return per_row
+
+
+async def run(server_url: str, rows_n: int = ROWS, fills: int = FILLS) -> dict[str, Any]:
+    month = datetime(2026, 11, 1, tzinfo=UTC)
+    before_dir = Path(tempfile.mkdtemp(prefix="ingest-bench-sql-"))
+    for path in migration_files(SQL_DIR):
+        if path.name != DROPPED_BY:
+            shutil.copy(path, before_dir)
+    tag = uuid.uuid4().hex[:8]
+    names = {v: f"ingest_storage_{tag}_{i}" for i, v in enumerate(VARIANTS)}
+    conns = {
+        "before 005": await _database(server_url, names["before 005"], before_dir),
+        "after 005": await _database(server_url, names["after 005"], Path(SQL_DIR)),
+    }
+    out: dict[str, Any] = {"rows": rows_n, "chunk": CHUNK, "results": []}
+    try:
+        for style in STYLES:
+            data = rows(style, rows_n, month)
+            best: dict[str, dict[str, Any]] = {}
+            for _ in range(fills):
+                for variant in VARIANTS:
+                    r = await _fill(conns[variant], data, month)
+                    if variant not in best or r["copy_rows_s"] > best[variant]["copy_rows_s"]:
+                        best[variant] = r
+            before, after = best["before 005"], best["after 005"]
+            out["results"].append({
+                "ids": style, "before": before, "after": after,
+                "copy_ratio": round(after["copy_rows_s"] / before["copy_rows_s"], 3),
+            })  # fmt: skip
+    finally:
+        for conn in conns.values():
+            await conn.close()
+        admin = await asyncpg.connect(server_url)
+        try:
+            for name in names.values():
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        shutil.rmtree(before_dir, ignore_errors=True)
+    return out
+
+
+def line(r: dict[str, Any]) -> str:
+    b, a = r["before"], r["after"]
+    return (
+        f"storage ({r['ids']}): {b['bytes_per_row']['total']} -> {a['bytes_per_row']['total']}"
+        f" B per ping (heap {a['bytes_per_row']['heap']}, unique {a['bytes_per_row'].get('unique')},"
+        f" batchId index {b['bytes_per_row'].get('batchId')} -> none); COPY"
+        f" {b['copy_rows_s']:,} -> {a['copy_rows_s']:,} rows/s ({r['copy_ratio']:.2f}x);"
+        f" once the month is over and its index rebuilt: {a['packed_bytes_per_row']['total']} B"
+        f" (unique {a['packed_bytes_per_row'].get('unique')})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--fills", type=int, default=FILLS)
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args()
+    res = asyncio.run(run(args.database_url, args.rows, args.fills))
+    for r in res["results"]:
+        print(line(r))
+
+
+if __name__ == "__main__":
+    main()
