@@ -1,5 +1,6 @@
 """Periodic upkeep run by every ingest pod, made safe by advisory locks: partitions ahead of
-need, partitions past retention dropped, expired batch-id and flush-id records deleted.
+need, partitions past retention dropped, expired batch-id and flush-id records deleted, the
+index of a month no ping can go to any more rebuilt (packed).
 
 Every pod runs it every MAINTENANCE_INTERVAL_S; whichever gets the lock does the work, the
 others find nothing to do. The same run is ``python -m ingest partitions --maintain``.
@@ -29,13 +30,27 @@ DELETE FROM "IngestBatch" WHERE ctid = ANY (ARRAY(
 # Flush ids (flush.py) are needed only while a flush resolves a lost COMMIT reply: minutes.
 FLUSH_ID_TTL_S = 6 * 3600
 _EXPIRE_FLUSHES = 'DELETE FROM "IngestFlush" WHERE "id" < $1'
+# A partition whose indexes were rebuilt once closed says so in its comment.
+PACKED = "ingest: indexes packed"
+_UNPACKED = """
+SELECT c.relname FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = to_regclass('"TripLocation"')
+  AND obj_description(c.oid, 'pg_class') IS DISTINCT FROM $1
+ORDER BY c.relname
+"""
+# What an interrupted REINDEX CONCURRENTLY leaves behind: invalid copies named *_ccnew/_ccold.
+_LEFTOVERS = r"""
+SELECT ic.relname FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid
+WHERE x.indrelid = to_regclass($1) AND NOT x.indisvalid AND ic.relname ~ '_cc(new|old)\d*$'
+"""
 
 
 async def run_once(
     conn: asyncpg.Connection, settings: Settings, now: datetime | None = None
 ) -> dict[str, object]:
-    """One maintenance pass; returns what it did: ``created`` and ``dropped`` partition names
-    and ``batch_ids_expired``."""
+    """One maintenance pass; returns what it did: ``created``, ``dropped`` and ``packed``
+    partition names and ``batch_ids_expired``."""
     now = now or datetime.now(UTC)
     months = partitions.needed_months(
         now, settings.max_ping_age_days, settings.partitions_ahead_months
@@ -47,8 +62,44 @@ async def run_once(
     expired = await expire_batch_ids(conn, settings.batch_id_ttl_hours)
     cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
+    packed = (
+        await pack_closed(conn, now, settings.max_ping_age_days)
+        if settings.pack_closed_partitions
+        else []
+    )
     await update_partition_metrics(conn, now)
-    return {"created": created, "dropped": dropped, "batch_ids_expired": expired}
+    return {"created": created, "dropped": dropped, "batch_ids_expired": expired, "packed": packed}
+
+
+async def pack_closed(conn: asyncpg.Connection, now: datetime, max_ping_age_days: int) -> list[str]:
+    """Rebuild the indexes of the oldest month that no ping can go to any more (ended more
+    than ``max_ping_age_days`` ago) and is not packed yet; its name, or nothing (also when
+    another connection holds the maintenance lock).
+
+    While a month is live its unique index is about a third empty: each trip appends at the
+    end of its own keys, in the middle of the index, and the pages that split there stay half
+    full. REINDEX CONCURRENTLY writes it anew, full, without blocking reads or writes; a
+    month at a time, as it reads the whole partition."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
+        return []
+    try:
+        closed_before = partitions.month_start(now - timedelta(days=max_ping_age_days))
+        for (name,) in await conn.fetch(_UNPACKED, PACKED):
+            month = partitions.month_of(name)
+            if month is None or partitions.add_months(month, 1) > closed_before:
+                continue
+            for (leftover,) in await conn.fetch(_LEFTOVERS, f'"{name}"'):
+                await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{leftover}"')
+            started = time.monotonic()
+            await conn.execute(f'REINDEX TABLE CONCURRENTLY "{name}"')
+            await conn.execute(f"COMMENT ON TABLE \"{name}\" IS '{PACKED}'")
+            metrics.PARTITIONS_PACKED.inc()
+            took = round(time.monotonic() - started, 1)
+            log.info("partition_packed", extra={"partition": name, "seconds": took})
+            return [name]
+        return []
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)
 
 
 async def expire_batch_ids(conn: asyncpg.Connection, ttl_hours: int) -> int:
@@ -105,7 +156,7 @@ async def run_forever(pool: asyncpg.Pool, settings: Settings) -> None:
         else:
             metrics.MAINTENANCE_RUNS.labels("ok").inc()
             metrics.MAINTENANCE_LAST_SUCCESS.set(time.time())
-            if done["created"] or done["dropped"] or done["batch_ids_expired"]:
+            if done["created"] or done["dropped"] or done["batch_ids_expired"] or done["packed"]:
                 # Not extra=done: "created" is a LogRecord attribute and may not be overwritten.
                 log.info(
                     "maintenance",
@@ -113,6 +164,7 @@ async def run_forever(pool: asyncpg.Pool, settings: Settings) -> None:
                         "partitions_created": done["created"],
                         "partitions_dropped": done["dropped"],
                         "batch_ids_expired": done["batch_ids_expired"],
+                        "partitions_packed": done["packed"],
                     },
                 )
             delay = settings.maintenance_interval_s

@@ -112,6 +112,9 @@ PARTITION_MONTHS_AHEAD = Gauge(
 for _gauge in (PARTITIONS, OLDEST_PARTITION_AGE, NEWEST_PARTITION_AHEAD, PARTITION_MONTHS_AHEAD):
     _gauge.set(float("nan"))
 PARTITIONS_CREATED = Counter("ingest_partitions_created_total", "Partitions created")
+PARTITIONS_PACKED = Counter(
+    "ingest_partitions_packed_total", "Closed partitions whose indexes were rebuilt (packed)"
+)
 PARTITIONS_DROPPED = Counter(
     "ingest_partitions_dropped_total", "Partitions detached and dropped past RETENTION_MONTHS"
 )

@@ -323,3 +323,57 @@ async def test_flush_ids_expire_by_range(make_settings, db):
     await db.executemany('INSERT INTO "IngestFlush" ("id") VALUES ($1)', [(old,), (recent,)])
     await maintenance.run_once(db, make_settings())
     assert [r[0] for r in await db.fetch('SELECT "id" FROM "IngestFlush"')] == [recent]
+
+
+_INDEXES = """
+SELECT ic.relname, pg_relation_size(ic.oid), x.indisvalid FROM pg_index x
+JOIN pg_class ic ON ic.oid = x.indexrelid WHERE x.indrelid = to_regclass($1) ORDER BY 1
+"""
+
+
+async def test_a_closed_month_s_index_is_rebuilt_once_and_keeps_its_guard(make_settings, db):
+    now = datetime.now(UTC)
+    closed, live = add_months(this_month(), -3), this_month()  # ended > MAX_PING_AGE_DAYS ago
+    await partitions.ensure(db, [closed, live])
+    name = partition_name(closed)
+    # 50 trips reporting in turn, as a live month fills: each trip appends in the middle.
+    rows = [("org_1", f"trip_{t:02d}", "drv_1", 1.0, 2.0, mid(closed, i))
+            for i in range(300) for t in range(50)]  # fmt: skip
+    await db.copy_records_to_table(
+        "TripLocation", records=rows,
+        columns=["orgId", "tripId", "driverId", "latitude", "longitude", "timestamp"],
+    )  # fmt: skip
+    # What an interrupted REINDEX CONCURRENTLY leaves: an invalid copy (here a build refused
+    # for real: the column is not unique).
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await db.execute(f'CREATE UNIQUE INDEX CONCURRENTLY "{name}_x_ccnew" ON "{name}" ("orgId")')
+    indexes = await db.fetch(_INDEXES, f'"{name}"')
+    assert [r[2] for r in indexes] == [True, False]
+    index, before = indexes[0][0], indexes[0][1]
+
+    off = await maintenance.run_once(db, make_settings(pack_closed_partitions=False), now)
+    assert off["packed"] == []
+    packed_before = metrics.PARTITIONS_PACKED._value.get()
+    done = await maintenance.run_once(db, make_settings(), now)
+    assert done["packed"] == [name]
+    assert metrics.PARTITIONS_PACKED._value.get() == packed_before + 1
+    [(same, after, valid)] = await db.fetch(_INDEXES, f'"{name}"')  # the leftover is gone
+    assert same == index and valid and after < before * 0.8, (before, after)
+    assert (
+        await db.fetchval("SELECT obj_description(to_regclass($1), 'pg_class')", f'"{name}"')
+        == maintenance.PACKED
+    )
+    assert await db.fetchval(
+        "SELECT obj_description(to_regclass($1), 'pg_class')", f'"{partition_name(live)}"'
+    ) is None  # fmt: skip
+    again = await maintenance.run_once(db, make_settings(), now)
+    assert again["packed"] == []
+    # Still the guard of the parent's key: the same ping is refused, in the parent's name.
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await db.execute(
+            'INSERT INTO "TripLocation" ("orgId", "tripId", "driverId", "latitude", "longitude",'
+            " \"timestamp\") VALUES ('org_1', 'trip_07', 'drv_1', 0, 0, $1)", mid(closed, 5),
+        )  # fmt: skip
+    assert await db.fetchval(
+        'SELECT count(*) FROM "TripLocation" WHERE "orgId" = $1 AND "tripId" = $2', "org_1", "trip_07"
+    ) == 300  # fmt: skip
