@@ -208,7 +208,9 @@ async def fanout_context(app: web.Application) -> AsyncIterator[None]:
 
 async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    buffer = Buffer(s.buffer_max_rows, s.flush_max_rows, s.flush_interval_ms / 1000)
+    buffer = Buffer(
+        s.buffer_max_rows, s.flush_max_rows, s.flush_interval_ms / 1000, s.flush_concurrency
+    )
     metrics.BUFFER_LIMIT.set(s.buffer_max_rows)
     live = app[LIVE]
     evaluator = GeofenceEvaluator(app[POOL], live, s.geofence_settle_ms / 1000)

@@ -2,11 +2,19 @@
 
 Requests append their records and, in durable mode, await a future that the flusher
 resolves once the flush holding those records has committed.
+
+Group commit, as databases do it: a flush starts at once when none is in flight, and rows
+arriving meanwhile gather for the next one, which starts as soon as that flush ends. So a
+lone ping is committed without waiting, and under load each flush takes everything that came
+during the one before. With FLUSH_CONCURRENCY above 1, a further flush may start while others
+are in flight, but only once FLUSH_MAX_ROWS rows wait or the oldest waited FLUSH_INTERVAL_MS:
+the interval caps waiting, it is never a delay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from .records import ORG, TRIP, Record
 
@@ -83,14 +91,17 @@ class FlushBatch:
 
 
 class Buffer:
-    def __init__(self, max_rows: int, flush_max_rows: int, flush_interval_s: float) -> None:
+    def __init__(
+        self, max_rows: int, flush_max_rows: int, flush_interval_s: float, max_flights: int = 1
+    ) -> None:
         self.max_rows = max_rows
         self.flush_max_rows = flush_max_rows
         self.flush_interval_s = flush_interval_s
+        self.max_flights = max_flights
         self.rows: list[Record] = []
         self.pending: list[Pending] = []
         self.in_flight = 0  # rows taken by a flush that has not finished
-        self._flights: list[FlushBatch] = []
+        self.flights: list[FlushBatch] = []  # flushes not finished, in the order taken
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -108,7 +119,7 @@ class Buffer:
         """
         cutoff = self._loop.time() - max_wait_s
         expired = 0
-        for group in [*(f.pending for f in self._flights), self.pending]:
+        for group in [*(f.pending for f in self.flights), self.pending]:
             for p in group:  # in arrival order
                 if p.arrived > cutoff:
                     return expired
@@ -121,7 +132,7 @@ class Buffer:
 
     def waited(self) -> float:
         """Seconds the oldest row held (waiting or being flushed) has been here (0 if none)."""
-        oldest = self._flights[0].pending if self._flights else self.pending
+        oldest = self.flights[0].pending if self.flights else self.pending
         return self._loop.time() - oldest[0].arrived if oldest else 0.0
 
     def add(
@@ -158,30 +169,34 @@ class Buffer:
         batch = FlushBatch(self.rows, self.pending)
         self.rows, self.pending = [], []
         self.in_flight += len(batch.rows)
-        self._flights.append(batch)
+        self.flights.append(batch)
         return batch
 
     def done(self, batch: FlushBatch) -> None:
         self.in_flight -= len(batch.rows)
-        self._flights.remove(batch)
+        self.flights.remove(batch)
+        self._wakeup.set()  # what gathered meanwhile is due now
 
     async def next_batch(self) -> FlushBatch | None:
-        """Wait until a flush is due (FLUSH_MAX_ROWS waiting, or the oldest row waited
-        FLUSH_INTERVAL_MS) and take it; None once closed and empty."""
+        """Wait until a flush is due and take it; None once closed and empty. Due: rows wait
+        and no flush is in flight; or, below ``max_flights`` flushes in flight, FLUSH_MAX_ROWS
+        rows wait, the oldest waited FLUSH_INTERVAL_MS, or the buffer is closed (drain)."""
         loop = self._loop
-        while not self.rows:
-            if self.closed:
+        while True:
+            timeout: float | None = None  # None: until add(), done() or close()
+            if self.rows:
+                flights = len(self.flights)
+                if not flights:
+                    return self.take()
+                if flights < self.max_flights:
+                    timeout = self.pending[0].arrived + self.flush_interval_s - loop.time()
+                    if timeout <= 0 or self.closed or len(self.rows) >= self.flush_max_rows:
+                        return self.take()
+            elif self.closed:
                 return None
             self._wakeup.clear()
-            await self._wakeup.wait()
-        deadline = self.pending[0].arrived + self.flush_interval_s
-        while len(self.rows) < self.flush_max_rows and not self.closed:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                break
-        return self.take()
+            if timeout is None:
+                await self._wakeup.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)

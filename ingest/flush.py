@@ -1,4 +1,5 @@
-"""The flusher: one task that takes due batches from the buffer and commits them.
+"""The flusher: FLUSH_CONCURRENCY loops (one by default) that take due batches from the
+buffer and commit them (when a flush is due: buffer.py).
 
 A failed commit is retried with backoff on a fresh connection, holding the same rows, so
 nothing accepted into the buffer is dropped while PostgreSQL is away (missing partitions are
@@ -64,25 +65,32 @@ class Flusher:
         self.on_committed = on_committed
         self.owners = OwnerCache(settings.owner_cache_ttl_s)
         self.db_ok = True  # false from a failed flush until the next successful one
-        self._current: FlushBatch | None = None
 
     async def run(self) -> None:
-        """Flush until the buffer is closed and drained."""
-        while (batch := await self.buffer.next_batch()) is not None:
-            self._current = batch
+        """Flush until the buffer is closed and drained (every loop returned)."""
+        n = self.buffer.max_flights
+        if n == 1:
+            await self._loop()
+            return
+        async with asyncio.TaskGroup() as group:
+            for i in range(n):
+                group.create_task(self._loop(), name=f"flusher-{i}")
+
+    async def _loop(self) -> None:
+        buffer = self.buffer
+        while (batch := await buffer.next_batch()) is not None:
             try:
                 await self._commit_with_retry(batch)
             except Exception as exc:  # a bug past the commit: fail these requests, keep flushing
                 log.exception("flush_crashed", extra={"rows": len(batch.rows)})
                 _fail(batch.pending, exc)
             finally:
-                self._current = None
-                self.buffer.done(batch)
+                buffer.done(batch)
 
     def abandon_waiters(self) -> None:
         """Shutdown: answer every request still waiting for a commit (503), keep the rows."""
-        pending = self.buffer.pending + (self._current.pending if self._current else [])
-        _fail(pending, ShuttingDown())
+        flights = [p for f in self.buffer.flights for p in f.pending]
+        _fail(flights + self.buffer.pending, ShuttingDown())
 
     async def _commit_with_retry(self, batch: FlushBatch) -> None:
         s = self.settings

@@ -33,9 +33,11 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     role: Literal["all", "ingest", "live"] = "all"
     ack_mode: Literal["durable", "buffered"] = "durable"
-    # Group commit: a flush starts when FLUSH_MAX_ROWS are waiting or the oldest waited this long.
+    # Group commit (buffer.py): a flush starts at once when none is in flight; a further one
+    # (up to FLUSH_CONCURRENCY in flight) when FLUSH_MAX_ROWS wait or the oldest waited this long.
     flush_interval_ms: PositiveInt = 50
     flush_max_rows: PositiveInt = 5000
+    flush_concurrency: PositiveInt = 1
     # Rows held in memory (buffered plus being flushed) above which ingest answers 503.
     buffer_max_rows: PositiveInt = 50_000
     # Durable mode: new batches get 503 while the oldest buffered row has waited longer than
@@ -182,6 +184,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         )
     if settings.flush_max_rows > settings.buffer_max_rows:
         raise SettingsError("invalid setting FLUSH_MAX_ROWS: must not exceed BUFFER_MAX_ROWS")
+    if settings.flush_concurrency >= settings.db_pool_max:
+        # One connection stays free for readiness checks, reads and maintenance.
+        raise SettingsError("invalid setting FLUSH_CONCURRENCY: must be below DB_POOL_MAX")
     for name, url, schemes in (
         ("DATABASE_URL", settings.database_url, ("postgres://", "postgresql://")),
         ("DATABASE_READ_URL", settings.database_read_url, ("postgres://", "postgresql://")),

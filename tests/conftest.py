@@ -11,6 +11,7 @@ services the tests start) in asyncio debug mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -39,10 +40,11 @@ from devtools.services import PrivatePostgres, PrivateRedis, postgres_bindir
 from ingest import maintenance
 from ingest.app import create_app
 from ingest.auth import issue_token
+from ingest.buffer import Buffer
 from ingest.migrate import migrate
 from ingest.settings import Settings, load_settings
 from ingest.shutdown import shutdown
-from ingest.typedefs import LIFECYCLE, SETTINGS
+from ingest.typedefs import BUFFER, LIFECYCLE, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 # TEST_DATABASE_URL / TEST_REDIS_URL when set; else servers listening on the default local
@@ -223,6 +225,46 @@ async def make_client(
 @pytest.fixture
 async def client(make_client: ClientFactory) -> TestClient:
     return await make_client()
+
+
+@contextlib.asynccontextmanager
+async def flush_held(client: TestClient) -> AsyncIterator[Buffer]:
+    """While inside, the app's one flush slot (FLUSH_CONCURRENCY 1) is taken, as by a flush
+    in flight: requests posted meanwhile wait in its buffer, and are committed together, in
+    one flush, at the end. (A flush starts at once when none is in flight: without this,
+    concurrent requests may or may not share one.)"""
+    buffer: Buffer = client.server.app[BUFFER]
+    assert buffer.max_flights == 1 and not buffer.rows and not buffer.flights
+    held = buffer.take()
+    try:
+        yield buffer
+    finally:
+        buffer.done(held)
+
+
+async def state_reached(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` (a state, not a duration: the timeout only bounds a hang)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "state not reached"
+        await asyncio.sleep(0.005)
+
+
+async def buffered(buffer: Buffer, requests: int) -> None:
+    """Until ``requests`` requests wait in ``buffer``."""
+    await state_reached(lambda: len(buffer.pending) >= requests)
+
+
+async def in_one_flush(client: TestClient, *posts: Awaitable[Any]) -> list[Any]:
+    """The answers of ``posts`` (requests to ``client``), buffered in this order and committed
+    in one flush."""
+    async with flush_held(client) as buffer:
+        tasks = []
+        for i, post in enumerate(posts):
+            tasks.append(asyncio.ensure_future(post))
+            await buffered(buffer, i + 1)
+    return list(await asyncio.gather(*tasks))
 
 
 def token(role: str = "driver", sub: str = "drv_1", org: str = "org_1", **kw: Any) -> str:

@@ -1,4 +1,5 @@
-"""The buffer alone (no I/O): bounded, and a flush is due at FLUSH_MAX_ROWS or the interval."""
+"""The buffer alone (no I/O): bounded; a flush is due at once when none is in flight, and a
+further one (FLUSH_CONCURRENCY) at FLUSH_MAX_ROWS or the interval."""
 
 from __future__ import annotations
 
@@ -42,27 +43,85 @@ async def test_the_limit_counts_rows_being_flushed():
         buf.add(rows(1, "d"), "drv", None, durable=False)
 
 
-async def test_a_flush_is_due_at_max_rows_or_after_the_interval():
-    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=0.2)
-    loop = asyncio.get_running_loop()
-    buf.add(rows(3, "a"), "drv", None, durable=False)
-    started = loop.time()
-    batch = await buf.next_batch()
-    assert batch is not None and len(batch.rows) == 3
-    assert loop.time() - started >= 0.15  # waited for the interval
+async def test_a_flush_starts_at_once_when_none_is_in_flight():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=10)
+    waiter = asyncio.ensure_future(buf.next_batch())
+    await asyncio.sleep(0)
+    assert not waiter.done()  # nothing waits: nothing to flush
+    buf.add(rows(1, "a"), "drv", None, durable=True)
+    # Far sooner than the 10 s interval: taken as soon as the flusher runs.
+    batch = await asyncio.wait_for(waiter, 1.0)
+    assert batch is not None and batch.rows == rows(1, "a")
     buf.done(batch)
+    buf.close()
+    assert await buf.next_batch() is None
+
+
+async def test_rows_arriving_during_a_flush_gather_for_the_next():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=0.01)
+    buf.add(rows(1, "a"), "drv", None, durable=True)
+    flight = await buf.next_batch()
+    assert flight is not None
+    waiter = asyncio.ensure_future(buf.next_batch())
+    for tag in "bcd":
+        buf.add(rows(4, tag), "drv", None, durable=True)  # 12 rows: past FLUSH_MAX_ROWS
+    await asyncio.sleep(0.05)  # past the interval too
+    assert not waiter.done()  # one flush in flight at most (max_flights=1)
+    assert buf.waited() >= 0.04  # the flight's oldest row (loop time in whole ms)
+    buf.done(flight)
+    batch = await asyncio.wait_for(waiter, 1.0)
+    assert batch is not None and batch.rows == rows(4, "b") + rows(4, "c") + rows(4, "d")
+    assert [p.start for p in batch.pending] == [0, 4, 8]
+    buf.done(batch)
+    assert buf.waited() == 0.0
+
+
+async def test_a_second_flight_starts_after_the_interval():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=0.2, max_flights=2)
+    loop = asyncio.get_running_loop()
+    buf.add(rows(1, "a"), "drv", None, durable=True)
+    first = await buf.next_batch()
+    assert first is not None
+    second = asyncio.ensure_future(buf.next_batch())
+    added = loop.time()
+    buf.add(rows(3, "b"), "drv", None, durable=True)
+    batch = await asyncio.wait_for(second, 5.0)
+    assert batch is not None and batch.rows == rows(3, "b")
+    assert loop.time() - added >= 0.19  # the interval caps waiting; it was not skipped
+    third = asyncio.ensure_future(buf.next_batch())
+    buf.add(rows(1, "c"), "drv", None, durable=True)
+    await asyncio.sleep(0.3)
+    assert not third.done()  # two in flight: the most allowed
+    buf.done(first)
+    assert (await asyncio.wait_for(third, 1.0)).rows == rows(1, "c")  # type: ignore[union-attr]
+
+
+async def test_a_second_flight_starts_at_max_rows():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=10, max_flights=2)
+    buf.add(rows(1, "a"), "drv", None, durable=True)
+    first = await buf.next_batch()
     waiter = asyncio.ensure_future(buf.next_batch())
     buf.add(rows(3, "b"), "drv", None, durable=False)
     await asyncio.sleep(0.01)
     assert not waiter.done()
     buf.add(rows(7, "c"), "drv", None, durable=False)  # 10 waiting: due now
-    batch = await asyncio.wait_for(waiter, 0.1)
-    assert len(batch.rows) == 10
-    assert buf.waited() > 0  # being flushed still counts
-    buf.done(batch)
-    assert buf.waited() == 0.0
+    batch = await asyncio.wait_for(waiter, 1.0)
+    assert batch is not None and len(batch.rows) == 10
+    assert first is not None and buf.flights == [first, batch]
+
+
+async def test_close_drains_in_a_second_flight_at_once():
+    buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=10, max_flights=2)
+    buf.add(rows(1, "a"), "drv", None, durable=True)
+    first = await buf.next_batch()
+    waiter = asyncio.ensure_future(buf.next_batch())
+    buf.add(rows(2, "b"), "drv", None, durable=True)
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
     buf.close()
-    assert await buf.next_batch() is None
+    batch = await asyncio.wait_for(waiter, 1.0)
+    assert batch is not None and batch.rows == rows(2, "b")
+    assert first is not None and await buf.next_batch() is None  # other flights: theirs
 
 
 async def test_waiters_past_the_ack_timeout_fail_oldest_first():

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from ingest.typedefs import BUFFER, GEOFENCES
 
-from .conftest import ClientFactory, auth, iso, now_ms, post_ping
+from .conftest import ClientFactory, auth, flush_held, iso, now_ms, post_ping, state_reached
 from .test_geofences import FENCES, INSIDE, LAT0, LON0, OUTSIDE, SQUARE, dispatcher
 
 Client = TestClient[web.Request, web.Application]
@@ -292,21 +292,21 @@ async def test_batches_committed_out_of_order_on_two_pods_lose_no_crossing(
     ack = "buffered" if buffered else "durable"
     # GEOFENCE_SETTLE_MS (default 2 s) is what orders them: longer than the slow pod's flush.
     settle = 1500
-    slow = await make_client(
-        ack_mode=ack, flush_interval_ms=600 if buffered else 300, geofence_settle_ms=settle
-    )
-    fast = await make_client(ack_mode=ack, flush_interval_ms=10, geofence_settle_ms=settle)
+    slow = await make_client(ack_mode=ack, geofence_settle_ms=settle)
+    fast = await make_client(ack_mode=ack, geofence_settle_ms=settle)
     fid = await fence(fast)
     t = now_ms(1)
     await drive(fast, [OUTSIDE], t)
     await settled(fast)
-    if buffered:  # the app sends batch after batch, each once the previous one got its 202
-        assert "queued" in await drive(slow, [INSIDE, OUTSIDE], t + 1000)  # in and out
-        assert "queued" in await drive(fast, [OUTSIDE], t + 3000)
-    else:  # two uploads of the app in flight at once; both are answered 200
-        older = asyncio.create_task(drive(slow, [INSIDE, OUTSIDE], t + 1000))
-        await asyncio.sleep(0.05)
-        await drive(fast, [OUTSIDE], t + 3000)
+    async with flush_held(slow) as slow_buffer:  # the slow pod commits after the fast one
+        if buffered:  # the app sends batch after batch, each once the previous one got its 202
+            assert "queued" in await drive(slow, [INSIDE, OUTSIDE], t + 1000)  # in and out
+            assert "queued" in await drive(fast, [OUTSIDE], t + 3000)
+        else:  # two uploads of the app in flight at once; both are answered 200
+            older = asyncio.create_task(drive(slow, [INSIDE, OUTSIDE], t + 1000))
+            await state_reached(lambda: bool(slow_buffer.pending))
+            await drive(fast, [OUTSIDE], t + 3000)
+    if not buffered:
         assert (await older)["accepted"] == 2
     await settled(fast, slow)
     assert await events(fast, fid) == [("enter", t + 1000), ("exit", t + 2000)]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import msgspec
 
-from .conftest import auth, batch, iso, now_ms
+from .conftest import auth, batch, in_one_flush, iso, now_ms
 
 PING = "/api/v1/tracking/ping"
 
@@ -92,11 +92,11 @@ async def test_same_ping_in_two_batches_is_stored_once(client, db):
 
 
 async def test_same_ping_twice_in_one_flush_is_stored_once(make_client, db):
-    client = await make_client(flush_interval_ms=300)  # both requests land in one flush
+    client = await make_client()
     start = now_ms(-300)
     a, b = batch(4, start_ms=start), batch(4, start_ms=start)
-    ra, rb = await asyncio.gather(
-        client.post(PING, json=a, headers=auth()), client.post(PING, json=b, headers=auth())
+    ra, rb = await in_one_flush(
+        client, client.post(PING, json=a, headers=auth()), client.post(PING, json=b, headers=auth())
     )
     ja, jb = await ra.json(), await rb.json()
     assert sorted([ja["accepted"], jb["accepted"]]) == [0, 4]
@@ -113,11 +113,12 @@ async def test_duplicate_timestamps_inside_one_batch(client, db):
 
 
 async def test_same_batch_id_twice_in_one_flush_is_a_replay(make_client, db):
-    client = await make_client(flush_interval_ms=300)
+    client = await make_client()
     body = batch(3)
-    ra, rb = await asyncio.gather(
-        client.post(PING, json=body, headers=auth()), client.post(PING, json=body, headers=auth())
-    )
+    ra, rb = await in_one_flush(
+        client, client.post(PING, json=body, headers=auth()),
+        client.post(PING, json=body, headers=auth()),
+    )  # fmt: skip
     got = sorted([(await r.json())["accepted"] for r in (ra, rb)])
     assert got == [0, 3]
     assert await count(db) == 3
@@ -218,11 +219,12 @@ async def test_rows_postgres_refuses_fail_only_their_request(make_client, db):
     await db.execute(
         'ALTER TABLE "TripLocation" ADD CONSTRAINT no_evil CHECK ("tripId" <> \'evil\')'
     )
-    client = await make_client(flush_interval_ms=300)  # both requests in one flush
+    client = await make_client()
     good, evil = batch(3, trip="good"), batch(3, trip="evil")
-    rg, re_ = await asyncio.gather(
-        client.post(PING, json=good, headers=auth()), client.post(PING, json=evil, headers=auth())
-    )
+    rg, re_ = await in_one_flush(
+        client, client.post(PING, json=good, headers=auth()),
+        client.post(PING, json=evil, headers=auth()),
+    )  # fmt: skip
     assert rg.status == 200 and (await rg.json())["accepted"] == 3
     assert re_.status == 500 and (await re_.json())["error"] == "storage_error"
     assert await count(db, "good") == 3 and await count(db, "evil") == 0

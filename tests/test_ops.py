@@ -22,7 +22,7 @@ from ingest import metrics, store
 from ingest.settings import Settings
 from ingest.typedefs import BUFFER, LIFECYCLE, SETTINGS
 
-from .conftest import PG_URL, ROOT, auth, batch, now_ms, token
+from .conftest import PG_URL, ROOT, auth, batch, in_one_flush, now_ms, token
 
 PING = "/api/v1/tracking/ping"
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
@@ -162,7 +162,7 @@ async def test_ingest_counters_move_by_exactly_the_traffic(client):
 async def test_a_flush_refused_by_postgres_is_committed_request_by_request_and_counted(
     make_client, monkeypatch
 ):
-    client = await make_client(flush_interval_ms=300)  # both requests in one flush
+    client = await make_client()
     stored = batch(3, trip="p_1")
     assert (await (await client.post(PING, json=stored, headers=auth())).json())["accepted"] == 3
     real, calls = store.commit, []
@@ -175,7 +175,8 @@ async def test_a_flush_refused_by_postgres_is_committed_request_by_request_and_c
 
     monkeypatch.setattr(store, "commit", refused_once)
     before = await scrape(client)
-    replay, fresh = await asyncio.gather(
+    replay, fresh = await in_one_flush(
+        client,
         client.post(PING, json=stored, headers=auth()),
         client.post(PING, json=batch(3, trip="p_2"), headers=auth()),
     )

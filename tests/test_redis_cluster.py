@@ -25,7 +25,17 @@ from ingest.keyspace import ClusterKeyspace, Keyspace, keyspace
 from ingest.settings import Settings, SettingsError, load_settings
 from ingest.typedefs import FANOUT, LIVE
 
-from .conftest import SECRET, auth, batch, now_ms, quiet, subscribed, token, ws_connect
+from .conftest import (
+    SECRET,
+    auth,
+    batch,
+    in_one_flush,
+    now_ms,
+    quiet,
+    subscribed,
+    token,
+    ws_connect,
+)
 from .test_geofences import (
     test_consecutive_batches_on_two_pods_make_each_event_once,
     test_events_go_live_to_the_fleet_subscribers_of_the_org_only,
@@ -362,7 +372,7 @@ async def test_a_flush_mixing_a_moved_slot_with_a_staying_one_still_publishes(
     MOVED) and failed for every trip of that master, flush after flush. The script now reads
     every key before writing any (a failure changes nothing) and the call is retried once
     after reading the topology again."""
-    client = await make_client(flush_interval_ms=300)
+    client = await make_client()
     app = client.server.app
     await asyncio.wait_for(app[FANOUT].connected.wait(), 5)
     keys, org = app[LIVE].keys, "org_1"
@@ -388,7 +398,7 @@ async def test_a_flush_mixing_a_moved_slot_with_a_staying_one_still_publishes(
         client.post(PING, json=batch(1, trip=trip, start_ms=start), headers=auth())
         for trip in (staying, moving)
     ]
-    assert [r.status for r in await asyncio.gather(*posts)] == [200, 200]
+    assert [r.status for r in await in_one_flush(client, *posts)] == [200, 200]
     got = [m["tripId"] for m in await quiet(ws, 2.0) if m["type"] == "locations"]
     assert sorted(got) == sorted([staying, moving]), got
     await ws.close()

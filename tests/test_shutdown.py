@@ -25,11 +25,13 @@ async def test_sigterm_commits_everything_buffered_and_exits_0(
     service = procs.service({
         "DATABASE_URL": database, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
         "JWT_SECRET": SECRET, "ACK_MODE": ack_mode, "LOG_LEVEL": "INFO",
-        # A long interval: at SIGTERM, pings are still waiting in the buffer.
-        "FLUSH_INTERVAL_MS": "3000", "RATE_LIMIT_PER_S": "1000",
+        "RATE_LIMIT_PER_S": "1000",
     }, tmp_path)  # fmt: skip
     await service.start()
     bodies = [batch(10, trip=f"trip_{i}") for i in range(20)]
+    # A flush held by a lock: at SIGTERM, the others' pings are still waiting in the buffer.
+    locker = await asyncpg.connect(database)
+    await locker.execute('BEGIN; LOCK TABLE "IngestFlush" IN ACCESS EXCLUSIVE MODE')
     try:
         async with aiohttp.ClientSession(service.url) as s:
 
@@ -40,10 +42,14 @@ async def test_sigterm_commits_everything_buffered_and_exits_0(
             tasks = [asyncio.ensure_future(post(b)) for b in bodies]
             await asyncio.sleep(0.5)  # requests are in the buffer, not yet flushed
             started = asyncio.get_running_loop().time()
-            code = await service.stop()
+            stopping = asyncio.ensure_future(service.stop())
+            await asyncio.sleep(0.2)
+            await locker.execute("ROLLBACK")
+            code = await stopping
             elapsed = asyncio.get_running_loop().time() - started
             answers = await asyncio.gather(*tasks)
     finally:
+        await locker.close()
         await service.stop()
     out = service.log_text()
     assert code == 0, out[-2000:]

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from .conftest import auth, batch, now_ms, token
+from .conftest import auth, batch, in_one_flush, now_ms, token
 
 Client = TestClient[web.Request, web.Application]
 Factory = Callable[..., Awaitable[Client]]
@@ -109,10 +109,10 @@ async def test_a_stored_batch_id_with_other_pings_stores_nothing(
 async def test_one_batch_id_twice_in_one_flush_with_other_pings_stores_one(
     make_client: Factory, db: asyncpg.Connection
 ) -> None:
-    client = await make_client(flush_interval_ms=300)  # both requests land in one flush
+    client = await make_client()
     first = batch(3, batch_id=BID)
     second = other_pings(first)
-    got = await asyncio.gather(answer(client, first), answer(client, second))
+    got = await in_one_flush(client, answer(client, first), answer(client, second))
     assert sorted(g["accepted"] for g in got) == [0, 3]
     assert sorted(g["duplicates"] for g in got) == [0, 3]
     winner = first if got[0]["accepted"] == 3 else second

@@ -21,6 +21,16 @@ from devtools.procs import Process
 from ..conftest import REDIS_URL, SECRET
 
 
+def slow_storage(seconds: float) -> str:
+    """SQL making every flush's insert into "TripLocation" take ``seconds`` longer."""
+    return f"""
+CREATE FUNCTION faults_slow_storage() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$;
+CREATE TRIGGER faults_slow_storage AFTER INSERT ON "TripLocation"
+FOR EACH STATEMENT EXECUTE FUNCTION faults_slow_storage();
+"""
+
+
 def service_env(database_url: str, redis_url: str, prefix: str, **over: Any) -> dict[str, str]:
     """The environment of one service process; ``over`` keys are setting names, any case."""
     env = {

@@ -16,6 +16,7 @@ import asyncpg
 
 from devtools.procs import rss_mib
 
+from .conftest import slow_storage
 from .load import Fleet, audit, report, scrape
 
 SLOW_FLUSH_S = 0.25
@@ -24,20 +25,13 @@ BUFFER_MAX_ROWS = 1000
 # the service commits about BUFFER_MAX_ROWS / 2 per slow flush: some 1500-2000 pings/s.
 RATE, PINGS, SURGE_S = 60, 100, 3.0
 
-_SLOW_STORAGE = f"""
-CREATE FUNCTION faults_slow_storage() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_sleep({SLOW_FLUSH_S}); RETURN NULL; END $$;
-CREATE TRIGGER faults_slow_storage AFTER INSERT ON "TripLocation"
-FOR EACH STATEMENT EXECUTE FUNCTION faults_slow_storage();
-"""
-
 
 async def test_overload_sheds_with_503_and_bounded_memory_then_recovers(
     services, shared_env, database
 ):
     conn = await asyncpg.connect(database)
     try:
-        await conn.execute(_SLOW_STORAGE)
+        await conn.execute(slow_storage(SLOW_FLUSH_S))
     finally:
         await conn.close()
     svc = await services(

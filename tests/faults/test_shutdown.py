@@ -11,15 +11,20 @@ import asyncpg
 from ingest.shutdown import GRACE_MARGIN_S
 
 from ..conftest import REDIS_URL
-from .conftest import service_env
+from .conftest import service_env, slow_storage
 from .load import Fleet, audit, report
 
 SHUTDOWN_TIMEOUT_S = 5
 
 
 async def test_sigterm_under_load_drains_within_the_grace_period(services, shared_env, database):
-    # A long flush interval: at SIGTERM, many requests are waiting for their commit.
-    env = shared_env(FLUSH_INTERVAL_MS=500, SHUTDOWN_TIMEOUT_S=SHUTDOWN_TIMEOUT_S)
+    # Slow flushes: at SIGTERM, many requests are waiting for their commit.
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(slow_storage(0.3))
+    finally:
+        await conn.close()
+    env = shared_env(SHUTDOWN_TIMEOUT_S=SHUTDOWN_TIMEOUT_S)
     old = await services(env, name="old-pod")
     new = await services(env, name="new-pod")
     # No keep-alive: an idle pooled connection closed by the draining pod would look like
