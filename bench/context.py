@@ -26,6 +26,7 @@ class Context:
     lua_drivers: Path
     json_drivers: Path
     quick: bool
+    settings: dict[str, str] = field(default_factory=dict)  # --set: for every process under test
     started: float = field(default_factory=time.monotonic)
     _tags: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -43,7 +44,7 @@ class Context:
             PORT=str(port), HOST="127.0.0.1", DATABASE_URL=self.db.url,
             REDIS_URL=self.redis_url, REDIS_PREFIX=self.redis_prefix, JWT_SECRET=self.secret,
             RATE_LIMIT_PER_S="1000000", RATE_LIMIT_BURST="1000000", FLUSH_INTERVAL_MS="50",
-            LOG_LEVEL="WARNING", **settings,
+            LOG_LEVEL="WARNING", **{**self.settings, **settings},
         )  # fmt: skip
 
     def server(self, name: str, argv: list[str], ready_path: str, **settings: str) -> Process:

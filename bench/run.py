@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import tempfile
@@ -30,7 +31,17 @@ from .stages.throughput import Cell, run_cell
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 N_DRIVERS = 1024
-STAGES = ("ingest", "latency", "fanout", "overload", "nearby", "geofences", "storage", "profile")
+STAGES = (
+    "ingest",
+    "light",
+    "latency",
+    "fanout",
+    "overload",
+    "nearby",
+    "geofences",
+    "storage",
+    "profile",
+)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +79,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--only", default="", help=f"comma-separated stages of {','.join(STAGES)}")
     p.add_argument(
+        "--cells",
+        default="",
+        help="comma-separated ingest cells CONTENDER:BATCH:CONNS[:ACK] instead of the plan's,"
+        " e.g. service:1:64,naive:1:64,pipeline:1:64",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every process under test (service and limit_pipeline), e.g."
+        " FLUSH_CONCURRENCY=2; repeatable",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="with --quick: also profile the service (default and --full always do)",
@@ -88,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     plan = plans.quick() if args.quick else plans.full() if args.full else plans.default()
+    if args.cells:
+        cells = [c.split(":") for c in args.cells.split(",")]
+        plan = dataclasses.replace(
+            plan, cells=tuple(Cell(k, int(b), int(c), *rest) for k, b, c, *rest in cells)
+        )
+    settings = dict(s.split("=", 1) for s in args.set)
     only = set(filter(None, args.only.split(",")))
     if unknown := only - set(STAGES):
         print(f"unknown stage(s): {', '.join(sorted(unknown))}", file=sys.stderr)
@@ -97,7 +128,7 @@ async def _main(args: argparse.Namespace) -> int:
     secret = tokens.new_secret()
     db = infra.BenchDB(args.database_url, f"ingest_bench_{os.getpid()}")
     prefix = f"bench{os.getpid()}:"
-    res: dict[str, Any] = {"plan": plan.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    res: dict[str, Any] = {"plan": plan.name, "settings": settings, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "machine": machine()}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         work = Path(tmp)
@@ -106,6 +137,7 @@ async def _main(args: argparse.Namespace) -> int:
             db=db, redis_url=args.redis_url, redis_prefix=prefix, secret=secret, work=work,
             lua_drivers=tokens.write_lua(work / "drivers.lua", pairs),
             json_drivers=tokens.write_json(work / "drivers.json", pairs), quick=args.quick,
+            settings=settings,
         )  # fmt: skip
         ctx.say(f"plan {plan.name}: stages {', '.join(s for s in STAGES if s in stages)};"
                 f" database {db.name}, redis prefix {prefix!r}")  # fmt: skip
@@ -127,6 +159,10 @@ async def _stages(
     if "ingest" in stages:
         res["ingest"] = [await _cell(ctx, plan, c) for c in plan.cells]
         add_ratios(res["ingest"])
+    if "light" in stages:
+        r = res["light"] = await overload.light(ctx, plan.half_rate_s)
+        ctx.say(f"light: p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms"
+                f" at {r['rate_pings_s']:,} pings/s, batch {r['batch']} (target p50 <= {r['target_p50_ms']} ms)")  # fmt: skip
     sustainable = _sustainable(res, args.sustainable)
     if "latency" in stages:
         ctx.say(f"latency: open loop at half of {sustainable:,.0f} pings/s")

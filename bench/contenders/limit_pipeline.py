@@ -1,8 +1,10 @@
 """LIMIT: the bare group-commit pipeline. Decode, append the rows to a list, and await the
-flush: one COPY commits everything appended, then every waiting request is answered. A
-flush starts when the oldest waiting row has waited FLUSH_INTERVAL_MS or FLUSH_MAX_ROWS
-rows are waiting: the service's flush policy, so the two differ only by what the service
-adds. Nothing else: no auth, validation, dedup, Redis, metrics or backpressure.
+flush: one COPY commits everything appended, then every waiting request is answered. The
+service's flush policy (ingest/buffer.py), so the two differ only by what the service adds: a
+flush starts at once when none is in flight, rows arriving during one go into the next; below
+FLUSH_CONCURRENCY flushes in flight, a further one starts when FLUSH_MAX_ROWS rows wait or the
+oldest waited FLUSH_INTERVAL_MS. Nothing else: no auth, validation, dedup, Redis, metrics or
+backpressure.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from .wire import json_batch_decoder
 
 COLUMNS = ("tripId", "driverId", "orgId", "latitude", "longitude", "accuracy", "speed",
            "heading", "altitude", "timestamp", "batchId")  # fmt: skip
+# The service's defaults.
 INTERVAL_S = int(os.environ.get("FLUSH_INTERVAL_MS", "50")) / 1000
-MAX_ROWS = int(os.environ.get("FLUSH_MAX_ROWS", "5000"))  # the service's default
+MAX_ROWS = int(os.environ.get("FLUSH_MAX_ROWS", "5000"))
+CONCURRENCY = int(os.environ.get("FLUSH_CONCURRENCY", "1"))
 
 
 class Pipeline:
@@ -31,6 +35,7 @@ class Pipeline:
         self.rows: list[tuple[object, ...]] = []
         self.waiters: list[asyncio.Future[None]] = []
         self.first = 0.0  # when the oldest waiting row arrived
+        self.in_flight = 0
         self.wakeup = asyncio.Event()
         self.flushes, self.flushed_rows, self.flush_s = 0, 0, 0.0  # for GET /stats
 
@@ -46,25 +51,45 @@ class Pipeline:
         return waiter
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(CONCURRENCY):
+                group.create_task(self._loop())
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self.rows:
-                self.wakeup.clear()
+            timeout: float | None = None  # None: until add() or a flush ends
+            if self.rows and not self.in_flight:
+                await self._flush(loop)
+                continue
+            if self.rows and self.in_flight < CONCURRENCY:
+                timeout = self.first + INTERVAL_S - loop.time()
+                if timeout <= 0 or len(self.rows) >= MAX_ROWS:
+                    await self._flush(loop)
+                    continue
+            self.wakeup.clear()
+            if timeout is None:
                 await self.wakeup.wait()
-            while len(self.rows) < MAX_ROWS and (left := self.first + INTERVAL_S - loop.time()) > 0:
-                self.wakeup.clear()
+            else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), left)
-            rows, waiters = self.rows, self.waiters
-            self.rows, self.waiters = [], []
-            started = loop.time()
+                    await asyncio.wait_for(self.wakeup.wait(), timeout)
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        rows, waiters = self.rows, self.waiters
+        self.rows, self.waiters = [], []
+        self.in_flight += 1
+        started = loop.time()
+        try:
             async with self.pool.acquire() as conn:
                 await conn.copy_records_to_table("TripLocation", records=rows, columns=COLUMNS)
-            for w in waiters:
-                w.set_result(None)
-            self.flushes += 1
-            self.flushed_rows += len(rows)
-            self.flush_s += loop.time() - started
+        finally:
+            self.in_flight -= 1
+            self.wakeup.set()
+        for w in waiters:
+            w.set_result(None)
+        self.flushes += 1
+        self.flushed_rows += len(rows)
+        self.flush_s += loop.time() - started
 
 
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
@@ -92,7 +117,9 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(
+        os.environ["DATABASE_URL"], min_size=1, max_size=CONCURRENCY + 1
+    )
     app[PIPELINE] = Pipeline(pool)
     task = asyncio.create_task(app[PIPELINE].run())
     yield

@@ -62,6 +62,15 @@ def markdown(res: dict[str, Any]) -> str:
                 f = r["flushes"]
                 L.append(f"| b{r['batch']} c{r['conns']} {r['ack']} | {r['label']} | {f['flushes']} | {_f(f['mean_rows_per_flush'])}"
                          f" | {_f(f['mean_flush_ms'], '{}')} | {_f(f.get('mean_ack_wait_ms'), '{}')} |")  # fmt: skip
+    if lt := res.get("light"):
+        lat = lt["latency_ms"]
+        L += ["", f"## Ack latency at a light load (open loop, durable, batch {lt['batch']})", "",
+              f"{lt['rate_pings_s']:,} pings/s ({lt['rate_req_s']} req/s) for {lt['duration_s']} s: p50 {lat['p50']} ms,"
+              f" p90 {lat['p90']} ms, p99 {lat['p99']} ms, max {lat['max']} ms; answers {lt['totals']};"
+              f" service CPU {lt['service_cpu_util']:.0%} of a core."]  # fmt: skip
+        if inside := lt.get("service_metrics"):
+            L += ["", f"Inside the service: {inside['flushes']} flushes of {inside['mean_rows_per_flush']} rows on average,"
+                  f" {inside['mean_flush_ms']} ms each; ack wait {inside['mean_ack_wait_ms']} ms on average."]  # fmt: skip
     if hr := res.get("half_rate"):
         lat = hr["latency_ms"]
         L += ["", "## Ack latency at half the sustainable rate (open loop, durable, batch 20)", "",

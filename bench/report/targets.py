@@ -71,6 +71,23 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{p:.0%}" if p else None,
             p is not None and p >= 0.8,
         )
+    lone = _find(res.get("ingest", []), "service", 1, 64)
+    if lone:
+        x = lone.get("x_naive")
+        add(
+            "ingest b1 c64 durable vs naive",
+            ">= 1.5x naive",
+            f"{x}x" if x else None,
+            x is not None and x >= 1.5,
+        )
+    if lt := res.get("light"):
+        p50 = lt["latency_ms"]["p50"]
+        add(
+            f"ack p50 at a light load ({lt['rate_pings_s']:,} pings/s, batch {lt['batch']})",
+            f"<= {lt['target_p50_ms']:g} ms",
+            f"{p50} ms",
+            lt["met"],
+        )
     if hr := res.get("half_rate"):
         p99 = hr["latency_ms"]["p99"]
         add(
