@@ -40,12 +40,13 @@ class Context:
     def env(self, port: int, **settings: str) -> dict[str, str]:
         """The environment of a process under test: the service's settings and nothing
         inherited that could change them."""
-        return clean_env(
+        base = dict(
             PORT=str(port), HOST="127.0.0.1", DATABASE_URL=self.db.url,
             REDIS_URL=self.redis_url, REDIS_PREFIX=self.redis_prefix, JWT_SECRET=self.secret,
             RATE_LIMIT_PER_S="1000000", RATE_LIMIT_BURST="1000000", FLUSH_INTERVAL_MS="50",
-            LOG_LEVEL="WARNING", **{**self.settings, **settings},
+            LOG_LEVEL="WARNING",
         )  # fmt: skip
+        return clean_env(**{**base, **self.settings, **settings})
 
     def server(self, name: str, argv: list[str], ready_path: str, **settings: str) -> Process:
         port = free_port()
