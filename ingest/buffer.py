@@ -4,11 +4,13 @@ Requests append their records and, in durable mode, await a future that the flus
 resolves once the flush holding those records has committed.
 
 Group commit, as databases do it: a flush starts at once when none is in flight, and rows
-arriving meanwhile gather for the next one, which starts as soon as that flush ends. So a
-lone ping is committed without waiting, and under load each flush takes everything that came
-during the one before. With FLUSH_CONCURRENCY above 1, a further flush may start while others
-are in flight, but only once FLUSH_MAX_ROWS rows wait or the oldest waited FLUSH_INTERVAL_MS:
-the interval caps waiting, it is never a delay.
+arriving meanwhile gather for the next one, which starts once that flush has ended and half
+as long again has passed (GATHER: the clients it answered come back in time to share it). So
+a lone ping is committed without waiting, and under load each flush takes everything that
+came during the one before. FLUSH_MAX_ROWS waiting, or the oldest row having waited
+FLUSH_INTERVAL_MS, cuts the gathering short: the interval caps waiting, it is never a delay.
+With FLUSH_CONCURRENCY above 1, a further flush may start while others are in flight, once
+FLUSH_MAX_ROWS rows wait or the oldest waited FLUSH_INTERVAL_MS.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import asyncio
 import contextlib
 
 from .records import ORG, TRIP, Record
+
+# After a flush, the next one gathers for this fraction of the time it took (next_batch).
+GATHER = 0.5
 
 
 class BufferFull(Exception):
@@ -76,11 +81,12 @@ class FlushBatch:
     """What one flush commits: rows in arrival order and the requests they belong to; while
     committing, the transaction's id and what it stores (to resolve a lost COMMIT reply)."""
 
-    __slots__ = ("backend_pid", "flush_id", "pending", "rows", "stored", "xid")
+    __slots__ = ("backend_pid", "flush_id", "pending", "rows", "stored", "taken", "xid")
 
-    def __init__(self, rows: list[Record], pending: list[Pending]) -> None:
+    def __init__(self, rows: list[Record], pending: list[Pending], taken: float = 0.0) -> None:
         self.rows = rows
         self.pending = pending
+        self.taken = taken  # loop time
         self.flush_id = 0  # the "IngestFlush" row of the current attempt (store.py)
         self.xid: str | None = None  # its transaction, once it has one
         self.backend_pid = 0
@@ -105,6 +111,8 @@ class Buffer:
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
+        # After a flush, the next waits until then (next_batch).
+        self._gather_until = 0.0
 
     @property
     def depth(self) -> int:
@@ -166,7 +174,7 @@ class Buffer:
         """Every waiting row: one flush commits all of them. (Capping a flush at
         FLUSH_MAX_ROWS was measured: under a flood of buffered acks it cut stored pings/s from
         119k to 30k, as small flushes lost the CPU to the requests piling up behind them.)"""
-        batch = FlushBatch(self.rows, self.pending)
+        batch = FlushBatch(self.rows, self.pending, self._loop.time())
         self.rows, self.pending = [], []
         self.in_flight += len(batch.rows)
         self.flights.append(batch)
@@ -175,7 +183,9 @@ class Buffer:
     def done(self, batch: FlushBatch) -> None:
         self.in_flight -= len(batch.rows)
         self.flights.remove(batch)
-        self._wakeup.set()  # what gathered meanwhile is due now
+        now = self._loop.time()
+        self._gather_until = now + min((now - batch.taken) * GATHER, self.flush_interval_s)
+        self._wakeup.set()
 
     async def next_batch(self) -> FlushBatch | None:
         """Wait until a flush is due and take it; None once closed and empty. Due: rows wait
@@ -187,8 +197,19 @@ class Buffer:
             if self.rows:
                 flights = len(self.flights)
                 if not flights:
-                    return self.take()
-                if flights < self.max_flights:
+                    # Right after a flush, gather for half as long as it took (at most the
+                    # interval), so that the clients it answered send again in time to share
+                    # the next one: under load, back-to-back flushes would otherwise split
+                    # the clients into two halves that alternate, each flush half as large
+                    # (measured at b20 c256: 15% fewer pings/s, 17% more CPU per ping).
+                    # Idle, that time is long past and the flush starts at once.
+                    timeout = (
+                        min(self._gather_until, self.pending[0].arrived + self.flush_interval_s)
+                        - loop.time()
+                    )
+                    if timeout <= 0 or self.closed or len(self.rows) >= self.flush_max_rows:
+                        return self.take()
+                elif flights < self.max_flights:
                     timeout = self.pending[0].arrived + self.flush_interval_s - loop.time()
                     if timeout <= 0 or self.closed or len(self.rows) >= self.flush_max_rows:
                         return self.take()

@@ -76,6 +76,48 @@ async def test_rows_arriving_during_a_flush_gather_for_the_next():
     assert buf.waited() == 0.0
 
 
+async def test_after_a_flush_the_next_gathers_for_half_as_long_as_it_took():
+    """Under load the clients a flush answers send again right away: they share the next flush
+    with the rows that arrived during it, instead of alternating with them in two halves."""
+    buf = Buffer(max_rows=1000, flush_max_rows=100, flush_interval_s=10)
+    buf.add(rows(1, "a"), "drv", None, durable=True)
+    flight = await buf.next_batch()
+    assert flight is not None
+    buf.add(rows(2, "b"), "drv", None, durable=True)  # arrived during the flush
+    await asyncio.sleep(1.0)  # the flush takes 1 s: the next gathers for 0.5 s after it
+    waiter = asyncio.ensure_future(buf.next_batch())
+    buf.done(flight)
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    buf.add(rows(3, "c"), "drv", None, durable=True)  # a client it answered, back
+    batch = await asyncio.wait_for(waiter, 5.0)
+    assert batch is not None and batch.rows == rows(2, "b") + rows(3, "c")
+    await asyncio.sleep(0.1)
+    buf.done(batch)  # a flush of 0.1 s: the next gathers for 0.05 s
+    buf.add(rows(1, "d"), "drv", None, durable=True)
+    taker = asyncio.ensure_future(buf.next_batch())
+    await asyncio.sleep(0)
+    assert not taker.done()
+    assert (await asyncio.wait_for(taker, 1.0)) is not None
+
+
+async def test_gathering_stops_at_max_rows_or_the_interval():
+    for flush_max_rows, interval, extra in ((5, 10.0, 5), (100, 0.2, 1)):
+        buf = Buffer(max_rows=1000, flush_max_rows=flush_max_rows, flush_interval_s=interval)
+        buf.add(rows(1, "a"), "drv", None, durable=True)
+        flight = await buf.next_batch()
+        assert flight is not None
+        buf.add(rows(extra, "b"), "drv", None, durable=True)
+        await asyncio.sleep(interval + 0.3 if interval < 1 else 0.3)
+        buf.done(flight)  # the flight took 0.3 s or more: gathering would last 0.15 s at least
+        # FLUSH_MAX_ROWS waiting, or the oldest row past the interval: taken without waiting.
+        taker = asyncio.ensure_future(buf.next_batch())
+        await asyncio.sleep(0)
+        assert taker.done()
+        batch = taker.result()
+        assert batch is not None and batch.rows == rows(extra, "b")
+
+
 async def test_a_second_flight_starts_after_the_interval():
     buf = Buffer(max_rows=100, flush_max_rows=10, flush_interval_s=0.2, max_flights=2)
     loop = asyncio.get_running_loop()

@@ -1,10 +1,11 @@
 """LIMIT: the bare group-commit pipeline. Decode, append the rows to a list, and await the
 flush: one COPY commits everything appended, then every waiting request is answered. The
 service's flush policy (ingest/buffer.py), so the two differ only by what the service adds: a
-flush starts at once when none is in flight, rows arriving during one go into the next; below
-FLUSH_CONCURRENCY flushes in flight, a further one starts when FLUSH_MAX_ROWS rows wait or the
-oldest waited FLUSH_INTERVAL_MS. Nothing else: no auth, validation, dedup, Redis, metrics or
-backpressure.
+flush starts at once when none is in flight, rows arriving during one go into the next, which
+starts once half as long as that flush took has passed again (or FLUSH_MAX_ROWS rows wait, or
+the oldest waited FLUSH_INTERVAL_MS); below FLUSH_CONCURRENCY flushes in flight, a further one
+starts when FLUSH_MAX_ROWS rows wait or the oldest waited FLUSH_INTERVAL_MS. Nothing else: no
+auth, validation, dedup, Redis, metrics or backpressure.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ COLUMNS = ("tripId", "driverId", "orgId", "latitude", "longitude", "accuracy", "
 INTERVAL_S = int(os.environ.get("FLUSH_INTERVAL_MS", "50")) / 1000
 MAX_ROWS = int(os.environ.get("FLUSH_MAX_ROWS", "5000"))
 CONCURRENCY = int(os.environ.get("FLUSH_CONCURRENCY", "1"))
+GATHER = 0.5  # ingest/buffer.py's
 
 
 class Pipeline:
@@ -36,6 +38,7 @@ class Pipeline:
         self.waiters: list[asyncio.Future[None]] = []
         self.first = 0.0  # when the oldest waiting row arrived
         self.in_flight = 0
+        self.gather_until = 0.0  # after a flush, the next waits until then
         self.wakeup = asyncio.Event()
         self.flushes, self.flushed_rows, self.flush_s = 0, 0, 0.0  # for GET /stats
 
@@ -60,9 +63,11 @@ class Pipeline:
         while True:
             timeout: float | None = None  # None: until add() or a flush ends
             if self.rows and not self.in_flight:
-                await self._flush(loop)
-                continue
-            if self.rows and self.in_flight < CONCURRENCY:
+                timeout = min(self.gather_until, self.first + INTERVAL_S) - loop.time()
+                if timeout <= 0 or len(self.rows) >= MAX_ROWS:
+                    await self._flush(loop)
+                    continue
+            elif self.rows and self.in_flight < CONCURRENCY:
                 timeout = self.first + INTERVAL_S - loop.time()
                 if timeout <= 0 or len(self.rows) >= MAX_ROWS:
                     await self._flush(loop)
@@ -84,6 +89,8 @@ class Pipeline:
                 await conn.copy_records_to_table("TripLocation", records=rows, columns=COLUMNS)
         finally:
             self.in_flight -= 1
+            now = loop.time()
+            self.gather_until = now + min((now - started) * GATHER, INTERVAL_S)
             self.wakeup.set()
         for w in waiters:
             w.set_result(None)
