@@ -241,9 +241,13 @@ async def _sweep_acks(buffer: Buffer, timeout_s: float) -> None:
 
 
 async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
-    task = app[LIFECYCLE].start(maintenance.run_forever(app[POOL], app[SETTINGS]), "maintenance")
+    s = app[SETTINGS]
+    tasks = [app[LIFECYCLE].start(maintenance.run_forever(app[POOL], s), "maintenance")]
+    if s.pack_closed_partitions:
+        tasks.append(app[LIFECYCLE].start(maintenance.pack_forever(s), "partition-pack"))
     yield
-    await stop_task(task)
+    for task in tasks:
+        await stop_task(task)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -139,9 +139,16 @@ class Buffer:
         return expired
 
     def waited(self) -> float:
-        """Seconds the oldest row held (waiting or being flushed) has been here (0 if none)."""
-        oldest = self.flights[0].pending if self.flights else self.pending
-        return self._loop.time() - oldest[0].arrived if oldest else 0.0
+        """How far behind the buffer is, in seconds: how long the oldest row has waited, of
+        those not taken yet and, when every flush slot is taken, of the newest flush (0 if
+        none). With FLUSH_CONCURRENCY above 1, one flush held up (a locked row) while another
+        slot commits is not the pod falling behind; every slot held up is."""
+        now = self._loop.time()
+        behind = now - self.pending[0].arrived if self.pending else 0.0
+        flights = self.flights
+        if flights and len(flights) >= self.max_flights and flights[-1].pending:
+            behind = max(behind, now - flights[-1].pending[0].arrived)
+        return behind
 
     def add(
         self, records: list[Record], driver_id: str, batch_id: str | None, durable: bool

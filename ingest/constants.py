@@ -5,6 +5,7 @@ functions that build them."""
 MIGRATION_LOCK_ID = 0x1A6E57_0001
 MAINTENANCE_LOCK_ID = 0x1A6E57_0002
 GEOFENCE_SWEEP_LOCK_ID = 0x1A6E57_0003
+PACK_LOCK_ID = 0x1A6E57_0004
 
 # Redis names, all under the configured REDIS_PREFIX (default "ingest:").
 # latest:{org}:{tripId}   hash {ts: epoch ms, loc: JSON location, driverId}, TTL LATEST_TTL_S

@@ -205,6 +205,10 @@ def crossings(
     return events, inside
 
 
+def _trips(rows: list[Record]) -> set[tuple[str | None, str]]:
+    return {key for key, _ in itertools.groupby(rows, _TRIP_OF)}
+
+
 class GeofenceEvaluator:
     """Fed each flush's stored rows (committed()); evaluates them in its own task."""
 
@@ -265,9 +269,9 @@ class GeofenceEvaluator:
             if due > now and not self._stopping:
                 await self._sleep(min(due, self._sweep_at) - now)
                 continue
-            # Every flush due, evaluated together: a trip in several of them costs one state
-            # read and write, as a group commit shares one COMMIT. After a failure, the
-            # oldest alone, so that whatever fails it holds up no other.
+            # The flushes due, evaluated together (one transaction, as a group commit shares
+            # one COMMIT), as long as no two share a trip. After a failure, the oldest
+            # alone, so that whatever fails it holds up no other.
             group = [first] if failures else self._due(now)
             try:
                 await self.evaluate(group[0] if len(group) == 1 else [*itertools.chain(*group)])
@@ -296,12 +300,22 @@ class GeofenceEvaluator:
 
     def _due(self, now: float) -> list[list[Record]]:
         """The flushes due by ``now`` (all of them when stopping), oldest first, up to
-        _GROUP_ROWS rows (at least one flush)."""
+        _GROUP_ROWS rows (at least one flush), and none sharing a trip with an earlier one: a
+        trip's read-back covers the pings before its first one in the evaluation, so pings of
+        another pod's flush between two of them would be skipped."""
         group: list[list[Record]] = []
+        trips: set[tuple[str | None, str]] = set()
         total = 0
         for due, rows in self._backlog:
-            if group and ((due > now and not self._stopping) or total + len(rows) > _GROUP_ROWS):
-                break
+            if group:
+                if (due > now and not self._stopping) or total + len(rows) > _GROUP_ROWS:
+                    break
+                if len(group) == 1:  # (looked at only when a second flush is due)
+                    trips = _trips(group[0])
+                mine = _trips(rows)
+                if not trips.isdisjoint(mine):
+                    break
+                trips |= mine
             group.append(rows)
             total += len(rows)
         return group

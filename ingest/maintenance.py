@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 
 from . import metrics, partitions
-from .constants import MAINTENANCE_LOCK_ID
+from .constants import MAINTENANCE_LOCK_ID, PACK_LOCK_ID
 from .settings import Settings
 
 log = logging.getLogger("ingest.maintenance")
@@ -49,8 +49,8 @@ WHERE x.indrelid = to_regclass($1) AND NOT x.indisvalid AND ic.relname ~ '_cc(ne
 async def run_once(
     conn: asyncpg.Connection, settings: Settings, now: datetime | None = None
 ) -> dict[str, object]:
-    """One maintenance pass; returns what it did: ``created``, ``dropped`` and ``packed``
-    partition names and ``batch_ids_expired``."""
+    """One maintenance pass; returns what it did: ``created`` and ``dropped`` partition names
+    and ``batch_ids_expired``. (Packing runs beside it: pack_forever.)"""
     now = now or datetime.now(UTC)
     months = partitions.needed_months(
         now, settings.max_ping_age_days, settings.partitions_ahead_months
@@ -62,31 +62,42 @@ async def run_once(
     expired = await expire_batch_ids(conn, settings.batch_id_ttl_hours)
     cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
-    packed = (
-        await pack_closed(conn, now, settings.max_ping_age_days)
-        if settings.pack_closed_partitions
-        else []
-    )
     await update_partition_metrics(conn, now)
-    return {"created": created, "dropped": dropped, "batch_ids_expired": expired, "packed": packed}
+    return {"created": created, "dropped": dropped, "batch_ids_expired": expired}
 
 
-async def pack_closed(conn: asyncpg.Connection, now: datetime, max_ping_age_days: int) -> list[str]:
-    """Rebuild the indexes of the oldest month that no ping can go to any more (ended more
-    than ``max_ping_age_days`` ago) and is not packed yet; its name, or nothing (also when
-    another connection holds the maintenance lock).
+async def pack_closed(settings: Settings, now: datetime | None = None) -> str | None:
+    """Rebuild the indexes of the oldest month that no ping can go to any more (it ended more
+    than MAX_PING_AGE_DAYS ago), is kept (RETENTION_MONTHS) and is not packed yet; its name, or
+    None (also when another pod is packing).
 
     While a month is live its unique index is about a third empty: each trip appends at the
     end of its own keys, in the middle of the index, and the pages that split there stay half
-    full. REINDEX CONCURRENTLY writes it anew, full, without blocking reads or writes; a
-    month at a time, as it reads the whole partition."""
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
-        return []
+    full. REINDEX CONCURRENTLY writes it anew, full, without blocking reads or writes. It reads
+    the whole partition, and waits for every older transaction: on a connection of its own with
+    no statement timeout, under a lock of its own (partitions are created and dropped
+    meanwhile), a month at a time."""
+    now = now or datetime.now(UTC)
+    closed_before = partitions.month_start(now - timedelta(days=settings.max_ping_age_days))
+    kept_from = (
+        partitions.add_months(partitions.month_start(now), -settings.retention_months)
+        if settings.retention_months
+        else date.min
+    )
+    conn = await asyncpg.connect(
+        settings.database_url, command_timeout=None,
+        server_settings={"application_name": "ingest-pack", "statement_timeout": "0"},
+    )  # fmt: skip
     try:
-        closed_before = partitions.month_start(now - timedelta(days=max_ping_age_days))
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PACK_LOCK_ID):
+            return None
         for (name,) in await conn.fetch(_UNPACKED, PACKED):
             month = partitions.month_of(name)
-            if month is None or partitions.add_months(month, 1) > closed_before:
+            if (
+                month is None
+                or month < kept_from
+                or partitions.add_months(month, 1) > closed_before
+            ):
                 continue
             for (leftover,) in await conn.fetch(_LEFTOVERS, f'"{name}"'):
                 await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{leftover}"')
@@ -96,10 +107,21 @@ async def pack_closed(conn: asyncpg.Connection, now: datetime, max_ping_age_days
             metrics.PARTITIONS_PACKED.inc()
             took = round(time.monotonic() - started, 1)
             log.info("partition_packed", extra={"partition": name, "seconds": took})
-            return [name]
-        return []
+            return str(name)
+        return None
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)
+        await conn.close()  # the session's advisory lock goes with it
+
+
+async def pack_forever(settings: Settings) -> None:
+    """pack_closed every MAINTENANCE_INTERVAL_S (once a month has work), beside run_forever."""
+    while True:
+        try:
+            await pack_closed(settings)
+        except Exception as exc:
+            metrics.DB_ERRORS.labels("maintenance").inc()
+            log.warning("partition_pack_failed", extra={"error": repr(exc)})
+        await asyncio.sleep(settings.maintenance_interval_s)
 
 
 async def expire_batch_ids(conn: asyncpg.Connection, ttl_hours: int) -> int:
@@ -156,7 +178,7 @@ async def run_forever(pool: asyncpg.Pool, settings: Settings) -> None:
         else:
             metrics.MAINTENANCE_RUNS.labels("ok").inc()
             metrics.MAINTENANCE_LAST_SUCCESS.set(time.time())
-            if done["created"] or done["dropped"] or done["batch_ids_expired"] or done["packed"]:
+            if done["created"] or done["dropped"] or done["batch_ids_expired"]:
                 # Not extra=done: "created" is a LogRecord attribute and may not be overwritten.
                 log.info(
                     "maintenance",
@@ -164,7 +186,6 @@ async def run_forever(pool: asyncpg.Pool, settings: Settings) -> None:
                         "partitions_created": done["created"],
                         "partitions_dropped": done["dropped"],
                         "batch_ids_expired": done["batch_ids_expired"],
-                        "partitions_packed": done["packed"],
                     },
                 )
             delay = settings.maintenance_interval_s

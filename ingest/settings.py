@@ -64,8 +64,8 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     retention_months: NonNegInt = 0  # 0 keeps every partition
     maintenance_interval_s: PositiveFloat = 3600.0
     # Rebuild the index of each month no ping can go to any more (older than
-    # MAX_PING_AGE_DAYS), one month per maintenance run: a live month's index is about a
-    # third empty, as every trip appends in the middle of it (docs/operations.md).
+    # MAX_PING_AGE_DAYS), one month per MAINTENANCE_INTERVAL_S: a live month's index is about
+    # a third empty, as every trip appends in the middle of it (docs/operations.md).
     pack_closed_partitions: bool = True
     # Live locations.
     redis_prefix: str = "ingest:"

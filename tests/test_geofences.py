@@ -428,9 +428,9 @@ def evaluations() -> float:
     return next(s.value for s in family.samples if s.name.endswith("_count"))
 
 
-async def test_a_backlog_is_evaluated_in_one_transaction_in_time_order(client, db):
-    """Flushes that are all due when the evaluator gets to them (it was held up) are
-    evaluated together: one state read and write per trip, not one per flush."""
+async def test_a_backlog_of_different_trips_is_evaluated_in_one_transaction(client, db):
+    """Flushes that are all due when the evaluator gets to them (it was held up), of
+    different trips, are evaluated together, in one transaction."""
     fid = await fence(client)
     t = now_ms(1)
     before = evaluations()
@@ -438,14 +438,35 @@ async def test_a_backlog_is_evaluated_in_one_transaction_in_time_order(client, d
         await db.execute('LOCK TABLE "GeofenceState" IN ACCESS EXCLUSIVE MODE')
         await drive(client, [OUTSIDE], t, settle=False)  # its evaluation waits for the lock
         await asyncio.sleep(0.2)
-        for i, point in enumerate([INSIDE, OUTSIDE, INSIDE], 1):
-            await drive(client, [point], t + i * 1000, settle=False)
+        for i in range(1, 4):  # three trips, each entering the fence
+            await drive(client, [OUTSIDE, INSIDE], t, trip=f"trip_{i}", driver=f"drv_{i}",
+                        settle=False)  # fmt: skip
         assert client.server.app[GEOFENCES].pending == 4
     await settled(client)
-    assert kinds(await events(client, fid)) == [
-        ("enter", t + 1000), ("exit", t + 2000), ("enter", t + 3000)
-    ]  # fmt: skip
+    evs = await events(client, fid)
+    assert sorted((e["tripId"], e["event"]) for e in evs) == [
+        (f"trip_{i}", "enter") for i in range(1, 4)
+    ]
     assert evaluations() - before == 2  # the first flush, then the other three at once
+
+
+async def test_flushes_sharing_a_trip_are_not_evaluated_together(make_client, db):
+    """Pod a commits a trip's batches 1 and 3 while its evaluator is held up; pod b commits
+    batch 2 between them and dies before evaluating it. Evaluating 1 and 3 together would read
+    back only what lies before 1, and b's pings would be skipped for good."""
+    a, b = await make_client(), await make_client()
+    fid = await fence(a)
+    t = now_ms(1)
+    b.server.app[GEOFENCES].stop()
+    async with db.transaction():
+        await db.execute('LOCK TABLE "GeofenceState" IN ACCESS EXCLUSIVE MODE')
+        await drive(a, [OUTSIDE], t, trip="trip_0", driver="drv_0", settle=False)  # held up
+        await asyncio.sleep(0.2)
+        await drive(a, [OUTSIDE], t, settle=False)
+        await drive(b, [INSIDE], t + 1000, settle=False)
+        await drive(a, [OUTSIDE], t + 2000, settle=False)
+    await settled(a)
+    assert kinds(await events(a, fid)) == [("enter", t + 1000), ("exit", t + 2000)]
 
 
 async def test_a_failing_evaluation_is_retried_and_stores_each_event_once(client, db):

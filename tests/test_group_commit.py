@@ -119,3 +119,22 @@ async def test_with_one_flush_in_flight_at_most_a_held_flush_holds_the_next(
     assert not free.done() and len(buffer.flights) == 1
     await locker.execute("ROLLBACK")
     assert [(await f)[0] for f in (held, free)] == [200, 200]
+
+
+async def test_one_held_flush_among_two_does_not_make_the_pod_shed(
+    make_client: Factory, locker: asyncpg.Connection
+) -> None:
+    """FLUSH_CONCURRENCY 2, one flush held up past BUFFER_MAX_WAIT_MS (500 ms) by a locked
+    row: the other slot keeps committing, so new batches are still taken (no 503)."""
+    client = await make_client(flush_concurrency=2, flush_interval_ms=50, ack_timeout_ms=120_000)
+    buffer = client.server.app[BUFFER]
+    await hold_trip(client, locker, "t_held")
+    held = asyncio.ensure_future(post_ping(client, batch(1, trip="t_held", start_ms=now_ms(-300))))
+    await flights(buffer, 1)
+    assert (await post_ping(client, batch(1, trip="t_free_1")))[0] == 200
+    await asyncio.sleep(0.6)
+    status, answer = await post_ping(client, batch(1, trip="t_free_2"))
+    assert status == 200, answer
+    assert not held.done()
+    await locker.execute("ROLLBACK")
+    assert (await held)[0] == 200

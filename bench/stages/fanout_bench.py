@@ -196,10 +196,13 @@ async def _service(
     ctx: Context, spec: list[list[str]], token: str, sizes: tuple[int, ...], phase_s: float
 ) -> list[dict[str, Any]]:
     results = []
-    # Every subscriber socket uses one dispatcher token: lift the per-subject socket cap.
+    # Every subscriber socket uses one dispatcher token: lift the per-subject socket cap; and
+    # the pod's connection cap (10,000 by default) above the largest fleet of subscribers, so
+    # that the publisher's own connections are not the ones closed to make room.
     server = ctx.server(
-        "service-fanout", SERVICE.argv(), SERVICE.ready_path, WS_MAX_SOCKETS_PER_SUBJECT="1000000"
-    )
+        "service-fanout", SERVICE.argv(), SERVICE.ready_path, WS_MAX_SOCKETS_PER_SUBJECT="1000000",
+        HTTP_MAX_CONNECTIONS=str(max(sizes) + 2000),
+    )  # fmt: skip
     await server.start()
     try:
         clients = await _connect(ctx, server, spec, token)
