@@ -8,7 +8,7 @@ arriving meanwhile gather for the next one, which starts once that flush has end
 as long again has passed (GATHER: the clients it answered come back in time to share it). So
 a lone ping is committed without waiting, and under load each flush takes everything that
 came during the one before. FLUSH_MAX_ROWS waiting, or the oldest row having waited
-FLUSH_INTERVAL_MS, cuts the gathering short: the interval caps waiting, it is never a delay.
+FLUSH_INTERVAL_MS, cuts the gathering short: the interval caps how long a row waits.
 With FLUSH_CONCURRENCY above 1, a further flush may start while others are in flight, once
 FLUSH_MAX_ROWS rows wait or the oldest waited FLUSH_INTERVAL_MS.
 """
@@ -195,9 +195,10 @@ class Buffer:
         self._wakeup.set()
 
     async def next_batch(self) -> FlushBatch | None:
-        """Wait until a flush is due and take it; None once closed and empty. Due: rows wait
-        and no flush is in flight; or, below ``max_flights`` flushes in flight, FLUSH_MAX_ROWS
-        rows wait, the oldest waited FLUSH_INTERVAL_MS, or the buffer is closed (drain)."""
+        """Wait until a flush is due and take it; None once closed and empty. Due: rows wait,
+        no flush is in flight and the gathering after the last one is over; or, the first
+        flush or below ``max_flights`` in flight, FLUSH_MAX_ROWS rows wait, the oldest waited
+        FLUSH_INTERVAL_MS, or the buffer is closed (drain)."""
         loop = self._loop
         while True:
             timeout: float | None = None  # None: until add(), done() or close()

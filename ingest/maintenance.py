@@ -1,9 +1,10 @@
 """Periodic upkeep run by every ingest pod, made safe by advisory locks: partitions ahead of
-need, partitions past retention dropped, expired batch-id and flush-id records deleted, the
-index of a month no ping can go to any more rebuilt (packed).
+need, partitions past retention dropped, expired batch-id and flush-id records deleted; and,
+beside it, the indexes of a month no ping can go to any more rebuilt (packed).
 
 Every pod runs it every MAINTENANCE_INTERVAL_S; whichever gets the lock does the work, the
-others find nothing to do. The same run is ``python -m ingest partitions --maintain``.
+others find nothing to do. The same run, packing aside, is
+``python -m ingest partitions --maintain``.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ async def pack_closed(settings: Settings, now: datetime | None = None) -> str | 
 
 
 async def pack_forever(settings: Settings) -> None:
-    """pack_closed every MAINTENANCE_INTERVAL_S (once a month has work), beside run_forever."""
+    """pack_closed every MAINTENANCE_INTERVAL_S, beside run_forever (most runs find nothing
+    to pack: a month becomes packable once a month)."""
     while True:
         try:
             await pack_closed(settings)
