@@ -64,7 +64,14 @@ class Flusher:
         self.pool = pool
         self.on_committed = on_committed
         self.owners = OwnerCache(settings.owner_cache_ttl_s)
-        self.db_ok = True  # false from a failed flush until the next successful one
+        # Flushes (by id) retrying after a PostgreSQL failure. One set for all the loops: with
+        # FLUSH_CONCURRENCY 2, one loop's success says nothing of the other's retries.
+        self._retrying: set[int] = set()
+
+    @property
+    def db_ok(self) -> bool:
+        """False while some flush is retrying after a PostgreSQL failure (readiness)."""
+        return not self._retrying
 
     async def run(self) -> None:
         """Flush until the buffer is closed and drained (every loop returned)."""
@@ -93,6 +100,12 @@ class Flusher:
         _fail(flights + self.buffer.pending, ShuttingDown())
 
     async def _commit_with_retry(self, batch: FlushBatch) -> None:
+        try:
+            await self._commit_until_done(batch)
+        finally:
+            self._retrying.discard(id(batch))
+
+    async def _commit_until_done(self, batch: FlushBatch) -> None:
         s = self.settings
         delay = s.flush_retry_min_ms / 1000
         while True:
@@ -135,7 +148,6 @@ class Flusher:
             return
 
     def _done(self, batch: FlushBatch, owners: store.Owners | None, started: float) -> None:
-        self.db_ok = True
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.FLUSH_ROWS.observe(len(batch.rows))
         if owners:
@@ -157,14 +169,15 @@ class Flusher:
     async def _outage(self, batch: FlushBatch, exc: BaseException, delay: float) -> float:
         """A failed flush attempt: back off (_backoff); return the next delay."""
         extra: dict[str, object] = {"rows": len(batch.rows), "retry_in_s": delay}
-        return await self._backoff("flush_failed", exc, delay, extra)
+        return await self._backoff("flush_failed", exc, delay, extra, batch)
 
     async def _backoff(
-        self, event: str, exc: BaseException, delay: float, extra: dict[str, object]
-    ) -> float:
-        """Count and log a failed PostgreSQL attempt, drop the pooled connections, sleep
-        ``delay``; return the next delay."""
-        self.db_ok = False
+        self, event: str, exc: BaseException, delay: float, extra: dict[str, object],
+        batch: FlushBatch,
+    ) -> float:  # fmt: skip
+        """Count and log a failed PostgreSQL attempt of ``batch``, drop the pooled
+        connections, sleep ``delay``; return the next delay."""
+        self._retrying.add(id(batch))
         metrics.DB_ERRORS.labels("flush").inc()
         # After a failover or a silent network, no pooled connection can be trusted:
         # replace them all rather than time out on each in turn.
@@ -190,7 +203,7 @@ class Flusher:
                         await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
                     committed = None if running else await conn.fetchval(_FLUSHED, flush_id)
             except Exception as exc2:
-                delay = await self._backoff("commit_outcome_check_failed", exc2, delay, {})
+                delay = await self._backoff("commit_outcome_check_failed", exc2, delay, {}, batch)
                 continue
             if running:
                 await asyncio.sleep(0.05)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from ingest.buffer import Buffer
-from ingest.typedefs import BUFFER
+from ingest.typedefs import BUFFER, FLUSHER
 
 from .conftest import batch, buffered, now_ms, post_ping, state_reached
 
@@ -138,3 +138,26 @@ async def test_one_held_flush_among_two_does_not_make_the_pod_shed(
     assert not held.done()
     await locker.execute("ROLLBACK")
     assert (await held)[0] == 200
+
+
+async def test_the_pod_stays_unready_while_one_of_two_flushes_retries(
+    make_client: Factory, locker: asyncpg.Connection
+) -> None:
+    """FLUSH_CONCURRENCY 2, one flush failing again and again (its lock wait outlasts
+    FLUSH_TIMEOUT_S): the other slot's commits must not report the flusher healthy (readyz
+    flapped between ready and not on every flush of the other slot)."""
+    client = await make_client(
+        flush_concurrency=2, flush_interval_ms=50, flush_timeout_s=0.3, ack_timeout_ms=120_000
+    )
+    flusher = client.server.app[FLUSHER]
+    await hold_trip(client, locker, "t_held")
+    held = asyncio.ensure_future(post_ping(client, batch(1, trip="t_held", start_ms=now_ms(-300))))
+    await state_reached(lambda: not flusher.db_ok)
+    for i in range(3):
+        assert (await post_ping(client, batch(1, trip=f"t_free_{i}")))[0] == 200
+        resp = await client.get("/readyz")
+        assert resp.status == 503 and (await resp.json())["checks"]["flusher"] is False
+    await locker.execute("ROLLBACK")
+    assert (await held)[0] == 200
+    await state_reached(lambda: flusher.db_ok)
+    assert (await client.get("/readyz")).status == 200
