@@ -202,8 +202,8 @@ class Buffer:
         loop = self._loop
         while True:
             timeout: float | None = None  # None: until add(), done() or close()
-            if self.rows:
-                flights = len(self.flights)
+            if self.rows and (flights := len(self.flights)) < self.max_flights:
+                deadline = self.pending[0].arrived + self.flush_interval_s
                 if not flights:
                     # Right after a flush, gather for half as long as it took (at most the
                     # interval), so that the clients it answered send again in time to share
@@ -211,17 +211,11 @@ class Buffer:
                     # the clients into two halves that alternate, each flush half as large
                     # (measured at b20 c256: 15% fewer pings/s, 17% more CPU per ping).
                     # Idle, that time is long past and the flush starts at once.
-                    timeout = (
-                        min(self._gather_until, self.pending[0].arrived + self.flush_interval_s)
-                        - loop.time()
-                    )
-                    if timeout <= 0 or self.closed or len(self.rows) >= self.flush_max_rows:
-                        return self.take()
-                elif flights < self.max_flights:
-                    timeout = self.pending[0].arrived + self.flush_interval_s - loop.time()
-                    if timeout <= 0 or self.closed or len(self.rows) >= self.flush_max_rows:
-                        return self.take()
-            elif self.closed:
+                    deadline = min(self._gather_until, deadline)
+                timeout = deadline - loop.time()
+                if timeout <= 0 or self.closed or len(self.rows) >= self.flush_max_rows:
+                    return self.take()
+            elif not self.rows and self.closed:
                 return None
             self._wakeup.clear()
             if timeout is None:
