@@ -9,14 +9,15 @@ pods within that time are evaluated in time order:
 
 1. lock the org rows of "GeofenceOrg" (FOR SHARE) and read their fence versions: a fence set
    older than the cached one is never used, and no fence is deleted under the evaluation;
-2. lock the trips' state rows, in (org, trip) order (no deadlock between pods);
-3. read back the stored pings between the state and the flush's first ping: those of a flush
-   (on any pod) whose own evaluation has not run yet. Usually there are none, and this is one
-   index probe per trip;
+2. in the same statement, lock the trips' state rows (FOR UPDATE, no new row version), in
+   (org, trip) order (no deadlock between pods); a trip's first evaluation makes its row;
+3. read back the stored pings between the state and the flush's first ping, in a statement
+   after the locks: those of a flush (on any pod) whose own evaluation has not run yet.
+   Usually there are none, and this is one index probe per trip;
 4. walk each trip's pings in time order through the fence index, noting every change (and
    yielding the event loop every few milliseconds: an org's fences never hold the pod);
-5. insert the events (their key is a second guard), update the states, commit; then publish
-   the events that were inserted.
+5. update the states and insert the events (their key is a second guard) in one statement,
+   commit; then publish the events that were inserted.
 
 A sweep (one pod at a time, every few seconds) evaluates the trips with stored pings that no
 evaluation took in time: those of a pod that died between its commit and its evaluation, or
@@ -35,7 +36,7 @@ import logging
 import operator
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -60,6 +61,9 @@ ORGS_REFRESH_S = 1.0
 # A trip's first evaluation also reads back its pings of this long before the flush (another
 # pod's, not evaluated yet).
 GAP_FIRST = timedelta(minutes=10)
+_US = timedelta(microseconds=1)
+# Exact for epoch microseconds below 2**53 (the year 2255): int8 * interval goes by float8.
+_US_SQL = "('epoch'::timestamptz + {} * interval '1 microsecond')"
 # At most this many pings read back per trip (the newest ones) after a long pause.
 GAP_MAX_PINGS = 10_000
 _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 5.0
@@ -77,39 +81,50 @@ _SWEEP_MAX_TRIPS = 500
 _GIVE_UP_AFTER = 8  # failed attempts at one flush (about 15 s of backoff)
 
 _FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
-_LOCK_ORGS = """
-SELECT "orgId", "version" FROM "GeofenceOrg" WHERE "orgId" = ANY($1::text[]) AND "fences" > 0
-ORDER BY "orgId" FOR SHARE
+# Steps 1 and 2 in one statement: the org rows (FOR SHARE) and then the trips' state rows (FOR
+# UPDATE), each in key order (no deadlock between pods). Locking a state row makes no new row
+# version (an upsert would: two versions per trip per flush, with the update after). A trip
+# with no state row yet is not returned: _NEW_STATES makes it.
+_LOCK = """
+WITH o AS (
+    SELECT "orgId", "version" FROM "GeofenceOrg"
+    WHERE "orgId" = ANY($1::text[]) AND "fences" > 0
+    ORDER BY "orgId" FOR SHARE
+), s AS (
+    SELECT "orgId", "tripId", "evaluatedTo", "inside" FROM "GeofenceState"
+    WHERE ("orgId", "tripId") IN (SELECT * FROM unnest($2::text[], $3::text[]))
+    ORDER BY "orgId", "tripId" FOR UPDATE
+)
+SELECT "orgId", NULL AS "tripId", "version", NULL AS "evaluatedTo", NULL AS "inside" FROM o
+UNION ALL
+SELECT "orgId", "tripId", NULL, "evaluatedTo", "inside" FROM s
 """
 _FENCE_IDS = 'SELECT "id" FROM "Geofence" WHERE "orgId" = $1'
 _FENCES = """
 SELECT "id", "name", "geometry", "radiusM", "createdAt" FROM "Geofence"
 WHERE "orgId" = $1 AND "id" = ANY($2::text[])
 """
-_LOCK_STATES = """
+# A trip's first evaluation: its state row made and locked (another pod's made meanwhile is
+# locked and returned as it is).
+_NEW_STATES = """
 INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
 SELECT o, t, NULL, '{}' FROM unnest($1::text[], $2::text[]) AS u(o, t) ORDER BY o, t
 ON CONFLICT ("orgId", "tripId") DO UPDATE SET "updatedAt" = now()
 RETURNING "orgId", "tripId", "evaluatedTo", "inside"
 """
-_GAP = """
-SELECT t.i, l.* FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+# Step 3, after the locks (a statement of its own: its snapshot sees every commit made before
+# them). Times are epoch microseconds (int8): an array of them costs the client a fraction of
+# what timestamptz's encoding does.
+_GAP = f"""
+SELECT t.i, l.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])
     WITH ORDINALITY AS t(org, trip, lo, hi, i)
 CROSS JOIN LATERAL (
     SELECT "driverId", "latitude", "longitude", "accuracy", "speed", "heading", "altitude",
            "timestamp"
     FROM "TripLocation"
-    WHERE "orgId" = t.org AND "tripId" = t.trip AND "timestamp" > t.lo AND "timestamp" < t.hi
+    WHERE "orgId" = t.org AND "tripId" = t.trip
+      AND "timestamp" > {_US_SQL.format("t.lo")} AND "timestamp" < {_US_SQL.format("t.hi")}
     ORDER BY "timestamp" DESC LIMIT $5) l
-"""
-_INSERT_EVENTS = """
-INSERT INTO "GeofenceEvent" ("orgId", "geofenceId", "timestamp", "tripId", "event", "driverId",
-    "latitude", "longitude", "accuracy", "speed", "heading", "altitude")
-SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-    $6::text[], $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[],
-    $12::float8[])
-ON CONFLICT DO NOTHING
-RETURNING "orgId", "geofenceId", "timestamp", "tripId", "event"
 """
 _TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
 # Trips of orgs with fences, evaluated within _SWEEP_WINDOW, with a ping stored more than the
@@ -124,18 +139,34 @@ WHERE s."orgId" = ANY($1::text[]) AND s."updatedAt" > now() - $2::interval
       AND t."createdAt" < now() - $3::interval)
 ORDER BY s."orgId", s."tripId" LIMIT $4
 """
-# Fence ids are the service's own ("gf_" + URL-safe base64): never a space.
-_UPDATE_STATES = """
-UPDATE "GeofenceState" s
-SET "evaluatedTo" = u.ts, "inside" = string_to_array(u.inside, ' '), "updatedAt" = now()
-FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(o, t, ts, inside)
-WHERE s."orgId" = u.o AND s."tripId" = u.t
+# Step 5 in one statement: the states updated and the events inserted (those inserted are
+# returned: a key already stored is not again). Fence ids are the service's own ("gf_" +
+# URL-safe base64): never a space.
+_UPDATE_AND_INSERT = f"""
+WITH updated AS (
+    UPDATE "GeofenceState" s
+    SET "evaluatedTo" = {_US_SQL.format("u.us")}, "inside" = string_to_array(u.inside, ' '),
+        "updatedAt" = now()
+    FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS u(o, t, us, inside)
+    WHERE s."orgId" = u.o AND s."tripId" = u.t
+)
+INSERT INTO "GeofenceEvent" ("orgId", "geofenceId", "timestamp", "tripId", "event", "driverId",
+    "latitude", "longitude", "accuracy", "speed", "heading", "altitude")
+SELECT * FROM unnest($5::text[], $6::text[], $7::timestamptz[], $8::text[], $9::text[],
+    $10::text[], $11::float8[], $12::float8[], $13::float8[], $14::float8[], $15::float8[],
+    $16::float8[])
+ON CONFLICT DO NOTHING
+RETURNING "orgId", "geofenceId", "timestamp", "tripId", "event"
 """
 
 _JSON = msgspec.json.Encoder()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The new states: orgs, trips, evaluated-to times (epoch us), fences inside (space-separated).
+_Updates = tuple[list[str], list[str], list[int], list[str]]
 _EMPTY: frozenset[str] = frozenset()
 _TRIP_OF = operator.itemgetter(ORG, TRIP)
 _TS_OF = operator.itemgetter(TS)
+_STATE_KEY = operator.itemgetter(0, 1)
 
 
 class _TimeSlice:
@@ -203,6 +234,11 @@ def crossings(
             events += [Event(org, f, "enter", ping) for f in sorted(now - inside)]
             inside = now
     return events, inside
+
+
+def _us(ts: datetime) -> int:
+    """Epoch microseconds, exactly."""
+    return (ts - _EPOCH) // _US
 
 
 def _trips(rows: list[Record]) -> set[tuple[str | None, str]]:
@@ -380,8 +416,8 @@ class GeofenceEvaluator:
                 by_trip = {(r[0], r[1]): [] for r in found}
                 if not by_trip:
                     return 0
-            events = await self._evaluate(conn, by_trip)
-            stored = await self._store(conn, events)
+            events, updates = await self._evaluate(conn, by_trip)
+            stored = await self._store(conn, events, updates)
         metrics.GEOFENCE_SECONDS.observe(time.perf_counter() - started)
         if stored:
             await self._publish(stored)
@@ -389,36 +425,50 @@ class GeofenceEvaluator:
 
     async def _evaluate(
         self, conn: asyncpg.Connection, by_trip: dict[tuple[str, str], list[Record]]
-    ) -> list[Event]:
-        """The events of ``by_trip``'s pings, the trips' states updated. A trip given no rows
+    ) -> tuple[list[Event], _Updates]:
+        """The events of ``by_trip``'s pings, and the trips' new states. A trip given no rows
         (the sweep) is evaluated from its stored pings after its state."""
+        updates: _Updates = ([], [], [], [])
         orgs = sorted({org for org, _ in by_trip})
-        versions = {r[0]: r[1] for r in await conn.fetch(_LOCK_ORGS, orgs)}
+        keys = sorted(by_trip)
+        versions: dict[str, int] = {}
+        states: list[tuple[str, str, datetime | None, list[str]]] = []
+        for org, trip, version, evaluated_to, was_inside in await conn.fetch(
+            _LOCK, orgs, [o for o, _ in keys], [t for _, t in keys]
+        ):
+            if trip is None:
+                versions[org] = version
+            else:
+                states.append((org, trip, evaluated_to, was_inside))
         sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
-        keys = sorted(k for k in by_trip if k[0] in sets)
-        if not keys:
-            return []
-        states = await conn.fetch(_LOCK_STATES, [o for o, _ in keys], [t for _, t in keys])
+        if len(states) < len(keys):
+            have = {(o, t) for o, t, _, _ in states}
+            new = [k for k in keys if k not in have and k[0] in sets]
+            if new:
+                states += await conn.fetch(_NEW_STATES, [o for o, _ in new], [t for _, t in new])
+                states.sort(key=_STATE_KEY)
         pings: dict[tuple[str, str], list[Record]] = {}
         inside: dict[tuple[str, str], frozenset[str]] = {}
         gap_keys: list[tuple[str, str]] = []
-        gap_lo: list[datetime] = []
-        gap_hi: list[datetime] = []
+        gap_lo: list[int] = []
+        gap_hi: list[int] = []
         for org, trip, evaluated_to, was_inside in states:
+            fences = sets.get(org)
+            if fences is None:  # the org's last fence went meanwhile
+                continue
             key = (org, trip)
             recs = sorted(by_trip[key], key=_TS_OF)
             if evaluated_to is not None:
                 recs = [r for r in recs if r[TS] > evaluated_to]  # older: a late upload
             if not recs and by_trip[key]:
                 continue  # only late pings
-            fences = sets[org]
             inside[key] = frozenset(f for f in was_inside if f in fences.fences)  # deleted
             pings[key] = recs
             hi = recs[0][TS] if recs else MAX_TIME
             lo = evaluated_to if evaluated_to is not None else hi - GAP_FIRST
             gap_keys.append(key)
-            gap_lo.append(max(lo, fences.oldest))
-            gap_hi.append(hi)
+            gap_lo.append(_us(max(lo, fences.oldest)))
+            gap_hi.append(_us(hi))
         if gap_keys:
             gap = await conn.fetch(
                 _GAP, [o for o, _ in gap_keys], [t for _, t in gap_keys], gap_lo, gap_hi,
@@ -436,7 +486,6 @@ class GeofenceEvaluator:
                     recs.sort(key=_TS_OF)  # read newest first (the newest GAP_MAX_PINGS)
                     pings[key] = recs + pings[key]
         events: list[Event] = []
-        updates: tuple[list[str], list[str], list[datetime], list[str]] = ([], [], [], [])
         evaluated = 0
         time_slice = _TimeSlice()
         for (org, trip), recs in pings.items():
@@ -450,12 +499,10 @@ class GeofenceEvaluator:
             evaluated += len(recs)
             updates[0].append(org)
             updates[1].append(trip)
-            updates[2].append(recs[-1][TS])
+            updates[2].append(_us(recs[-1][TS]))
             updates[3].append(" ".join(sorted(now_inside)))
-        if updates[0]:
-            await conn.execute(_UPDATE_STATES, *updates)
         metrics.GEOFENCE_EVALUATED.inc(evaluated)
-        return events
+        return events, updates
 
     async def _fence_set(self, conn: asyncpg.Connection, org: str, version: int) -> FenceSet:
         """The org's fences at ``version``: the cached set, or one read again. Fences never
@@ -476,9 +523,12 @@ class GeofenceEvaluator:
         self._sets[org] = fence_set
         return fence_set
 
-    async def _store(self, conn: asyncpg.Connection, events: list[Event]) -> list[Event]:
-        """Insert ``events``; those inserted (a key already stored is not again)."""
-        if not events:
+    async def _store(
+        self, conn: asyncpg.Connection, events: list[Event], updates: _Updates
+    ) -> list[Event]:
+        """Update the trips' states and insert ``events``; the events inserted (a key already
+        stored is not again)."""
+        if not events and not updates[0]:
             return []
         cols: list[list[object]] = [[] for _ in range(12)]
         for e in events:
@@ -488,7 +538,7 @@ class GeofenceEvaluator:
                 p[SPEED], p[HEADING], p[ALT],
             ), strict=True):  # fmt: skip
                 col.append(value)
-        inserted = {tuple(r) for r in await conn.fetch(_INSERT_EVENTS, *cols)}
+        inserted = {tuple(r) for r in await conn.fetch(_UPDATE_AND_INSERT, *updates, *cols)}
         stored = [
             e for e in events if (e.org, e.fence, e.ping[TS], e.ping[TRIP], e.kind) in inserted
         ]

@@ -296,6 +296,20 @@ async def test_pings_a_pod_committed_but_never_evaluated_are_read_back(make_clie
     assert kinds(await events(b, fid)) == [("enter", t + 1000), ("exit", t + 3000)]
 
 
+async def test_a_batch_with_late_and_new_pings_still_reads_back_what_lies_between(make_client):
+    """A batch holding a ping older than its trip's state (late) and a newer one: the pings
+    another pod stored in between, not evaluated yet, are read back from the state on, not
+    from the late ping (the read-back that ends at the flush's oldest ping finds nothing)."""
+    a, b = await make_client(), await make_client()
+    fid = await fence(a)
+    t = now_ms(1)
+    await drive(b, [OUTSIDE], t + 5000)
+    a.server.app[GEOFENCES].stop()  # what a commits is never evaluated by a
+    await drive(a, [INSIDE, INSIDE, OUTSIDE], t + 6000, settle=False)
+    await drive(b, [OUTSIDE, OUTSIDE], t, step_ms=10_000)  # t (late) and t + 10 s
+    assert kinds(await events(b, fid)) == [("enter", t + 6000), ("exit", t + 8000)]
+
+
 async def test_concurrent_batches_on_two_pods_alternate_and_never_repeat(make_client, db):
     a, b = await make_client(), await make_client()
     fid = await fence(a)
