@@ -1,5 +1,6 @@
 """Periodic upkeep run by every ingest pod, made safe by advisory locks: partitions ahead of
-need, partitions past retention dropped, expired batch-id and flush-id records deleted; and,
+need, partitions past retention dropped (with the geofence states of trips last evaluated
+before them), expired batch-id and flush-id records deleted; and,
 beside it, the indexes of a month no ping can go to any more rebuilt (packed).
 
 Every pod runs it every MAINTENANCE_INTERVAL_S; whichever gets the lock does the work, the
@@ -27,6 +28,12 @@ _EXPIRE_BATCHES = f"""
 DELETE FROM "IngestBatch" WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM "IngestBatch"
     WHERE "createdAt" < now() - make_interval(hours => $1) LIMIT {_EXPIRE_CHUNK}))
+"""
+# A trip's geofence state outlives its pings by nothing: once its last evaluation is older than
+# the oldest month kept, the trip starts again from no state (docs/api.md#geofences).
+_EXPIRE_STATES = f"""
+DELETE FROM "GeofenceState" WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM "GeofenceState" WHERE "updatedAt" < $1 LIMIT {_EXPIRE_CHUNK}))
 """
 # Flush ids (flush.py) are needed only while a flush resolves a lost COMMIT reply: minutes.
 FLUSH_ID_TTL_S = 6 * 3600
@@ -61,10 +68,17 @@ async def run_once(
     keep_from = partitions.month_start(now - timedelta(days=settings.max_ping_age_days))
     dropped = await partitions.drop_expired(conn, now, settings.retention_months, keep_from)
     expired = await expire_batch_ids(conn, settings.batch_id_ttl_hours)
+    states = 0
+    if settings.retention_months:
+        kept_from = partitions.add_months(partitions.month_start(now), -settings.retention_months)
+        states = await expire_geofence_states(conn, min(kept_from, keep_from))
     cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
     await update_partition_metrics(conn, now)
-    return {"created": created, "dropped": dropped, "batch_ids_expired": expired}
+    return {
+        "created": created, "dropped": dropped, "batch_ids_expired": expired,
+        "geofence_states_expired": states,
+    }  # fmt: skip
 
 
 async def pack_closed(settings: Settings, now: datetime | None = None) -> str | None:
@@ -129,19 +143,35 @@ async def pack_forever(settings: Settings) -> None:
 async def expire_batch_ids(conn: asyncpg.Connection, ttl_hours: int) -> int:
     """Delete batch-id records older than ``ttl_hours``, in chunks, under the maintenance lock
     (0 if another connection holds it). Pings stay deduplicated by ("tripId", "timestamp")."""
+    expired = await _delete_in_chunks(conn, _EXPIRE_BATCHES, ttl_hours)
+    metrics.BATCH_IDS_EXPIRED.inc(expired)
+    return expired
+
+
+async def expire_geofence_states(conn: asyncpg.Connection, before: date) -> int:
+    """Delete the geofence states of trips last evaluated before ``before`` (the first month
+    kept), in chunks, under the maintenance lock (0 if another connection holds it)."""
+    cutoff = datetime(before.year, before.month, before.day, tzinfo=UTC)
+    expired = await _delete_in_chunks(conn, _EXPIRE_STATES, cutoff)
+    metrics.GEOFENCE_STATES_EXPIRED.inc(expired)
+    return expired
+
+
+async def _delete_in_chunks(conn: asyncpg.Connection, sql: str, arg: object) -> int:
+    """Run ``sql`` (a DELETE of at most _EXPIRE_CHUNK rows) until it deletes fewer; the rows
+    deleted. One connection at a time: 0 if another holds the maintenance lock."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
         return 0
-    expired = 0
+    deleted = 0
     try:
         while True:
-            n = int((await conn.execute(_EXPIRE_BATCHES, ttl_hours)).split()[-1])
-            expired += n
+            n = int((await conn.execute(sql, arg)).split()[-1])
+            deleted += n
             if n < _EXPIRE_CHUNK:
                 break
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)
-    metrics.BATCH_IDS_EXPIRED.inc(expired)
-    return expired
+    return deleted
 
 
 def months_ahead(months: set[date], now: datetime) -> int:

@@ -121,6 +121,10 @@ PARTITIONS_DROPPED = Counter(
 BATCH_IDS_EXPIRED = Counter(
     "ingest_batch_ids_expired_total", "Batch-id records deleted after BATCH_ID_TTL_HOURS"
 )
+GEOFENCE_STATES_EXPIRED = Counter(
+    "ingest_geofence_states_expired_total",
+    "Geofence states of trips last evaluated before the oldest month kept (RETENTION_MONTHS)",
+)
 MAINTENANCE_RUNS = Counter(
     "ingest_maintenance_runs_total", "Periodic maintenance runs by outcome", ["outcome"]
 )

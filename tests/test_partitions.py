@@ -389,3 +389,29 @@ async def test_a_closed_month_s_index_is_rebuilt_once_and_keeps_its_guard(
     assert await db.fetchval(
         'SELECT count(*) FROM "TripLocation" WHERE "orgId" = $1 AND "tripId" = $2', "org_1", "trip_07"
     ) == 300  # fmt: skip
+
+
+async def test_retention_forgets_geofence_states_last_evaluated_before_the_first_month_kept(
+    make_settings, db
+):
+    now = datetime.now(UTC)
+    first_kept = add_months(this_month(), -2)
+    first_kept_at = datetime(first_kept.year, first_kept.month, 1, tzinfo=UTC)
+    states = [  # (org, trip, last evaluated): the same trip id in two orgs
+        ("org_a", "trip_1", first_kept_at - timedelta(seconds=1)),
+        ("org_b", "trip_1", now),
+        ("org_a", "trip_2", first_kept_at + timedelta(seconds=1)),
+    ]
+    await db.executemany(
+        'INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside", "updatedAt")'
+        " VALUES ($1, $2, $3, '{gf_x}', $3)",
+        states,
+    )
+    kept_forever = await maintenance.run_once(db, make_settings(retention_months=0))
+    assert kept_forever["geofence_states_expired"] == 0
+    before = metrics.GEOFENCE_STATES_EXPIRED._value.get()
+    done = await maintenance.run_once(db, make_settings(retention_months=2))
+    assert done["geofence_states_expired"] == 1
+    assert metrics.GEOFENCE_STATES_EXPIRED._value.get() - before == 1
+    left = await db.fetch('SELECT "orgId", "tripId" FROM "GeofenceState" ORDER BY 1, 2')
+    assert [tuple(r) for r in left] == [("org_a", "trip_2"), ("org_b", "trip_1")]
