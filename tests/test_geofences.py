@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import pytest
 
 from ingest import metrics
@@ -520,3 +521,41 @@ async def test_an_orgs_positions_are_budgeted_over_all_its_fences(make_client):
 async def list_ids(client, org="org_1") -> list[str]:
     r = await client.get(FENCES, headers=dispatcher(org))
     return [f["id"] for f in (await r.json())["geofences"]]
+
+
+async def test_an_evaluation_waiting_for_a_trips_state_reads_it_as_committed_meanwhile(
+    client, database
+):
+    """Another pod's evaluation holds the trip's state row and moves it on (here a test
+    connection, standing in for it): the evaluation that waited for the lock reads the state
+    as committed, not as it was when its statement started, and makes no second enter."""
+    fid = await fence(client)
+    t = now_ms(1)
+    await drive(client, [OUTSIDE], t)
+    other = await asyncpg.connect(database)
+    try:
+        await other.execute("BEGIN")
+        await other.execute(
+            'SELECT 1 FROM "GeofenceState" WHERE "orgId" = $1 AND "tripId" = $2 FOR UPDATE',
+            "org_1", "trip_1",
+        )  # fmt: skip
+        await drive(client, [INSIDE], t + 2000, settle=False)
+        for _ in range(250):  # until the evaluation waits for the row lock
+            waiting = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting
+        await other.execute(
+            'UPDATE "GeofenceState" SET "evaluatedTo" = to_timestamp($1 / 1000.0),'
+            ' "inside" = ARRAY[$2] WHERE "orgId" = $3 AND "tripId" = $4',
+            t + 1000, fid, "org_1", "trip_1",
+        )  # fmt: skip
+        await other.execute("COMMIT")
+    finally:
+        await other.close()
+    await settled(client)
+    assert await events(client, fid) == []  # inside since t + 1000: no enter at t + 2000
