@@ -211,6 +211,51 @@ async def test_a_fence_deleted_while_an_evaluation_waits_is_not_used(client, db,
     assert await db.fetchval('SELECT count(*) FROM "GeofenceEvent"') == 2
 
 
+async def test_two_pods_making_and_locking_states_in_different_orders_do_not_deadlock(
+    make_client, db, sessions
+):
+    """Pod e evaluates trips 1, 2 and 3 (2 and 3 new); its lock statement waits for trip 1's
+    row (a third pod holds it), and meanwhile pod a makes trip 3's row, then evaluates trips 2
+    and 3: it locks trip 3's row and, its fence set being read (held up by a fence change),
+    has not made trip 2's yet. Pod e's lock statement, its snapshot older than trip 3's row,
+    locks trip 1 only; it makes trip 2's row and waits for trip 3's, held by a; a then waits
+    for trip 2's, held by e. Every evaluation must take the rows in one order: no deadlock
+    (PostgreSQL would end one evaluation, which then fails and is retried)."""
+    e_client = await make_client()
+    await fence(e_client, org="org_1")
+    await fence(e_client, org="org_2")
+    a_client = await make_client()
+    e, a = evaluator(e_client), evaluator(a_client)
+    t = ts(now_ms(1))
+    # e knows both orgs' fences (its next evaluation reads none), and trip 1 has a row.
+    await e.evaluate([ping("trip_0", "org_2", t), ping("trip_1", "org_1", t)])
+    other_pod, fence_change = sessions[0], sessions[1]
+    t += timedelta(seconds=1)
+    await other_pod.execute("BEGIN")
+    await other_pod.fetchval(LOCK_STATE, "org_1", "trip_1")
+    e_task = asyncio.ensure_future(
+        e.evaluate([ping(trip, org, t) for org, trip in
+                    [("org_1", "trip_1"), ("org_1", "trip_2"), ("org_2", "trip_3")]])
+    )  # fmt: skip
+    await blocked(db, by=other_pod)
+    await a.evaluate([ping("trip_3", "org_2", t)])  # a's first evaluation of trip 3
+    await fence_change.execute('BEGIN; LOCK TABLE "Geofence" IN ACCESS EXCLUSIVE MODE')
+    a_task = asyncio.ensure_future(
+        a.evaluate([ping("trip_2", "org_1", t), ping("trip_3", "org_2", t)])
+    )
+    await blocked(db, by=fence_change)
+    await other_pod.execute("COMMIT")  # trip 1's row is free: e goes on
+    await blocked(db, not_by=fence_change, unless_done=e_task)  # until e waits for a
+    await fence_change.execute("COMMIT")  # a goes on (reads org_1's fences)
+    results = await asyncio.gather(e_task, a_task, return_exceptions=True)
+    assert results == [0, 0], results
+    states = await db.fetch('SELECT "orgId", "tripId", "evaluatedTo" FROM "GeofenceState"')
+    assert sorted(tuple(s) for s in states) == [
+        ("org_1", "trip_1", t), ("org_1", "trip_2", t), ("org_2", "trip_0", t - timedelta(seconds=1)),
+        ("org_2", "trip_3", t),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "when",
     [
