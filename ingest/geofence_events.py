@@ -10,7 +10,9 @@ pods within that time are evaluated in time order:
 1. lock the org rows of "GeofenceOrg" (FOR SHARE) and read their fence versions: a fence set
    older than the cached one is never used, and no fence is deleted under the evaluation;
 2. in the same statement, lock the trips' state rows (FOR UPDATE, no new row version), in
-   (org, trip) order (no deadlock between pods); a trip's first evaluation makes its row;
+   (org, trip) order (no deadlock between pods). A trip's first evaluation makes its row
+   first, committed on its own (holding no lock), and then locks it with the others: a row
+   made under the locks would be taken out of that order;
 3. read back the stored pings between the state and the flush's first ping, in a statement
    after the locks: those of a flush (on any pod) whose own evaluation has not run yet.
    Usually there are none, and this is one index probe per trip;
@@ -84,7 +86,7 @@ _FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
 # Steps 1 and 2 in one statement: the org rows (FOR SHARE) and then the trips' state rows (FOR
 # UPDATE), each in key order (no deadlock between pods). Locking a state row makes no new row
 # version (an upsert would: two versions per trip per flush, with the update after). A trip
-# with no state row yet is not returned: _NEW_STATES makes it.
+# with no state row yet is not returned: _MAKE_STATES makes it, outside the transaction.
 _LOCK = """
 WITH o AS (
     SELECT "orgId", "version" FROM "GeofenceOrg"
@@ -104,8 +106,15 @@ _FENCES = """
 SELECT "id", "name", "geometry", "radiusM", "createdAt" FROM "Geofence"
 WHERE "orgId" = $1 AND "id" = ANY($2::text[])
 """
-# A trip's first evaluation: its state row made and locked (another pod's made meanwhile is
-# locked and returned as it is).
+# A trip's first evaluation: its state row made, in autocommit, before the transaction that
+# locks it (sorted, holding no other lock: it waits at most for another pod's same insert).
+_MAKE_STATES = """
+INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
+SELECT o, t, NULL, '{}' FROM unnest($1::text[], $2::text[]) AS u(o, t) ORDER BY o, t
+ON CONFLICT ("orgId", "tripId") DO NOTHING
+"""
+# Only if a row made so is gone again when locked (retention deleted it): made and locked under
+# the locks (another pod's made meanwhile is locked and returned as it is).
 _NEW_STATES = """
 INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
 SELECT o, t, NULL, '{}' FROM unnest($1::text[], $2::text[]) AS u(o, t) ORDER BY o, t
@@ -167,6 +176,15 @@ _EMPTY: frozenset[str] = frozenset()
 _TRIP_OF = operator.itemgetter(ORG, TRIP)
 _TS_OF = operator.itemgetter(TS)
 _STATE_KEY = operator.itemgetter(0, 1)
+
+
+class _NoStates(Exception):
+    """Trips evaluated for the first time: their state rows are to be made (_MAKE_STATES)
+    before the transaction that locks them."""
+
+    def __init__(self, keys: list[tuple[str, str]]) -> None:
+        super().__init__(len(keys))
+        self.keys = keys
 
 
 class _TimeSlice:
@@ -405,29 +423,40 @@ class GeofenceEvaluator:
         self, by_trip: dict[tuple[str, str], list[Record]], sweep_orgs: list[str] | None
     ) -> int:
         started = time.perf_counter()
-        async with self.pool.acquire() as conn, conn.transaction():
-            if sweep_orgs is not None:
-                if not await conn.fetchval(_TRY_SWEEP_LOCK, GEOFENCE_SWEEP_LOCK_ID):
-                    return 0  # another pod sweeps
-                window = timedelta(seconds=self.settle_s + 1)
-                found = await conn.fetch(
-                    _UNEVALUATED, sweep_orgs, _SWEEP_WINDOW, window, _SWEEP_MAX_TRIPS
-                )
-                by_trip = {(r[0], r[1]): [] for r in found}
-                if not by_trip:
-                    return 0
-            events, updates = await self._evaluate(conn, by_trip)
-            stored = await self._store(conn, events, updates)
+        made = False
+        async with self.pool.acquire() as conn:
+            while True:
+                try:
+                    async with conn.transaction():
+                        if sweep_orgs is not None:
+                            if not await conn.fetchval(_TRY_SWEEP_LOCK, GEOFENCE_SWEEP_LOCK_ID):
+                                return 0  # another pod sweeps
+                            window = timedelta(seconds=self.settle_s + 1)
+                            found = await conn.fetch(
+                                _UNEVALUATED, sweep_orgs, _SWEEP_WINDOW, window, _SWEEP_MAX_TRIPS
+                            )
+                            by_trip = {(r[0], r[1]): [] for r in found}
+                            if not by_trip:
+                                return 0
+                        events, updates = await self._evaluate(conn, by_trip, made)
+                        stored = await self._store(conn, events, updates)
+                    break
+                except _NoStates as new:  # rolled back: no lock held
+                    await conn.execute(_MAKE_STATES, *zip(*new.keys, strict=True))
+                    made = True
         metrics.GEOFENCE_SECONDS.observe(time.perf_counter() - started)
         if stored:
             await self._publish(stored)
         return len(stored)
 
     async def _evaluate(
-        self, conn: asyncpg.Connection, by_trip: dict[tuple[str, str], list[Record]]
-    ) -> tuple[list[Event], _Updates]:
+        self, conn: asyncpg.Connection, by_trip: dict[tuple[str, str], list[Record]],
+        made: bool = False,
+    ) -> tuple[list[Event], _Updates]:  # fmt: skip
         """The events of ``by_trip``'s pings, and the trips' new states. A trip given no rows
-        (the sweep) is evaluated from its stored pings after its state."""
+        (the sweep) is evaluated from its stored pings after its state, if it has one. Raises
+        _NoStates for trips with pings and no state row, unless ``made`` (they were made
+        before this transaction: one deleted since is made here)."""
         updates: _Updates = ([], [], [], [])
         orgs = sorted({org for org, _ in by_trip})
         keys = sorted(by_trip)
@@ -440,13 +469,15 @@ class GeofenceEvaluator:
                 versions[org] = version
             else:
                 states.append((org, trip, evaluated_to, was_inside))
-        sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
         if len(states) < len(keys):
             have = {(o, t) for o, t, _, _ in states}
-            new = [k for k in keys if k not in have and k[0] in sets]
+            new = [k for k in keys if k not in have and k[0] in versions and by_trip[k]]
+            if new and not made:
+                raise _NoStates(new)
             if new:
                 states += await conn.fetch(_NEW_STATES, [o for o, _ in new], [t for _, t in new])
                 states.sort(key=_STATE_KEY)
+        sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
         pings: dict[tuple[str, str], list[Record]] = {}
         inside: dict[tuple[str, str], frozenset[str]] = {}
         gap_keys: list[tuple[str, str]] = []
