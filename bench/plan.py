@@ -23,7 +23,7 @@ class Plan:
     fanout_modes: tuple[str, ...]  # of the contender fan-out server
     overload_s: float
     recovery_s: float
-    profile_s: float = 5.0
+    profile_s: float = 10.0  # each of the service and the pipeline
     nearby_s: float = 5.0  # each nearby case over HTTP (wrk: whole seconds)
     nearby_ref_s: float = 3.0  # each in-process Redis reference case
     nearby_during_s: float = 5.0  # nearby while ingest runs; 0: not measured

@@ -24,8 +24,7 @@ from .load.closedloop import check_wrk
 from .report.machine import loadavg, machine
 from .report.targets import add_ratios, targets
 from .report.write import write
-from .stages import fanout_bench, geofences_bench, nearby_bench, overload, storage
-from .stages.profile_service import profile_service
+from .stages import fanout_bench, geofences_bench, nearby_bench, overload, profiles, storage
 from .stages.throughput import Cell, run_cell
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -175,11 +174,12 @@ async def _stages(
         )
     if "overload" in stages:
         ctx.say(f"overload: 3x {sustainable:,.0f} pings/s for {plan.overload_s:.0f} s")
-        r = res["overload"] = await overload.overload(
+        r = res["overload"] = await overload.overload_both(
             ctx, sustainable, plan.overload_s, plan.recovery_s
         )
         ctx.say(f"overload: answers {r['totals']}, peak RSS {r['peak_rss_mib']} MiB,"
-                f" after: {r['recovery']['stored_pps']:,} pings/s = {r['recovery']['of_before']:.0%} of before")  # fmt: skip
+                f" after: {r['recovery']['stored_pps']:,} pings/s = {r['recovery']['of_before']:.0%} of before;"
+                f" the pipeline's after: {r['pipeline']['recovery']['of_before']:.0%} of its before")  # fmt: skip
     if "nearby" in stages:
         ctx.say("nearby: one org of 10,000 trucks")
         res["nearby"] = await nearby_bench.run(
@@ -206,9 +206,13 @@ async def _stages(
     res["targets"] = targets(res)
     if "profile" in stages:
         b, c = plans.HEADLINE
-        ctx.say(f"profile: py-spy on the service at b{b} c{c} for {plan.profile_s:.0f} s")
+        ctx.say(
+            f"profile: py-spy on the service, then the pipeline, at b{b} c{c} for {plan.profile_s:.0f} s each"
+        )
         args.out.mkdir(parents=True, exist_ok=True)
-        res["profile"] = await profile_service(ctx, b, c, plan.profile_s, args.out)
+        res["profile"] = pr = await profiles.run(ctx, b, c, plan.profile_s, args.out)
+        for row in pr.get("per_ping_us", [])[:6]:
+            ctx.say(f"profile: {row[0]}: service {row[1]} µs/ping, pipeline {row[2]}")
 
 
 def _sustainable(res: dict[str, Any], given: float | None) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -152,6 +153,9 @@ def main(argv: list[str]) -> None:
         "latencies_ms": w.latencies,
         "cpu_s": round(time.process_time() - cpu0, 3),
     }
+    # The parent's event loop may hand over a non-blocking pipe: a write of more than it holds
+    # would then fail part-way (BlockingIOError) and the parent read truncated JSON.
+    os.set_blocking(sys.stdout.fileno(), True)
     sys.stdout.write(json.dumps(out))
 
 

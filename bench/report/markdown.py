@@ -117,6 +117,16 @@ def markdown(res: dict[str, Any]) -> str:
         for name in ("before", "recovery"):
             if (c := ov.get(name)) is not None:
                 L += ["", _closed_loop_line("Before" if name == "before" else "After", c)]
+        if pipe := ov.get("pipeline"):
+            L += ["", f"Reference: the bare pipeline under the same offered load (no backpressure: it queues"
+                  f" what it cannot store yet; answers {pipe['totals']}, peak RSS {pipe['peak_rss_mib']} MiB)."]  # fmt: skip
+            L += ["", _closed_loop_line("Pipeline before", pipe["before"])]
+            L += ["", _closed_loop_line("Pipeline after", pipe["recovery"])]
+            if ov.get("recovery_vs_pipeline") is not None:
+                L += [
+                    "",
+                    f"The service's after ÷ before is {ov['recovery_vs_pipeline']:.0%} of the pipeline's.",
+                ]
     if nb := res.get("nearby"):
         L += _nearby(nb)
     for key in ("geofences", "geofences_sites"):
@@ -131,14 +141,30 @@ def markdown(res: dict[str, Any]) -> str:
         else:
             note = f" {pr['note']}" if pr.get("note") else ""
             L += [f"{pr['samples']} samples (py-spy --native, 100 Hz) over {pr['duration_s']} s at b{pr['batch']} c{pr['conns']};"
-                  f" raw stacks in `{pr['raw']}`.{note}", "",
-                  "| by package (leaf frame) | % |", "|---|--:|"]  # fmt: skip
+                  f" raw stacks in `{pr['raw']}`.{note}"]  # fmt: skip
+            L += _per_ping(pr)
+            L += ["", "| by package (leaf frame) | % |", "|---|--:|"]
             L += [f"| {k} | {v} |" for k, v in pr["by_package_pct"]]
             L += ["", "| function (inclusive) | % |", "|---|--:|"]
             L += [f"| `{k}` | {v} |" for k, v in pr["inclusive_pct"]]
             L += ["", "| function (self) | % |", "|---|--:|"]
             L += [f"| `{k}` | {v} |" for k, v in pr["self_pct"]]
     return "\n".join(L) + "\n"
+
+
+def _per_ping(pr: dict[str, Any]) -> list[str]:
+    """The service's CPU per stored ping against the bare pipeline's, bucket by bucket."""
+    rows, pipe = pr.get("per_ping_us"), pr.get("pipeline", {})
+    if not rows:
+        return [f"No per-ping breakdown: pipeline profile {pipe.get('error', 'missing')}."]
+    L = ["", f"CPU per stored ping by bucket of work (each bucket's share of the samples x the process's"
+         f" CPU per stored ping over the sampled window): the service stored {pr['stored_pps']:,} pings/s"
+         f" while sampled, the pipeline {pipe['stored_pps']:,} ({pipe['samples']} samples, raw stacks in"
+         f" `{pipe['raw']}`). A sample counts in the first bucket, in this order, that one of its frames"
+         " matches (bench/stages/profiles.py), so the live step's JSON encoding counts as the live step.",
+         "", "| bucket | service µs/ping | pipeline µs/ping | service extra |", "|---|--:|--:|--:|"]  # fmt: skip
+    L += [f"| {b} | {s} | {p} | {d:+} |" for b, s, p, d in rows]
+    return L
 
 
 def _nearby(nb: dict[str, Any]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from devtools.procs import Process
 
-from ..contenders.registry import SERVICE
+from ..contenders.registry import PIPELINE, SERVICE, Contender
 from ..context import Context
 from ..load import openloop
 from ..load.closedloop import run_wrk
@@ -80,10 +80,16 @@ async def _sample_rss(server: Process, out: list[dict[str, float]], t0: float) -
         await asyncio.sleep(1.0)
 
 
-async def _closed_loop(ctx: Context, server: Process, seconds: float) -> dict[str, Any]:
-    """wrk at b20 c256 on the running service: stored pings/s (after a short warm-up), the
+async def _metrics(server: Process, contender: Contender) -> dict[str, float]:
+    return await scrape(server.url) if contender is SERVICE else {}
+
+
+async def _closed_loop(
+    ctx: Context, server: Process, seconds: float, contender: Contender
+) -> dict[str, Any]:
+    """wrk at b20 c256 on the running contender: stored pings/s (after a short warm-up), the
     answers, and the service's flushes over just this stretch."""
-    m0 = await scrape(server.url)
+    m0 = await _metrics(server, contender)
     t0, busy0 = time.time(), machine_busy_s()
     w = await asyncio.to_thread(
         run_wrk, server.url, ctx.lua_drivers, BATCH, 256, seconds, ctx.tag(),
@@ -91,45 +97,50 @@ async def _closed_loop(ctx: Context, server: Process, seconds: float) -> dict[st
     )  # fmt: skip
     t1 = time.time()
     busy = (machine_busy_s() - busy0) / (t1 - t0)
-    m1 = await scrape(server.url)
+    m1 = await _metrics(server, contender)
     warm = min(1.0, seconds / 4)
     stored = await ctx.db.count_between(t0 + warm, t1)
     return {
         "stored_pps": round(stored / (t1 - t0 - warm)), "statuses": w.statuses,
         "latency_ms": w.latency_ms, "machine_busy_cores": round(busy, 2),
-        "service_metrics": flush_summary({k: v - m0.get(k, 0.0) for k, v in m1.items()}),
+        "service_metrics": flush_summary({k: v - m0.get(k, 0.0) for k, v in m1.items()})
+        if m1 else None,
         "table_rows": await ctx.db.count(),
     }  # fmt: skip
 
 
 async def overload(
-    ctx: Context, sustainable_pps: float, duration_s: float, recovery_s: float
+    ctx: Context,
+    sustainable_pps: float,
+    duration_s: float,
+    recovery_s: float,
+    contender: Contender = SERVICE,
 ) -> dict[str, Any]:
-    """Before (closed loop), 3x open-loop overload, after (closed loop): one service process
-    and one table throughout, so "after" is compared with "before" on the same state."""
+    """Before (closed loop), 3x open-loop overload, after (closed loop): one process and one
+    table throughout, so "after" is compared with "before" on the same state."""
     rate = 3 * sustainable_pps / BATCH
     await ctx.db.reset()
-    server = ctx.server("service-overload", SERVICE.argv(), SERVICE.ready_path)
+    server = ctx.server(f"{contender.key}-overload", contender.argv(), contender.ready_path)
     await server.start()
     rss: list[dict[str, float]] = []
     try:
-        ctx.say("overload: before, closed loop (wrk b20 c256)")
-        before = await _closed_loop(ctx, server, recovery_s)
+        ctx.say(f"overload ({contender.key}): before, closed loop (wrk b20 c256)")
+        before = await _closed_loop(ctx, server, recovery_s, contender)
         t0 = time.time() + 1.0  # the generator starts one second after it is spawned
         sampler = asyncio.create_task(_sample_rss(server, rss, t0))
         progress = asyncio.create_task(_progress(ctx, rss, duration_s))
-        m0, cpu0, busy0 = await scrape(server.url), server.cpu(), machine_busy_s()
+        m0, cpu0, busy0 = await _metrics(server, contender), server.cpu(), machine_busy_s()
         r = await openloop.run(
             server.url, str(ctx.json_drivers), rate, BATCH, duration_s, ctx.tag(), workers=2,
             max_inflight=MAX_INFLIGHT,
         )  # fmt: skip
         cpu = sum(server.cpu().values()) - sum(cpu0.values())
         busy = (machine_busy_s() - busy0) / (duration_s + 1.0)
-        m1 = await scrape(server.url)
+        m1 = await _metrics(server, contender)
         progress.cancel()
         await asyncio.sleep(1.0)  # let the last answers and flushes finish
-        ctx.say("overload: after, closed loop (wrk b20 c256)")
-        after = await _closed_loop(ctx, server, recovery_s)
+        ctx.say(f"overload ({contender.key}): after, closed loop (wrk b20 c256)")
+        after = await _closed_loop(ctx, server, recovery_s, contender)
         sampler.cancel()
         hwm = server.hwm_mib()
     finally:
@@ -146,7 +157,8 @@ async def overload(
         "by_second": r["by_second"], "latency_ms": r["latency_ms"],
         "loadgen_cpu_s": r["loadgen_cpu_s"], "server_cpu_util": round(cpu / duration_s, 3),
         "machine_busy_cores": round(busy, 2),
-        "service_metrics": flush_summary({k: v - m0.get(k, 0.0) for k, v in m1.items()}),
+        "service_metrics": flush_summary({k: v - m0.get(k, 0.0) for k, v in m1.items()})
+        if m1 else None,
         "rss": rss, "peak_rss_mib": round(hwm, 1),
         "tail_rss_min_mib": min(tail) if tail else None, "tail_rss_max_mib": max(tail) if tail else None,
         "tail_window_s": min(30.0, duration_s / 2),
@@ -162,3 +174,17 @@ async def _progress(ctx: Context, rss: list[dict[str, float]], duration_s: float
             ctx.say(
                 f"overload: t={rss[-1]['t']:.0f}/{duration_s:.0f} s, service RSS {rss[-1]['rss_mib']} MiB"
             )
+
+
+async def overload_both(
+    ctx: Context, sustainable_pps: float, duration_s: float, recovery_s: float
+) -> dict[str, Any]:
+    """The service's overload run, then the bare pipeline's under the same offered rate: how
+    much of the service's loss after the overload the table's growth alone explains."""
+    res = await overload(ctx, sustainable_pps, duration_s, recovery_s)
+    pipe = await overload(ctx, sustainable_pps, duration_s, recovery_s, PIPELINE)
+    res["pipeline"] = {k: pipe[k] for k in ("totals", "latency_ms", "before", "recovery",
+                                             "server_cpu_util", "peak_rss_mib")}  # fmt: skip
+    s, p = res["recovery"].get("of_before"), pipe["recovery"].get("of_before")
+    res["recovery_vs_pipeline"] = round(s / p, 3) if s and p else None
+    return res
