@@ -1,6 +1,7 @@
 """Periodic upkeep run by every ingest pod, made safe by advisory locks: partitions ahead of
 need, partitions past retention dropped (with the geofence states of trips last evaluated
-before them), expired batch-id and flush-id records deleted; and,
+before them and the owners of trips with no ping left), expired batch-id and flush-id records
+deleted; and,
 beside it, the indexes of a month no ping can go to any more rebuilt (packed).
 
 Every pod runs it every MAINTENANCE_INTERVAL_S; whichever gets the lock does the work, the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -34,6 +36,20 @@ DELETE FROM "IngestBatch" WHERE ctid = ANY (ARRAY(
 _EXPIRE_STATES = f"""
 DELETE FROM "GeofenceState" WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM "GeofenceState" WHERE "updatedAt" < $1 LIMIT {_EXPIRE_CHUNK}))
+"""
+# A trip's owner (store.py) is forgotten once it is older than the oldest month kept and none
+# of its pings is left. Rows a flush holds (FOR SHARE) are skipped; the DELETE, a statement of
+# its own, looks for pings again: it sees those a flush committed before the lock was taken.
+_OLD_TRIPS = f"""
+SELECT t."orgId", t."tripId" FROM "IngestTrip" t
+WHERE t."createdAt" < $1 AND NOT EXISTS (
+    SELECT 1 FROM "TripLocation" l WHERE l."orgId" = t."orgId" AND l."tripId" = t."tripId")
+LIMIT {_EXPIRE_CHUNK} FOR UPDATE OF t SKIP LOCKED
+"""
+_EXPIRE_TRIPS = """
+DELETE FROM "IngestTrip" t USING unnest($1::text[], $2::text[]) AS w(org, trip)
+WHERE t."orgId" = w.org AND t."tripId" = w.trip AND NOT EXISTS (
+    SELECT 1 FROM "TripLocation" l WHERE l."orgId" = w.org AND l."tripId" = w.trip)
 """
 # Flush ids (flush.py) are needed only while a flush resolves a lost COMMIT reply: minutes.
 FLUSH_ID_TTL_S = 6 * 3600
@@ -68,16 +84,17 @@ async def run_once(
     keep_from = partitions.month_start(now - timedelta(days=settings.max_ping_age_days))
     dropped = await partitions.drop_expired(conn, now, settings.retention_months, keep_from)
     expired = await expire_batch_ids(conn, settings.batch_id_ttl_hours)
-    states = 0
+    states = trips = 0
     if settings.retention_months:
         kept_from = partitions.add_months(partitions.month_start(now), -settings.retention_months)
         states = await expire_geofence_states(conn, min(kept_from, keep_from))
+        trips = await expire_trips(conn, min(kept_from, keep_from))
     cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
     await update_partition_metrics(conn, now)
     return {
         "created": created, "dropped": dropped, "batch_ids_expired": expired,
-        "geofence_states_expired": states,
+        "geofence_states_expired": states, "trips_expired": trips,
     }  # fmt: skip
 
 
@@ -157,17 +174,49 @@ async def expire_geofence_states(conn: asyncpg.Connection, before: date) -> int:
     return expired
 
 
+async def expire_trips(conn: asyncpg.Connection, before: date) -> int:
+    """Forget the owners of trips created before ``before`` (the first month kept) that have
+    no ping left, in chunks, under the maintenance lock (0 if another connection holds it).
+    The trip id is then free in its org: the next driver posting to it owns it."""
+    cutoff = datetime(before.year, before.month, before.day, tzinfo=UTC)
+
+    async def chunk() -> tuple[int, int]:
+        async with conn.transaction():
+            old = await conn.fetch(_OLD_TRIPS, cutoff)
+            if not old:
+                return 0, 0
+            orgs, trips = [r[0] for r in old], [r[1] for r in old]
+            return len(old), int((await conn.execute(_EXPIRE_TRIPS, orgs, trips)).split()[-1])
+
+    expired = await _in_chunks(conn, chunk)
+    metrics.TRIPS_EXPIRED.inc(expired)
+    return expired
+
+
 async def _delete_in_chunks(conn: asyncpg.Connection, sql: str, arg: object) -> int:
     """Run ``sql`` (a DELETE of at most _EXPIRE_CHUNK rows) until it deletes fewer; the rows
     deleted. One connection at a time: 0 if another holds the maintenance lock."""
+
+    async def chunk() -> tuple[int, int]:
+        n = int((await conn.execute(sql, arg)).split()[-1])
+        return n, n
+
+    return await _in_chunks(conn, chunk)
+
+
+async def _in_chunks(
+    conn: asyncpg.Connection, chunk: Callable[[], Awaitable[tuple[int, int]]]
+) -> int:
+    """Run ``chunk`` (rows looked at, rows deleted) until it looks at fewer than _EXPIRE_CHUNK
+    rows; the rows deleted. One connection at a time: 0 if another holds the maintenance lock."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
         return 0
     deleted = 0
     try:
         while True:
-            n = int((await conn.execute(sql, arg)).split()[-1])
+            seen, n = await chunk()
             deleted += n
-            if n < _EXPIRE_CHUNK:
+            if seen < _EXPIRE_CHUNK:
                 break
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)

@@ -125,6 +125,10 @@ GEOFENCE_STATES_EXPIRED = Counter(
     "ingest_geofence_states_expired_total",
     "Geofence states of trips last evaluated before the oldest month kept (RETENTION_MONTHS)",
 )
+TRIPS_EXPIRED = Counter(
+    "ingest_trips_expired_total",
+    "Trip owners forgotten: trips created before the oldest month kept with no ping left",
+)
 MAINTENANCE_RUNS = Counter(
     "ingest_maintenance_runs_total", "Periodic maintenance runs by outcome", ["outcome"]
 )

@@ -415,3 +415,78 @@ async def test_retention_forgets_geofence_states_last_evaluated_before_the_first
     assert metrics.GEOFENCE_STATES_EXPIRED._value.get() - before == 1
     left = await db.fetch('SELECT "orgId", "tripId" FROM "GeofenceState" ORDER BY 1, 2')
     assert [tuple(r) for r in left] == [("org_a", "trip_2"), ("org_b", "trip_1")]
+
+
+async def test_retention_forgets_the_owner_of_a_trip_with_no_ping_left(
+    make_client, make_settings, db
+):
+    """A trip created before the first month kept loses its owner once none of its pings is
+    left; the same trip id in another org, and an old trip that still has pings, keep theirs.
+    The forgotten trip id is then free: another driver of its org can start it."""
+    client = await make_client()
+    old = datetime(*add_months(this_month(), -3).timetuple()[:3], tzinfo=UTC)
+    # org_1/trip_old: old, no ping. org_2/trip_old: same id, old, with pings (posted below).
+    # org_1/trip_long: old, with pings. org_1/trip_new: no ping, created now.
+    for org in ("org_1", "org_2"):
+        r = await client.post(PING, json=batch(2, trip="trip_old"), headers=auth(org=org))
+        assert r.status == 200
+    r = await client.post(PING, json=batch(2, trip="trip_long"), headers=auth())
+    assert r.status == 200
+    await db.execute(
+        """INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId") VALUES
+           ('org_1', 'trip_new', 'drv_1')"""
+    )
+    await db.execute(
+        """UPDATE "IngestTrip" SET "createdAt" = $1 WHERE "tripId" IN ('trip_old', 'trip_long')""",
+        old,
+    )
+    await db.execute(
+        """DELETE FROM "TripLocation" WHERE "orgId" = 'org_1' AND "tripId" = 'trip_old'"""
+    )
+    kept_forever = await maintenance.run_once(db, make_settings(retention_months=0))
+    assert kept_forever["trips_expired"] == 0
+    before = metrics.TRIPS_EXPIRED._value.get()
+    done = await maintenance.run_once(db, make_settings(retention_months=2))
+    assert done["trips_expired"] == 1
+    assert metrics.TRIPS_EXPIRED._value.get() - before == 1
+    left = await db.fetch('SELECT "orgId", "tripId" FROM "IngestTrip" ORDER BY 1, 2')
+    assert [tuple(r) for r in left] == [
+        ("org_1", "trip_long"), ("org_1", "trip_new"), ("org_2", "trip_old"),
+    ]  # fmt: skip
+    # Free in org_1 now; still drv_1's in org_2, where drv_2 is refused.
+    r = await client.post(PING, json=batch(1, trip="trip_old", driver="drv_2"),
+                          headers=auth(sub="drv_2"))  # fmt: skip
+    assert r.status == 200, await r.text()
+    r = await client.post(PING, json=batch(1, trip="trip_old", driver="drv_2"),
+                          headers=auth(sub="drv_2", org="org_2"))  # fmt: skip
+    assert r.status == 403
+    owners = await db.fetch(
+        """SELECT "orgId", "driverId" FROM "IngestTrip" WHERE "tripId" = 'trip_old' ORDER BY 1"""
+    )
+    assert [tuple(r) for r in owners] == [("org_1", "drv_2"), ("org_2", "drv_1")]
+
+
+async def test_trip_expiry_skips_a_trip_a_flush_holds(make_settings, db, database):
+    """A flush holds its trips' owners FOR SHARE until it commits: maintenance leaves such a
+    trip alone (SKIP LOCKED) instead of waiting, and forgets it on a later run."""
+    old = datetime(*add_months(this_month(), -3).timetuple()[:3], tzinfo=UTC)
+    await db.execute(
+        'INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId", "createdAt")'
+        " VALUES ('org_1', 'trip_held', 'drv_1', $1), ('org_1', 'trip_free', 'drv_1', $1)",
+        old,
+    )
+    flush = await asyncpg.connect(database)
+    try:
+        tx = flush.transaction()
+        await tx.start()
+        await flush.execute("""SELECT 1 FROM "IngestTrip" WHERE "tripId" = 'trip_held' FOR SHARE""")
+        done = await asyncio.wait_for(
+            maintenance.run_once(db, make_settings(retention_months=2)), 10
+        )
+        assert done["trips_expired"] == 1
+        await tx.commit()
+    finally:
+        await flush.close()
+    again = await maintenance.run_once(db, make_settings(retention_months=2))
+    assert again["trips_expired"] == 1
+    assert await db.fetchval('SELECT count(*) FROM "IngestTrip"') == 0

@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -141,22 +141,21 @@ class Worker:
 
 
 def main(argv: list[str]) -> None:
-    url, drivers_json, rate, batch, duration, start_at, tag, worker, workers, cap = argv
+    url, drivers_json, rate, batch, duration, start_at, tag, worker, workers, cap, out_path = argv
     pairs = json.loads(Path(drivers_json).read_text())[int(worker) :: int(workers)]
     host = urlsplit(url).netloc
     trips = Trips(pairs, int(batch), f"{tag}w{worker}", host)
     w = Worker(url, trips, int(cap))
     cpu0 = time.process_time()
     uvloop.run(w.run(float(rate), float(duration), float(start_at)))
-    out = {
+    result = {
         "by_second": {k: dict(v) for k, v in sorted(w.by_second.items())},
         "latencies_ms": w.latencies,
         "cpu_s": round(time.process_time() - cpu0, 3),
     }
-    # The parent's event loop may hand over a non-blocking pipe: a write of more than it holds
-    # would then fail part-way (BlockingIOError) and the parent read truncated JSON.
-    os.set_blocking(sys.stdout.fileno(), True)
-    sys.stdout.write(json.dumps(out))
+    # To a file, not stdout: read through a pipe, a result of more than 128 KiB arrived
+    # truncated in one overload run of three (its latencies: 8 bytes each).
+    Path(out_path).write_text(json.dumps(result))
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -173,15 +172,21 @@ async def run(
     """Run ``workers`` processes sharing ``rate_req_s``; merge what they saw."""
     start_at = time.time() + 1.0  # all workers start together, after their imports
     procs = []
-    for i in range(workers):
-        args = [url, drivers_json, str(rate_req_s / workers), str(batch), str(duration_s),
-                str(start_at), tag, str(i), str(workers), str(max_inflight // workers)]  # fmt: skip
-        procs.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.load.openloop", *args, stdout=asyncio.subprocess.PIPE
+    with tempfile.TemporaryDirectory(prefix="openloop") as tmp:
+        paths = [Path(tmp) / f"worker{i}.json" for i in range(workers)]
+        for i, path in enumerate(paths):
+            args = [url, drivers_json, str(rate_req_s / workers), str(batch), str(duration_s),
+                    str(start_at), tag, str(i), str(workers), str(max_inflight // workers),
+                    str(path)]  # fmt: skip
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.load.openloop", *args
+                )
             )
-        )
-    outs = [json.loads((await p.communicate())[0]) for p in procs]
+        for p in procs:
+            if await p.wait() != 0:
+                raise RuntimeError(f"open-loop worker exited with {p.returncode}")
+        outs = [json.loads(path.read_text()) for path in paths]
     by_second: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for o in outs:
         for sec, counts in o["by_second"].items():
