@@ -328,7 +328,7 @@ class GeofenceEvaluator:
             # alone, so that whatever fails it holds up no other.
             group = [first] if failures else self._due(now)
             try:
-                await self.evaluate(*group)
+                await self.evaluate(group[0] if len(group) == 1 else [*itertools.chain(*group)])
             except Exception as exc:
                 metrics.GEOFENCE_FAILURES.inc()
                 log.warning("geofence_evaluation_failed", extra={"error": repr(exc)})
@@ -390,17 +390,15 @@ class GeofenceEvaluator:
             self._sets = {o: s for o, s in self._sets.items() if o in self._fenced}
         return self._fenced
 
-    async def evaluate(self, *flushes: list[Record]) -> int:
-        """Evaluate the stored rows of flushes that share no trip; the number of events
-        stored. (Not joined into one list first: with no fenced org that copy was the cost.)"""
+    async def evaluate(self, rows: list[Record]) -> int:
+        """Evaluate one flush's stored rows; the number of events stored."""
         fenced = await self._fenced_orgs()
         if not fenced:
             return 0
         by_trip: dict[tuple[str, str], list[Record]] = {}
-        for rows in flushes:
-            for key, run in itertools.groupby(rows, _TRIP_OF):
-                if key[0] in fenced:
-                    by_trip.setdefault(key, []).extend(run)
+        for key, run in itertools.groupby(rows, _TRIP_OF):
+            if key[0] in fenced:
+                by_trip.setdefault(key, []).extend(run)
         if not by_trip:
             return 0
         return await self._in_transaction(by_trip, None)

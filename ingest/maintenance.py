@@ -37,19 +37,22 @@ _EXPIRE_STATES = f"""
 DELETE FROM "GeofenceState" WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM "GeofenceState" WHERE "updatedAt" < $1 LIMIT {_EXPIRE_CHUNK}))
 """
-# A trip's owner (store.py) is forgotten once it is older than the oldest month kept and none
-# of its pings is left. Rows a flush holds (FOR SHARE) are skipped; the DELETE, a statement of
-# its own, looks for pings again: it sees those a flush committed before the lock was taken.
-_OLD_TRIPS = f"""
-SELECT t."orgId", t."tripId" FROM "IngestTrip" t
-WHERE t."createdAt" < $1 AND NOT EXISTS (
+# A trip's owner (store.py) is forgotten once it was claimed, and last handed over, before the
+# oldest month kept and none of its pings is left. Rows a flush holds (FOR SHARE) or a handover
+# is changing are skipped; the DELETE, a statement of its own, looks again: it sees the pings a
+# flush committed before the lock was taken.
+_FORGETTABLE = """
+t."createdAt" < $1 AND (t."handedOverAt" IS NULL OR t."handedOverAt" < $1)
+AND NOT EXISTS (
     SELECT 1 FROM "TripLocation" l WHERE l."orgId" = t."orgId" AND l."tripId" = t."tripId")
+"""
+_OLD_TRIPS = f"""
+SELECT t."orgId", t."tripId" FROM "IngestTrip" t WHERE {_FORGETTABLE}
 LIMIT {_EXPIRE_CHUNK} FOR UPDATE OF t SKIP LOCKED
 """
-_EXPIRE_TRIPS = """
-DELETE FROM "IngestTrip" t USING unnest($1::text[], $2::text[]) AS w(org, trip)
-WHERE t."orgId" = w.org AND t."tripId" = w.trip AND NOT EXISTS (
-    SELECT 1 FROM "TripLocation" l WHERE l."orgId" = w.org AND l."tripId" = w.trip)
+_EXPIRE_TRIPS = f"""
+DELETE FROM "IngestTrip" t USING unnest($2::text[], $3::text[]) AS w(org, trip)
+WHERE t."orgId" = w.org AND t."tripId" = w.trip AND {_FORGETTABLE}
 """
 # Flush ids (flush.py) are needed only while a flush resolves a lost COMMIT reply: minutes.
 FLUSH_ID_TTL_S = 6 * 3600
@@ -175,9 +178,10 @@ async def expire_geofence_states(conn: asyncpg.Connection, before: date) -> int:
 
 
 async def expire_trips(conn: asyncpg.Connection, before: date) -> int:
-    """Forget the owners of trips created before ``before`` (the first month kept) that have
-    no ping left, in chunks, under the maintenance lock (0 if another connection holds it).
-    The trip id is then free in its org: the next driver posting to it owns it."""
+    """Forget the owners of trips created and last handed over before ``before`` (the first
+    month kept) that have no ping left, in chunks, under the maintenance lock (0 if another
+    connection holds it). The trip id is then free in its org: the next driver posting to it
+    owns it."""
     cutoff = datetime(before.year, before.month, before.day, tzinfo=UTC)
 
     async def chunk() -> tuple[int, int]:
@@ -186,7 +190,8 @@ async def expire_trips(conn: asyncpg.Connection, before: date) -> int:
             if not old:
                 return 0, 0
             orgs, trips = [r[0] for r in old], [r[1] for r in old]
-            return len(old), int((await conn.execute(_EXPIRE_TRIPS, orgs, trips)).split()[-1])
+            deleted = await conn.execute(_EXPIRE_TRIPS, cutoff, orgs, trips)
+            return len(old), int(deleted.split()[-1])
 
     expired = await _in_chunks(conn, chunk)
     metrics.TRIPS_EXPIRED.inc(expired)

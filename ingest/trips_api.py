@@ -21,7 +21,8 @@ from .typedefs import FLUSHER, POOL, SETTINGS
 log = logging.getLogger("ingest.trips")
 
 _HAND_OVER = """
-UPDATE "IngestTrip" SET "driverId" = $3 WHERE "orgId" = $1 AND "tripId" = $2
+UPDATE "IngestTrip" SET "driverId" = $3, "handedOverAt" = now()
+WHERE "orgId" = $1 AND "tripId" = $2
 RETURNING "driverId"
 """
 
