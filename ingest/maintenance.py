@@ -46,9 +46,22 @@ t."createdAt" < $1 AND (t."handedOverAt" IS NULL OR t."handedOverAt" < $1)
 AND NOT EXISTS (
     SELECT 1 FROM "TripLocation" l WHERE l."orgId" = t."orgId" AND l."tripId" = t."tripId")
 """
+# The table is read once per run, a page of _EXPIRE_CHUNK rows in key order per transaction:
+# no statement reads more (each old row probes every partition), deleted rows are not read
+# again. A page ends _EXPIRE_CHUNK rows on, or at the last key (trip ids are never empty, so
+# ('', '') is before every key).
+_PAGE_END = f"""
+SELECT * FROM (
+    (SELECT "orgId", "tripId", false AS last FROM "IngestTrip" WHERE ("orgId", "tripId") > ($1, $2)
+     ORDER BY 1, 2 OFFSET {_EXPIRE_CHUNK - 1} LIMIT 1)
+    UNION ALL
+    (SELECT "orgId", "tripId", true FROM "IngestTrip" ORDER BY 1 DESC, 2 DESC LIMIT 1)
+) e ORDER BY last LIMIT 1
+"""
 _OLD_TRIPS = f"""
-SELECT t."orgId", t."tripId" FROM "IngestTrip" t WHERE {_FORGETTABLE}
-LIMIT {_EXPIRE_CHUNK} FOR UPDATE OF t SKIP LOCKED
+SELECT t."orgId", t."tripId" FROM "IngestTrip" t
+WHERE (t."orgId", t."tripId") > ($2, $3) AND (t."orgId", t."tripId") <= ($4, $5) AND {_FORGETTABLE}
+FOR UPDATE OF t SKIP LOCKED
 """
 _EXPIRE_TRIPS = f"""
 DELETE FROM "IngestTrip" t USING unnest($2::text[], $3::text[]) AS w(org, trip)
@@ -91,10 +104,11 @@ async def run_once(
     if settings.retention_months:
         kept_from = partitions.add_months(partitions.month_start(now), -settings.retention_months)
         states = await expire_geofence_states(conn, min(kept_from, keep_from))
-        trips = await expire_trips(conn, min(kept_from, keep_from))
     cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
     await update_partition_metrics(conn, now)
+    if settings.retention_months:  # last: it reads the whole "IngestTrip" table
+        trips = await expire_trips(conn, min(kept_from, keep_from))
     return {
         "created": created, "dropped": dropped, "batch_ids_expired": expired,
         "geofence_states_expired": states, "trips_expired": trips,
@@ -183,15 +197,22 @@ async def expire_trips(conn: asyncpg.Connection, before: date) -> int:
     connection holds it). The trip id is then free in its org: the next driver posting to it
     owns it."""
     cutoff = datetime(before.year, before.month, before.day, tzinfo=UTC)
+    after = ("", "")  # the last key of the page before
 
     async def chunk() -> tuple[int, int]:
+        nonlocal after
         async with conn.transaction():
-            old = await conn.fetch(_OLD_TRIPS, cutoff)
-            if not old:
+            end = await conn.fetchrow(_PAGE_END, *after)
+            if end is None:  # no trip at all
                 return 0, 0
-            orgs, trips = [r[0] for r in old], [r[1] for r in old]
-            deleted = await conn.execute(_EXPIRE_TRIPS, cutoff, orgs, trips)
-            return len(old), int(deleted.split()[-1])
+            old = await conn.fetch(_OLD_TRIPS, cutoff, *after, end[0], end[1])
+            deleted = 0
+            if old:
+                orgs, trips = [r[0] for r in old], [r[1] for r in old]
+                status = await conn.execute(_EXPIRE_TRIPS, cutoff, orgs, trips)
+                deleted = int(status.split()[-1])
+        after = (end[0], end[1])
+        return (0 if end[2] else _EXPIRE_CHUNK), deleted  # 0: that was the last page
 
     expired = await _in_chunks(conn, chunk)
     metrics.TRIPS_EXPIRED.inc(expired)

@@ -490,3 +490,31 @@ async def test_trip_expiry_skips_a_trip_a_flush_holds(make_settings, db, databas
     again = await maintenance.run_once(db, make_settings(retention_months=2))
     assert again["trips_expired"] == 1
     assert await db.fetchval('SELECT count(*) FROM "IngestTrip"') == 0
+
+
+async def test_trip_expiry_reads_the_table_in_pages(make_settings, db):
+    """More old trips than one page (_EXPIRE_CHUNK): every page is looked at once, in key
+    order, and what has pings is kept wherever it falls."""
+    old = datetime(*add_months(this_month(), -3).timetuple()[:3], tzinfo=UTC)
+    n = 2 * maintenance._EXPIRE_CHUNK + 500
+    await db.execute(
+        'INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId", "createdAt")'
+        " SELECT 'org_' || (i % 3), 'trip_' || lpad(i::text, 6, '0'), 'drv_1', $1"
+        " FROM generate_series(1, $2) i",
+        old,
+        n,
+    )
+    kept = [("org_1", "trip_000001"), ("org_2", "trip_010001"), (f"org_{n % 3}", f"trip_{n:06d}")]
+    for org, trip in kept:
+        await db.execute(
+            'INSERT INTO "TripLocation" ("orgId", "tripId", "driverId", "latitude", "longitude",'
+            " \"timestamp\") VALUES ($1, $2, 'drv_1', 1.0, 2.0, now())",
+            org,
+            trip,
+        )
+    done = await maintenance.run_once(db, make_settings(retention_months=2))
+    assert done["trips_expired"] == n - len(kept)
+    left = await db.fetch('SELECT "orgId", "tripId" FROM "IngestTrip" ORDER BY 1, 2')
+    assert [tuple(r) for r in left] == sorted(kept)
+    again = await maintenance.run_once(db, make_settings(retention_months=2))
+    assert again["trips_expired"] == 0
