@@ -277,6 +277,15 @@ def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
     return out
 
 
+def user_system_seconds(pids: Iterable[int]) -> tuple[float, float]:
+    """User and system CPU seconds of the live ``pids``, summed (utime, stime)."""
+    stats = [st for st in map(_stat, pids) if st is not None]
+    return (
+        sum(int(st[11]) for st in stats) / CLK_TCK,
+        sum(int(st[12]) for st in stats) / CLK_TCK,
+    )
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     """CPU spent between two samples; a pid born in between counts from zero."""
     return sum(v - before.get(pid, 0.0) for pid, v in after.items())

@@ -106,21 +106,21 @@ _FENCES = """
 SELECT "id", "name", "geometry", "radiusM", "createdAt" FROM "Geofence"
 WHERE "orgId" = $1 AND "id" = ANY($2::text[])
 """
+_INSERT_STATES = """
+INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
+SELECT o, t, NULL, '{}' FROM unnest($1::text[], $2::text[]) AS u(o, t) ORDER BY o, t
+ON CONFLICT ("orgId", "tripId") DO"""
 # A trip's first evaluation: its state row made, in autocommit, before the transaction that
 # locks it (sorted, holding no other lock: it waits at most for another pod's same insert).
-_MAKE_STATES = """
-INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
-SELECT o, t, NULL, '{}' FROM unnest($1::text[], $2::text[]) AS u(o, t) ORDER BY o, t
-ON CONFLICT ("orgId", "tripId") DO NOTHING
-"""
+_MAKE_STATES = _INSERT_STATES + " NOTHING"
 # Only if a row made so is gone again when locked (retention deleted it): made and locked under
 # the locks (another pod's made meanwhile is locked and returned as it is).
-_NEW_STATES = """
-INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
-SELECT o, t, NULL, '{}' FROM unnest($1::text[], $2::text[]) AS u(o, t) ORDER BY o, t
-ON CONFLICT ("orgId", "tripId") DO UPDATE SET "updatedAt" = now()
+_NEW_STATES = (
+    _INSERT_STATES
+    + """ UPDATE SET "updatedAt" = now()
 RETURNING "orgId", "tripId", "evaluatedTo", "inside"
 """
+)
 # Step 3, after the locks (a statement of its own: its snapshot sees every commit made before
 # them). Times are epoch microseconds (int8): an array of them costs the client a fraction of
 # what timestamptz's encoding does.

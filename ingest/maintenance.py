@@ -101,14 +101,17 @@ async def run_once(
     dropped = await partitions.drop_expired(conn, now, settings.retention_months, keep_from)
     expired = await expire_batch_ids(conn, settings.batch_id_ttl_hours)
     states = trips = 0
+    first_kept: datetime | None = None  # with retention: what is older has no ping left
     if settings.retention_months:
         kept_from = partitions.add_months(partitions.month_start(now), -settings.retention_months)
-        states = await expire_geofence_states(conn, min(kept_from, keep_from))
+        first = min(kept_from, keep_from)
+        first_kept = datetime(first.year, first.month, first.day, tzinfo=UTC)
+        states = await expire_geofence_states(conn, first_kept)
     cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
     await update_partition_metrics(conn, now)
-    if settings.retention_months:  # last: it reads the whole "IngestTrip" table
-        trips = await expire_trips(conn, min(kept_from, keep_from))
+    if first_kept is not None:  # last: it reads the whole "IngestTrip" table
+        trips = await expire_trips(conn, first_kept)
     return {
         "created": created, "dropped": dropped, "batch_ids_expired": expired,
         "geofence_states_expired": states, "trips_expired": trips,
@@ -182,37 +185,35 @@ async def expire_batch_ids(conn: asyncpg.Connection, ttl_hours: int) -> int:
     return expired
 
 
-async def expire_geofence_states(conn: asyncpg.Connection, before: date) -> int:
+async def expire_geofence_states(conn: asyncpg.Connection, before: datetime) -> int:
     """Delete the geofence states of trips last evaluated before ``before`` (the first month
     kept), in chunks, under the maintenance lock (0 if another connection holds it)."""
-    cutoff = datetime(before.year, before.month, before.day, tzinfo=UTC)
-    expired = await _delete_in_chunks(conn, _EXPIRE_STATES, cutoff)
+    expired = await _delete_in_chunks(conn, _EXPIRE_STATES, before)
     metrics.GEOFENCE_STATES_EXPIRED.inc(expired)
     return expired
 
 
-async def expire_trips(conn: asyncpg.Connection, before: date) -> int:
+async def expire_trips(conn: asyncpg.Connection, before: datetime) -> int:
     """Forget the owners of trips created and last handed over before ``before`` (the first
     month kept) that have no ping left, in chunks, under the maintenance lock (0 if another
     connection holds it). The trip id is then free in its org: the next driver posting to it
     owns it."""
-    cutoff = datetime(before.year, before.month, before.day, tzinfo=UTC)
     after = ("", "")  # the last key of the page before
 
-    async def chunk() -> tuple[int, int]:
+    async def chunk() -> tuple[int, bool]:
         nonlocal after
         async with conn.transaction():
             end = await conn.fetchrow(_PAGE_END, *after)
             if end is None:  # no trip at all
-                return 0, 0
-            old = await conn.fetch(_OLD_TRIPS, cutoff, *after, end[0], end[1])
+                return 0, False
+            old = await conn.fetch(_OLD_TRIPS, before, *after, end[0], end[1])
             deleted = 0
             if old:
                 orgs, trips = [r[0] for r in old], [r[1] for r in old]
-                status = await conn.execute(_EXPIRE_TRIPS, cutoff, orgs, trips)
+                status = await conn.execute(_EXPIRE_TRIPS, before, orgs, trips)
                 deleted = int(status.split()[-1])
         after = (end[0], end[1])
-        return (0 if end[2] else _EXPIRE_CHUNK), deleted  # 0: that was the last page
+        return deleted, not end[2]  # end[2]: that page ended at the last key
 
     expired = await _in_chunks(conn, chunk)
     metrics.TRIPS_EXPIRED.inc(expired)
@@ -223,26 +224,26 @@ async def _delete_in_chunks(conn: asyncpg.Connection, sql: str, arg: object) -> 
     """Run ``sql`` (a DELETE of at most _EXPIRE_CHUNK rows) until it deletes fewer; the rows
     deleted. One connection at a time: 0 if another holds the maintenance lock."""
 
-    async def chunk() -> tuple[int, int]:
+    async def chunk() -> tuple[int, bool]:
         n = int((await conn.execute(sql, arg)).split()[-1])
-        return n, n
+        return n, n == _EXPIRE_CHUNK
 
     return await _in_chunks(conn, chunk)
 
 
 async def _in_chunks(
-    conn: asyncpg.Connection, chunk: Callable[[], Awaitable[tuple[int, int]]]
+    conn: asyncpg.Connection, chunk: Callable[[], Awaitable[tuple[int, bool]]]
 ) -> int:
-    """Run ``chunk`` (rows looked at, rows deleted) until it looks at fewer than _EXPIRE_CHUNK
-    rows; the rows deleted. One connection at a time: 0 if another holds the maintenance lock."""
+    """Run ``chunk`` (rows deleted, whether there may be more) until there are no more; the
+    rows deleted. One connection at a time: 0 if another holds the maintenance lock."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK_ID):
         return 0
     deleted = 0
     try:
         while True:
-            seen, n = await chunk()
+            n, more = await chunk()
             deleted += n
-            if seen < _EXPIRE_CHUNK:
+            if not more:
                 break
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK_ID)

@@ -18,12 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from devtools.procs import tree
+from devtools.procs import tree, user_system_seconds
 
 from ..contenders.registry import PIPELINE, SERVICE, Contender
 from ..context import Context
 from ..load.closedloop import run_wrk
-from ..procs import user_sys_s
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 _PACKAGES = ("ingest", "aiohttp", "asyncpg", "msgspec", "redis", "jwt", "prometheus_client",
@@ -154,14 +153,14 @@ async def profile(
             int(time.time() * 1000) - 600_000,
         ))  # fmt: skip
         await asyncio.sleep(1.0)
-        t0, (user0, sys0) = time.time(), user_sys_s(tree(server.pid))
+        t0, (user0, sys0) = time.time(), user_system_seconds(tree(server.pid))
         done = await asyncio.to_thread(
             subprocess.run,
             [str(pyspy), "record", "--pid", str(server.pid), "--duration", str(int(duration)),
              "--rate", "100", "--format", "raw", "--native", "--output", str(raw_path)],
             capture_output=True, text=True,
         )  # fmt: skip
-        t1, (user1, sys1) = time.time(), user_sys_s(tree(server.pid))
+        t1, (user1, sys1) = time.time(), user_system_seconds(tree(server.pid))
         await wrk
         stored = await ctx.db.count_between(t0, t1)
     finally:
