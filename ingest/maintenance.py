@@ -63,9 +63,20 @@ SELECT t."orgId", t."tripId" FROM "IngestTrip" t
 WHERE (t."orgId", t."tripId") > ($2, $3) AND (t."orgId", t."tripId") <= ($4, $5) AND {_FORGETTABLE}
 FOR UPDATE OF t SKIP LOCKED
 """
+# The trip's geofence state goes with its owner: a driver starting the freed trip id starts from
+# no state, as a new trip does (a state updated by a late upload could otherwise outlive it by up
+# to a month).
 _EXPIRE_TRIPS = f"""
-DELETE FROM "IngestTrip" t USING unnest($2::text[], $3::text[]) AS w(org, trip)
-WHERE t."orgId" = w.org AND t."tripId" = w.trip AND {_FORGETTABLE}
+WITH gone AS (
+    DELETE FROM "IngestTrip" t USING unnest($2::text[], $3::text[]) AS w(org, trip)
+    WHERE t."orgId" = w.org AND t."tripId" = w.trip AND {_FORGETTABLE}
+    RETURNING t."orgId", t."tripId"
+), states AS (
+    DELETE FROM "GeofenceState" s USING gone
+    WHERE s."orgId" = gone."orgId" AND s."tripId" = gone."tripId"
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone)::int, (SELECT count(*) FROM states)::int
 """
 # Flush ids (flush.py) are needed only while a flush resolves a lost COMMIT reply: minutes.
 FLUSH_ID_TTL_S = 6 * 3600
@@ -111,7 +122,8 @@ async def run_once(
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
     await update_partition_metrics(conn, now)
     if first_kept is not None:  # last: it reads the whole "IngestTrip" table
-        trips = await expire_trips(conn, first_kept)
+        trips, trip_states = await expire_trips(conn, first_kept)
+        states += trip_states
     return {
         "created": created, "dropped": dropped, "batch_ids_expired": expired,
         "geofence_states_expired": states, "trips_expired": trips,
@@ -193,15 +205,16 @@ async def expire_geofence_states(conn: asyncpg.Connection, before: datetime) -> 
     return expired
 
 
-async def expire_trips(conn: asyncpg.Connection, before: datetime) -> int:
+async def expire_trips(conn: asyncpg.Connection, before: datetime) -> tuple[int, int]:
     """Forget the owners of trips created and last handed over before ``before`` (the first
-    month kept) that have no ping left, in chunks, under the maintenance lock (0 if another
-    connection holds it). The trip id is then free in its org: the next driver posting to it
-    owns it."""
+    month kept) that have no ping left, and their geofence states, in chunks, under the
+    maintenance lock (nothing if another connection holds it). The trip id is then free in its
+    org: the next driver posting to it owns it. Returns (owners, states) deleted."""
     after = ("", "")  # the last key of the page before
+    states = 0
 
     async def chunk() -> tuple[int, bool]:
-        nonlocal after
+        nonlocal after, states
         async with conn.transaction():
             end = await conn.fetchrow(_PAGE_END, *after)
             if end is None:  # no trip at all
@@ -210,14 +223,15 @@ async def expire_trips(conn: asyncpg.Connection, before: datetime) -> int:
             deleted = 0
             if old:
                 orgs, trips = [r[0] for r in old], [r[1] for r in old]
-                status = await conn.execute(_EXPIRE_TRIPS, before, orgs, trips)
-                deleted = int(status.split()[-1])
+                deleted, gone = await conn.fetchrow(_EXPIRE_TRIPS, before, orgs, trips)
+                states += gone
         after = (end[0], end[1])
         return deleted, not end[2]  # end[2]: that page ended at the last key
 
     expired = await _in_chunks(conn, chunk)
     metrics.TRIPS_EXPIRED.inc(expired)
-    return expired
+    metrics.GEOFENCE_STATES_EXPIRED.inc(states)
+    return expired, states
 
 
 async def _delete_in_chunks(conn: asyncpg.Connection, sql: str, arg: object) -> int:

@@ -420,9 +420,10 @@ async def test_retention_forgets_geofence_states_last_evaluated_before_the_first
 async def test_retention_forgets_the_owner_of_a_trip_with_no_ping_left(
     make_client, make_settings, db
 ):
-    """A trip created before the first month kept loses its owner once none of its pings is
-    left; the same trip id in another org, and an old trip that still has pings, keep theirs.
-    The forgotten trip id is then free: another driver of its org can start it."""
+    """A trip created before the first month kept loses its owner, and its geofence state, once
+    none of its pings is left; the same trip id in another org, and an old trip that still has
+    pings, keep theirs. The forgotten trip id is then free: another driver of its org can start
+    it, from no fence state."""
     client = await make_client()
     old = datetime(*add_months(this_month(), -3).timetuple()[:3], tzinfo=UTC)
     # org_1/trip_old: old, no ping. org_2/trip_old: same id, old, with pings (posted below).
@@ -443,16 +444,26 @@ async def test_retention_forgets_the_owner_of_a_trip_with_no_ping_left(
     await db.execute(
         """DELETE FROM "TripLocation" WHERE "orgId" = 'org_1' AND "tripId" = 'trip_old'"""
     )
+    # Geofence states evaluated lately (a late upload, say): each goes with its trip's owner only.
+    await db.execute(
+        """INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside") VALUES
+           ('org_1', 'trip_old', now(), '{gf_depot}'), ('org_2', 'trip_old', now(), '{gf_depot}'),
+           ('org_1', 'trip_long', now(), '{gf_depot}')"""
+    )
     kept_forever = await maintenance.run_once(db, make_settings(retention_months=0))
     assert kept_forever["trips_expired"] == 0
     before = metrics.TRIPS_EXPIRED._value.get()
+    states_before = metrics.GEOFENCE_STATES_EXPIRED._value.get()
     done = await maintenance.run_once(db, make_settings(retention_months=2))
-    assert done["trips_expired"] == 1
+    assert done["trips_expired"] == 1 and done["geofence_states_expired"] == 1
     assert metrics.TRIPS_EXPIRED._value.get() - before == 1
+    assert metrics.GEOFENCE_STATES_EXPIRED._value.get() - states_before == 1
     left = await db.fetch('SELECT "orgId", "tripId" FROM "IngestTrip" ORDER BY 1, 2')
     assert [tuple(r) for r in left] == [
         ("org_1", "trip_long"), ("org_1", "trip_new"), ("org_2", "trip_old"),
     ]  # fmt: skip
+    states = await db.fetch('SELECT "orgId", "tripId" FROM "GeofenceState" ORDER BY 1, 2')
+    assert [tuple(r) for r in states] == [("org_1", "trip_long"), ("org_2", "trip_old")]
     # Free in org_1 now; still drv_1's in org_2, where drv_2 is refused.
     r = await client.post(PING, json=batch(1, trip="trip_old", driver="drv_2"),
                           headers=auth(sub="drv_2"))  # fmt: skip
