@@ -21,9 +21,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.backoff import NoBackoff
 
 from . import (
     dashboard,
@@ -46,8 +44,9 @@ from .fanout import Fanout
 from .fanout_cluster import ShardedFanout
 from .flush import Flusher
 from .geofence_events import GeofenceEvaluator
+from .geofence_worker import GeofenceWorker
 from .keyspace import keyspace
-from .live import Live
+from .live import Live, redis_client
 from .nearby import NearbySearch
 from .ratelimit import RateLimiter
 from .reads import PRIMARY_APP_NAME, REPLICA_APP_NAME, ReadReplica
@@ -157,19 +156,7 @@ async def read_replica_context(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    # Retries let the first command after a Redis restart reconnect instead of failing.
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
-    client: aioredis.Redis | RedisCluster
-    if s.redis_mode == "cluster":
-        # The cluster client follows MOVED/ASK and reads the topology again after a failure.
-        client = RedisCluster.from_url(
-            s.redis_url, socket_timeout=5, socket_connect_timeout=2, retry=retry,
-        )  # fmt: skip
-    else:
-        client = aioredis.from_url(
-            s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15,
-            retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )  # fmt: skip
+    client = redis_client(s)
     live = Live(
         client, keyspace(s.redis_mode, s.redis_prefix, s.redis_cluster_buckets), s.latest_ttl_s,
         app[POOL], repair_max_trips=s.latest_repair_max_trips,
@@ -213,7 +200,11 @@ async def flusher_context(app: web.Application) -> AsyncIterator[None]:
     )
     metrics.BUFFER_LIMIT.set(s.buffer_max_rows)
     live = app[LIVE]
-    evaluator = GeofenceEvaluator(app[POOL], live, s.geofence_settle_ms / 1000)
+    evaluator: GeofenceEvaluator | GeofenceWorker
+    if s.geofence_evaluation == "process":
+        evaluator = GeofenceWorker(app[POOL], s)
+    else:
+        evaluator = GeofenceEvaluator(app[POOL], live, s.geofence_settle_ms / 1000)
 
     def committed(rows: list[Record]) -> None:
         live.committed(rows)

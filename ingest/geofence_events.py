@@ -37,7 +37,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -54,7 +54,7 @@ from .schema import LiveGeofence, StoredLocation
 
 log = logging.getLogger("ingest.geofences")
 
-_BACKLOG_FLUSHES = 256
+BACKLOG_FLUSHES = 256
 # At most this many rows are evaluated in one transaction.
 _GROUP_ROWS = 25_000
 # Orgs with fences are looked up this often; a flush of other orgs costs no query. Shorter than
@@ -82,7 +82,7 @@ _SWEEP_WINDOW = timedelta(hours=1)
 _SWEEP_MAX_TRIPS = 500
 _GIVE_UP_AFTER = 8  # failed attempts at one flush (about 15 s of backoff)
 
-_FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
+FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
 # Steps 1 and 2 in one statement: the org rows (FOR SHARE) and then the trips' state rows (FOR
 # UPDATE), each in key order (no deadlock between pods). Locking a state row makes no new row
 # version (an upsert would: two versions per trip per flush, with the update after). A trip
@@ -268,11 +268,14 @@ class GeofenceEvaluator:
 
     def __init__(
         self, pool: asyncpg.Pool, live: Live, settle_s: float,
-        sweep_interval_s: float = SWEEP_INTERVAL_S,
+        sweep_interval_s: float = SWEEP_INTERVAL_S, *, waited: bool = False,
     ) -> None:  # fmt: skip
         self.pool = pool
         self.live = live
+        # The sweep leaves alone the pings committed within it (their flush's evaluation is
+        # due then); ``waited``: committed() is called once it has passed (the worker process).
         self.settle_s = settle_s
+        self._delay_s = 0.0 if waited else settle_s
         self.sweep_interval_s = sweep_interval_s
         # (loop time it is due, the flush's stored rows), in commit order.
         self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
@@ -282,13 +285,15 @@ class GeofenceEvaluator:
         self._fenced_at = -1e9  # loop time of the last look-up of orgs with fences
         self._sweep_at = 0.0
         self._sets: dict[str, FenceSet] = {}
+        # Where each evaluation's duration goes (the worker process sends it to the pod's).
+        self.observe_seconds: Callable[[float], None] = metrics.GEOFENCE_SECONDS.observe
 
     def committed(self, rows: list[Record]) -> None:
         """Called by the flusher after each commit; never blocks it."""
-        if len(self._backlog) >= _BACKLOG_FLUSHES:
+        if len(self._backlog) >= BACKLOG_FLUSHES:
             self._backlog.popleft()  # read back by its trips' next evaluation, or the sweep
             metrics.GEOFENCE_DROPPED.inc()
-        due = asyncio.get_running_loop().time() + self.settle_s
+        due = asyncio.get_running_loop().time() + self._delay_s
         self._backlog.append((due, rows))
         self._wakeup.set()
 
@@ -384,7 +389,7 @@ class GeofenceEvaluator:
     async def _fenced_orgs(self) -> frozenset[str]:
         now = asyncio.get_running_loop().time()
         if now - self._fenced_at >= ORGS_REFRESH_S:
-            rows = await self.pool.fetch(_FENCED_ORGS)
+            rows = await self.pool.fetch(FENCED_ORGS)
             self._fenced, self._fenced_at = frozenset(r[0] for r in rows), now
             # An org without fences any more holds no memory here.
             self._sets = {o: s for o, s in self._sets.items() if o in self._fenced}
@@ -444,7 +449,7 @@ class GeofenceEvaluator:
                 except _NoStates as new:  # rolled back: no lock held
                     await conn.execute(_MAKE_STATES, *zip(*new.keys, strict=True))
                     made = True
-        metrics.GEOFENCE_SECONDS.observe(time.perf_counter() - started)
+        self.observe_seconds(time.perf_counter() - started)
         if stored:
             await self._publish(stored)
         return len(stored)

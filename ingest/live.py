@@ -28,12 +28,17 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import metrics
 from .keyspace import CROSS_SLOT, Keyspace, by_master
 from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LatestLocation, LiveLocations, StoredLocation
+from .settings import Settings
 
 log = logging.getLogger("ingest.live")
 
@@ -151,6 +156,21 @@ def build_items(rows: list[Record], keys: Keyspace, now_ms: int) -> list[list[ob
 
 def _trip_of_item(item: list[object]) -> tuple[str, str]:
     return str(item[7]), str(item[6])
+
+
+def redis_client(s: Settings) -> aioredis.Redis | RedisCluster:
+    """The client for latest locations and publishing (the pod's, and its geofence worker's)."""
+    # Retries let the first command after a Redis restart reconnect instead of failing.
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    if s.redis_mode == "cluster":
+        # The cluster client follows MOVED/ASK and reads the topology again after a failure.
+        return RedisCluster.from_url(
+            s.redis_url, socket_timeout=5, socket_connect_timeout=2, retry=retry,
+        )  # fmt: skip
+    return aioredis.from_url(
+        s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15,
+        retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )  # fmt: skip
 
 
 class Live:

@@ -174,6 +174,10 @@ GEOFENCE_DROPPED = Counter(
     "ingest_geofence_dropped_flushes_total",
     "Flushes left unevaluated by a full backlog (their trips' next flush reads them back)",
 )
+GEOFENCE_WORKER_STARTS = Counter(
+    "ingest_geofence_worker_starts_total",
+    "Geofence worker processes started (GEOFENCE_EVALUATION=process): more than one, it died",
+)
 GEOFENCE_SECONDS = Histogram(
     "ingest_geofence_evaluation_seconds",
     "Time to evaluate the pings of one flush, or of the flushes due together, commit included",

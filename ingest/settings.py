@@ -85,6 +85,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # A commit is evaluated this long after it, so that a trip's batches committed out of order
     # on two pods within it are evaluated in time order (docs/api.md#geofences).
     geofence_settle_ms: NonNegInt = 2000
+    # Where the evaluation runs: in a process of its own beside the pod's, off the event loop
+    # that takes the requests, or in that loop (docs/operations.md#geofence-worker).
+    geofence_evaluation: Literal["process", "inline"] = "process"
     ws_max_subscriptions: PositiveInt = 1000
     ws_max_messages_per_s: PositiveFloat = 20.0
     ws_send_buffer_bytes: PositiveInt = 1_048_576  # per socket; above it the socket is closed

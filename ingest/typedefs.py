@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .fanout import Fanout
     from .flush import Flusher
     from .geofence_events import GeofenceEvaluator
+    from .geofence_worker import GeofenceWorker
     from .live import Live
     from .nearby import NearbySearch
     from .ratelimit import RateLimiter
@@ -28,7 +29,7 @@ READ_REPLICA: web.AppKey[ReadReplica] = web.AppKey("read_replica")
 BUFFER: web.AppKey[Buffer] = web.AppKey("buffer")
 FLUSHER: web.AppKey[Flusher] = web.AppKey("flusher")
 # Only where the flusher runs: evaluates each commit's pings against the geofences.
-GEOFENCES: web.AppKey[GeofenceEvaluator] = web.AppKey("geofences")
+GEOFENCES: web.AppKey[GeofenceEvaluator | GeofenceWorker] = web.AppKey("geofences")
 LIVE: web.AppKey[Live] = web.AppKey("live")
 NEARBY: web.AppKey[NearbySearch] = web.AppKey("nearby")
 FANOUT: web.AppKey[Fanout] = web.AppKey("fanout")

@@ -66,6 +66,8 @@ async def blocked(
     for _ in range(1000):
         if unless_done is not None and unless_done.done():
             return
+        # Inside a transaction, pg_stat_activity is read once and kept: read it again.
+        await db.execute("SELECT pg_stat_clear_snapshot()")
         if await db.fetchval(BLOCKED, by_pid, not_pid) >= at_least:
             return
         await asyncio.sleep(0.005)
@@ -81,7 +83,8 @@ def ping(trip: str, org: str, at: datetime, point: tuple[float, float] = OUTSIDE
 
 
 def evaluator(client: Any) -> GeofenceEvaluator:
-    ev: GeofenceEvaluator = client.server.app[GEOFENCES]
+    ev = client.server.app[GEOFENCES]
+    assert isinstance(ev, GeofenceEvaluator)
     ev._fenced_at = -1e9  # look the orgs with fences up again at the next evaluation
     return ev
 
@@ -221,10 +224,11 @@ async def test_two_pods_making_and_locking_states_in_different_orders_do_not_dea
     locks trip 1 only; it makes trip 2's row and waits for trip 3's, held by a; a then waits
     for trip 2's, held by e. Every evaluation must take the rows in one order: no deadlock
     (PostgreSQL would end one evaluation, which then fails and is retried)."""
-    e_client = await make_client()
+    # (their evaluators called here directly: in the pod's process)
+    e_client = await make_client(geofence_evaluation="inline")
     await fence(e_client, org="org_1")
     await fence(e_client, org="org_2")
-    a_client = await make_client()
+    a_client = await make_client(geofence_evaluation="inline")
     e, a = evaluator(e_client), evaluator(a_client)
     t = ts(now_ms(1))
     # e knows both orgs' fences (its next evaluation reads none), and trip 1 has a row.

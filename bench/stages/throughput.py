@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from devtools.procs import Process, cpu_delta, cpu_seconds, status_kib
+from devtools.procs import Process, cpu_delta, cpu_seconds, status_kib, tree
 
 from ..contenders.registry import ALL, SERVICE, Contender
 from ..context import Context
@@ -114,14 +114,14 @@ async def run_cell(
             tag, start_ms,
         ))  # fmt: skip
         await asyncio.sleep(warm)
-        pids = [server.pid]
-        s0 = await _sample(ctx, pids)
+        # The server's process tree: the service's geofence worker is part of the service.
+        s0 = await _sample(ctx, tree(server.pid))
         await asyncio.sleep(max(0.0, duration - warm - 0.05))
-        s1 = await _sample(ctx, pids)
+        s1 = await _sample(ctx, tree(server.pid))
         w = await wrk
         if after is not None:
             await after(server)
-        hwm = status_kib(server.pid, "VmHWM") / 1024
+        hwm = sum(status_kib(pid, "VmHWM") for pid in tree(server.pid)) / 1024
         flushes = await _flush_stats(contender, server.url)
     finally:
         await server.stop()

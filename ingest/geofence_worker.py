@@ -1,0 +1,405 @@
+"""Geofence evaluation in a process of its own (GEOFENCE_EVALUATION=process, the default).
+
+Evaluating a flush costs the event loop that does it 2-4 µs per ping (the fence index, and
+grouping, sorting and encoding each trip's pings and state for PostgreSQL). On the pod's loop,
+which takes the requests and is the bottleneck of a busy pod, that comes straight out of
+ingest. So the pod's loop only waits out GEOFENCE_SETTLE_MS after each commit, keeps the rows
+of orgs with fences and writes them to a child process (`python -m ingest.geofence_worker`,
+about 0.1 µs per ping), which runs the same GeofenceEvaluator with a pool and a Redis client
+of its own and reports its metrics back, to be served by the pod's /metrics.
+
+Exactly once rests on "GeofenceState" in PostgreSQL, not on the child: rows the child never
+evaluated (it died, or its pipe was full) are read back by their trips' next evaluation, or
+found by the sweep, as after a pod's death. The child exits when its stdin closes (the pod
+stopping, or dying), after evaluating what it has; it ignores SIGINT and SIGTERM, so that a
+signal to the whole process group does not cut an evaluation short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import struct
+import sys
+
+import asyncpg
+import msgspec
+from prometheus_client import Counter
+
+from . import logs, metrics
+from .geofence_events import (
+    BACKLOG_FLUSHES,
+    FENCED_ORGS,
+    ORGS_REFRESH_S,
+    SWEEP_INTERVAL_S,
+    GeofenceEvaluator,
+)
+from .keyspace import keyspace
+from .live import Live, redis_client
+from .records import ORG, Record
+from .settings import Settings
+
+log = logging.getLogger("ingest.geofences")
+
+_HEADER = struct.Struct(">I")
+# Bytes written to the child and not yet read by it, beyond which a flush is not sent (and
+# counted as dropped): about 100 flushes of 5,000 rows. The child is behind, or stuck.
+_PIPE_MAX_BYTES = 64 * 1024 * 1024
+_REPORT_S = 1.0
+_DONE_POLL_S = 0.02  # how often the child looks whether it finished a flush, to say so
+# A child that died is started again after this long, doubling up to the maximum; one that
+# lived for _STABLE_S starts the count again.
+_RESTART_MIN_S, _RESTART_MAX_S, _STABLE_S = 1.0, 30.0, 60.0
+_EXIT_WAIT_S = 1.0  # after its evaluations, for the child to close its pool and exit
+_CHILD_POOL_MAX = 2  # its evaluations, and the sweep's
+_EMPTY: frozenset[str] = frozenset()
+
+
+class Report(msgspec.Struct, array_like=True):
+    """What the child sends the pod: how many of the flushes it was sent it is done with
+    (evaluated, given up or dropped), its counters' increments since the last report, and the
+    durations of the evaluations since then."""
+
+    done: int
+    counters: list[tuple[str, dict[str, str], float]]
+    seconds: list[float]
+
+
+_ROWS = msgspec.msgpack.Encoder()
+_REPORT = msgspec.msgpack.Decoder(Report)
+# The counters the evaluation updates (a test keeps this list whole), by name as collect()
+# names them. GEOFENCE_SECONDS goes in each report's ``seconds``.
+REPORTED: tuple[Counter, ...] = (
+    metrics.GEOFENCE_EVENTS, metrics.GEOFENCE_EVALUATED, metrics.GEOFENCE_GAP_PINGS,
+    metrics.GEOFENCE_FAILURES, metrics.GEOFENCE_DROPPED, metrics.REDIS_ERRORS,
+)  # fmt: skip
+_COUNTERS = {family.name: c for c in REPORTED for family in c.describe()}
+
+
+def _frame(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload)) + payload
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next frame, or None at the end of the stream."""
+    try:
+        head = await reader.readexactly(_HEADER.size)
+        return await reader.readexactly(_HEADER.unpack(head)[0])
+    except asyncio.IncompleteReadError:
+        return None
+
+
+async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**31)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0)
+    )
+    return reader, transport
+
+
+class GeofenceWorker:
+    """In the pod: fed each flush's stored rows (committed()), hands them to the child process
+    once due. The same interface as GeofenceEvaluator."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settle_s = settings.geofence_settle_ms / 1000
+        # The child needs no credential of the pod's own (it verifies no token).
+        self._config = msgspec.json.encode(
+            msgspec.structs.replace(
+                settings, jwt_secret=None, jwt_secret_file=None, jwt_public_key=None
+            )
+        )
+        self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
+        # Flushes taken from the backlog, while the hand-over waits for PostgreSQL or the child.
+        self._handing: list[tuple[float, list[Record]]] = []
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._fenced: frozenset[str] = _EMPTY
+        self._fenced_at = -1e9
+        self._look_at = 0.0  # loop time to look for orgs with fences with nothing due
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reports: asyncio.Task[None] | None = None
+        self._started_at = 0.0
+        self._restart_at = 0.0
+        self._restart_s = _RESTART_MIN_S
+        # Flushes sent to the running child, and how many of them it is done with.
+        self._sent = self._done = 0
+
+    def committed(self, rows: list[Record]) -> None:
+        """Called by the flusher after each commit; never blocks it."""
+        if len(self._backlog) >= BACKLOG_FLUSHES:
+            self._backlog.popleft()  # read back by its trips' next evaluation, or the sweep
+            metrics.GEOFENCE_DROPPED.inc()
+        self._backlog.append((asyncio.get_running_loop().time() + self.settle_s, rows))
+        self._wakeup.set()
+
+    @property
+    def pending(self) -> int:
+        """Flushes committed and not evaluated yet: waiting here, or in the child."""
+        in_child = self._sent - self._done if self.pid is not None else 0
+        return len(self._backlog) + len(self._handing) + in_child
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def stop(self) -> None:
+        """Hand over what is left at once, then close the child's input: run() returns once
+        the child has evaluated it and exited."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                now = loop.time()
+                if self._backlog and (self._stopping or self._backlog[0][0] <= now):
+                    if not await self._hand_over(now):
+                        await self._sleep(0.5)  # PostgreSQL refused the look-up: the rows stay
+                    continue
+                if self._stopping:
+                    break
+                if now >= self._look_at:
+                    # With nothing due, a pod still looks for orgs with fences, so that its
+                    # child (and the sweep there) runs.
+                    self._look_at = now + SWEEP_INTERVAL_S
+                    with contextlib.suppress(Exception):
+                        if await self._fenced_orgs():
+                            await self._child()
+                    continue
+                until = min(self._look_at, self._backlog[0][0]) if self._backlog else self._look_at
+                await self._sleep(until - now)
+            await self._close_child()
+        finally:
+            self._kill_child()
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), seconds)
+        self._wakeup.clear()
+
+    async def _fenced_orgs(self, since: float | None = None) -> frozenset[str]:
+        """Orgs with fences, looked up at loop time ``since`` or later (a fence created before
+        a commit sees its rows), else at most ORGS_REFRESH_S ago."""
+        now = asyncio.get_running_loop().time()
+        if (since is not None and self._fenced_at < since) or (
+            since is None and now - self._fenced_at >= ORGS_REFRESH_S
+        ):
+            rows = await self.pool.fetch(FENCED_ORGS)
+            self._fenced, self._fenced_at = frozenset(r[0] for r in rows), now
+        return self._fenced
+
+    async def _hand_over(self, now: float) -> bool:
+        """Send the child the rows of orgs with fences of every flush due; False if the orgs
+        with fences could not be looked up (nothing was taken from the backlog)."""
+        backlog = self._backlog
+        due = self._handing
+        while backlog and (self._stopping or backlog[0][0] <= now):
+            due.append(backlog.popleft())
+        try:
+            # Looked up after the newest of them committed (with the default settle time, the
+            # look-up of a hand-over 2 s before serves: about one query per settle time).
+            fenced = await self._fenced_orgs(since=due[-1][0] - self.settle_s)
+        except Exception as exc:
+            log.warning("geofence_orgs_lookup_failed", extra={"error": repr(exc)})
+            backlog.extendleft(reversed(due))
+            due.clear()
+            return False
+        proc = await self._child() if fenced else None
+        for _, rows in due:
+            if fenced and (mine := [r for r in rows if r[ORG] in fenced]):
+                self._send(proc, mine)
+        due.clear()
+        return True
+
+    def _send(self, proc: asyncio.subprocess.Process | None, rows: list[Record]) -> None:
+        if proc is None or proc.stdin is None:  # waiting to be started again
+            metrics.GEOFENCE_DROPPED.inc()
+            return
+        transport = proc.stdin.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > _PIPE_MAX_BYTES:
+            metrics.GEOFENCE_DROPPED.inc()
+            return
+        proc.stdin.write(_frame(_ROWS.encode(rows)))
+        self._sent += 1
+
+    async def _child(self) -> asyncio.subprocess.Process | None:
+        """The child process, started if it is not running (None while a restart waits)."""
+        proc = self._proc
+        loop = asyncio.get_running_loop()
+        if proc is not None and proc.returncode is None:
+            return proc
+        if proc is not None:  # it died
+            lived = loop.time() - self._started_at
+            self._restart_s = _RESTART_MIN_S if lived > _STABLE_S else self._restart_s
+            self._restart_at = loop.time() + self._restart_s
+            self._restart_s = min(self._restart_s * 2, _RESTART_MAX_S)
+            log.error("geofence_worker_exited", extra={"returncode": proc.returncode})
+            self._proc = None
+        if loop.time() < self._restart_at:
+            return None
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ingest.geofence_worker", str(write_fd),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(write_fd,),
+            )  # fmt: skip
+        except OSError as exc:  # no memory, no process left: tried again later
+            os.close(read_fd)
+            log.error("geofence_worker_start_failed", extra={"error": repr(exc)})
+            self._restart_at = loop.time() + _RESTART_MAX_S
+            return None
+        finally:
+            os.close(write_fd)
+        assert proc.stdin is not None
+        proc.stdin.write(_frame(self._config))
+        self._proc, self._started_at = proc, loop.time()
+        self._sent = self._done = 0
+        metrics.GEOFENCE_WORKER_STARTS.inc()
+        log.info("geofence_worker_started", extra={"pid": proc.pid})
+        self._reports = asyncio.create_task(self._read_reports(read_fd))
+        return proc
+
+    async def _read_reports(self, fd: int) -> None:
+        reader, transport = await _pipe_reader(fd)
+        try:
+            while (frame := await _read_frame(reader)) is not None:
+                report = _REPORT.decode(frame)
+                self._done = report.done
+                apply_report(report)
+        finally:
+            transport.close()
+
+    async def _close_child(self) -> None:
+        """End of input for the child; then wait for it to evaluate what it has and exit (the
+        shutdown sequence cancels this at its deadline)."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        await proc.wait()
+        if self._reports is not None:
+            await self._reports  # its last report
+
+    def _kill_child(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        if self._reports is not None and not self._reports.done():
+            self._reports.cancel()
+
+
+def apply_report(report: Report) -> None:
+    """Add the child's counts to the pod's metrics."""
+    for name, labels, increment in report.counters:
+        counter = _COUNTERS.get(name)
+        if counter is not None:
+            (counter.labels(**labels) if labels else counter).inc(increment)
+    for seconds in report.seconds:
+        metrics.GEOFENCE_SECONDS.observe(seconds)
+
+
+class _Reporter:
+    """In the child: tells the pod how many flushes it is done with, as soon as that changes,
+    and what its counters gained, at least every _REPORT_S."""
+
+    def __init__(self, fd: int, evaluator: GeofenceEvaluator) -> None:
+        self.fd = fd
+        self.evaluator = evaluator
+        self.received = 0
+        self.done = 0
+        self.seconds: list[float] = []
+        self.last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def send(self) -> None:
+        self.done = self.received - self.evaluator.pending
+        counters: list[tuple[str, dict[str, str], float]] = []
+        for family in itertools.chain.from_iterable(c.collect() for c in REPORTED):
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                key = (family.name, tuple(sorted(sample.labels.items())))
+                if increment := sample.value - self.last.get(key, 0.0):
+                    counters.append((family.name, sample.labels, increment))
+                    self.last[key] = sample.value
+        report = Report(self.done, counters, self.seconds[:])
+        self.seconds.clear()
+        data = _frame(msgspec.msgpack.encode(report))
+        while data:  # a few hundred bytes, to a pipe the pod reads all the time
+            data = data[os.write(self.fd, data) :]
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        while True:
+            await asyncio.sleep(_DONE_POLL_S)
+            now = loop.time()
+            if self.received - self.evaluator.pending != self.done or now - sent_at >= _REPORT_S:
+                self.send()
+                sent_at = now
+
+
+async def _work(report_fd: int) -> None:
+    reader, _ = await _pipe_reader(0)
+    config = await _read_frame(reader)
+    if config is None:
+        return
+    s = msgspec.json.decode(config, type=Settings)
+    logs.setup(s.log_level)
+    logs.capture_stderr()
+    pool = await asyncpg.create_pool(
+        s.database_url, min_size=0, max_size=_CHILD_POOL_MAX, command_timeout=s.flush_timeout_s,
+        max_inactive_connection_lifetime=60,
+        server_settings={"application_name": "ingest-geofences"},
+    )  # fmt: skip
+    redis = redis_client(s)
+    keys = keyspace(s.redis_mode, s.redis_prefix, s.redis_cluster_buckets)
+    live = Live(redis, keys, s.latest_ttl_s, None)
+    evaluator = GeofenceEvaluator(pool, live, s.geofence_settle_ms / 1000, waited=True)
+    reporter = _Reporter(report_fd, evaluator)
+    evaluator.observe_seconds = reporter.seconds.append
+    evaluating = asyncio.create_task(evaluator.run())
+    reporting = asyncio.create_task(reporter.run())
+    rows = msgspec.msgpack.Decoder(list[Record]).decode
+    try:
+        while (frame := await _read_frame(reader)) is not None:
+            evaluator.committed(rows(frame))
+            reporter.received += 1
+    finally:
+        evaluator.stop()
+        await evaluating  # what is left, one attempt each
+        reporting.cancel()
+        reporter.send()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.close(), _EXIT_WAIT_S)
+            await redis.aclose()
+
+
+def main() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is not built for this platform
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_work(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()
