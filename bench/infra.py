@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis.asyncio as aioredis
 
+from ingest.migrate import SQL_DIR, migrate
 from ingest.settings import ENV_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,26 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+async def migrated_database(
+    server_url: str, name: str, sql_dir: str | Path = SQL_DIR
+) -> asyncpg.Connection:
+    """A connection to database ``name``, made again (dropped first) and migrated in process
+    by the service's migrations in ``sql_dir``."""
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(with_database(server_url, name))
+    try:
+        await migrate(conn, sql_dir)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 class BenchDB:

@@ -21,9 +21,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from ingest import maintenance, partitions
-from ingest.migrate import migrate
 
-from .infra import with_database
+from .infra import migrated_database
 
 DATABASE = "bench_trip_expiry"
 _TRIPS = """
@@ -47,15 +46,8 @@ FROM generate_series(1, $1) g
 
 
 async def run(server_url: str, trips: int, pings: int) -> dict[str, float | int]:
-    admin = await asyncpg.connect(server_url)
+    conn = await migrated_database(server_url, DATABASE)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(with_database(server_url, DATABASE))
-    try:
-        await migrate(conn)
         now = datetime.now(UTC)
         months = {partitions.month_start(now - timedelta(days=30 * i)) for i in range(13)}
         await partitions.ensure(conn, months)

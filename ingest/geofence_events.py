@@ -54,7 +54,7 @@ from .schema import LiveGeofence, StoredLocation
 
 log = logging.getLogger("ingest.geofences")
 
-BACKLOG_FLUSHES = 256
+_BACKLOG_FLUSHES = 256
 # At most this many rows are evaluated in one transaction.
 _GROUP_ROWS = 25_000
 # Orgs with fences are looked up this often; a flush of other orgs costs no query. Shorter than
@@ -263,7 +263,41 @@ def _trips(rows: list[Record]) -> set[tuple[str | None, str]]:
     return {key for key, _ in itertools.groupby(rows, _TRIP_OF)}
 
 
-class GeofenceEvaluator:
+class CommitBacklog:
+    """The flushes committed and not taken yet, each with the loop time it is due: at most
+    _BACKLOG_FLUSHES (beyond, the oldest is dropped), and the event that wakes the task that
+    takes them. The evaluator's, and the geofence worker's in the pod."""
+
+    def __init__(self, delay_s: float) -> None:
+        self._delay_s = delay_s
+        # (loop time it is due, the flush's stored rows), in commit order.
+        self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+
+    def committed(self, rows: list[Record]) -> None:
+        """Called by the flusher after each commit; never blocks it."""
+        if len(self._backlog) >= _BACKLOG_FLUSHES:
+            self._backlog.popleft()  # read back by its trips' next evaluation, or the sweep
+            metrics.GEOFENCE_DROPPED.inc()
+        due = asyncio.get_running_loop().time() + self._delay_s
+        self._backlog.append((due, rows))
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        """Take what is left at once, due or not, then end run()."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until ``seconds`` have passed or something was committed or stop() was called."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), seconds)
+        self._wakeup.clear()
+
+
+class GeofenceEvaluator(CommitBacklog):
     """Fed each flush's stored rows (committed()); evaluates them in its own task."""
 
     def __init__(
@@ -274,13 +308,9 @@ class GeofenceEvaluator:
         self.live = live
         # The sweep leaves alone the pings committed within it (their flush's evaluation is
         # due then); ``waited``: committed() is called once it has passed (the worker process).
+        super().__init__(0.0 if waited else settle_s)
         self.settle_s = settle_s
-        self._delay_s = 0.0 if waited else settle_s
         self.sweep_interval_s = sweep_interval_s
-        # (loop time it is due, the flush's stored rows), in commit order.
-        self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
-        self._wakeup = asyncio.Event()
-        self._stopping = False
         self._fenced: frozenset[str] = _EMPTY
         self._fenced_at = -1e9  # loop time of the last look-up of orgs with fences
         self._sweep_at = 0.0
@@ -288,24 +318,10 @@ class GeofenceEvaluator:
         # Where each evaluation's duration goes (the worker process sends it to the pod's).
         self.observe_seconds: Callable[[float], None] = metrics.GEOFENCE_SECONDS.observe
 
-    def committed(self, rows: list[Record]) -> None:
-        """Called by the flusher after each commit; never blocks it."""
-        if len(self._backlog) >= BACKLOG_FLUSHES:
-            self._backlog.popleft()  # read back by its trips' next evaluation, or the sweep
-            metrics.GEOFENCE_DROPPED.inc()
-        due = asyncio.get_running_loop().time() + self._delay_s
-        self._backlog.append((due, rows))
-        self._wakeup.set()
-
     @property
     def pending(self) -> int:
         """Flushes committed and not evaluated yet (the one being evaluated included)."""
         return len(self._backlog)
-
-    def stop(self) -> None:
-        """Evaluate what is left at once, then end run()."""
-        self._stopping = True
-        self._wakeup.set()
 
     async def run(self) -> None:
         """Evaluate committed rows, each once due, and sweep, until stop(); then evaluate what
@@ -378,13 +394,6 @@ class GeofenceEvaluator:
             group.append(rows)
             total += len(rows)
         return group
-
-    async def _sleep(self, seconds: float) -> None:
-        """Until ``seconds`` have passed or something was committed or stop() was called."""
-        if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), seconds)
-        self._wakeup.clear()
 
     async def _fenced_orgs(self) -> frozenset[str]:
         now = asyncio.get_running_loop().time()

@@ -18,7 +18,6 @@ signal to the whole process group does not cut an evaluation short.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -33,10 +32,10 @@ from prometheus_client import Counter
 
 from . import logs, metrics
 from .geofence_events import (
-    BACKLOG_FLUSHES,
     FENCED_ORGS,
     ORGS_REFRESH_S,
     SWEEP_INTERVAL_S,
+    CommitBacklog,
     GeofenceEvaluator,
 )
 from .keyspace import keyspace
@@ -103,11 +102,13 @@ async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTrans
     return reader, transport
 
 
-class GeofenceWorker:
+class GeofenceWorker(CommitBacklog):
     """In the pod: fed each flush's stored rows (committed()), hands them to the child process
-    once due. The same interface as GeofenceEvaluator."""
+    once due; stop() hands over what is left, then closes the child's input, and run() returns
+    once the child has evaluated it and exited. The same interface as GeofenceEvaluator."""
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        super().__init__(settings.geofence_settle_ms / 1000)
         self.pool = pool
         self.settle_s = settings.geofence_settle_ms / 1000
         # The child needs no credential of the pod's own (it verifies no token).
@@ -116,11 +117,8 @@ class GeofenceWorker:
                 settings, jwt_secret=None, jwt_secret_file=None, jwt_public_key=None
             )
         )
-        self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
         # Flushes taken from the backlog, while the hand-over waits for PostgreSQL or the child.
         self._handing: list[tuple[float, list[Record]]] = []
-        self._wakeup = asyncio.Event()
-        self._stopping = False
         self._fenced: frozenset[str] = _EMPTY
         self._fenced_at = -1e9
         self._look_at = 0.0  # loop time to look for orgs with fences with nothing due
@@ -131,14 +129,6 @@ class GeofenceWorker:
         self._restart_s = _RESTART_MIN_S
         # Flushes sent to the running child, and how many of them it is done with.
         self._sent = self._done = 0
-
-    def committed(self, rows: list[Record]) -> None:
-        """Called by the flusher after each commit; never blocks it."""
-        if len(self._backlog) >= BACKLOG_FLUSHES:
-            self._backlog.popleft()  # read back by its trips' next evaluation, or the sweep
-            metrics.GEOFENCE_DROPPED.inc()
-        self._backlog.append((asyncio.get_running_loop().time() + self.settle_s, rows))
-        self._wakeup.set()
 
     @property
     def pending(self) -> int:
@@ -151,12 +141,6 @@ class GeofenceWorker:
         """The child's process id, while it runs."""
         proc = self._proc
         return proc.pid if proc is not None and proc.returncode is None else None
-
-    def stop(self) -> None:
-        """Hand over what is left at once, then close the child's input: run() returns once
-        the child has evaluated it and exited."""
-        self._stopping = True
-        self._wakeup.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -182,12 +166,6 @@ class GeofenceWorker:
             await self._close_child()
         finally:
             self._kill_child()
-
-    async def _sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), seconds)
-        self._wakeup.clear()
 
     async def _fenced_orgs(self, since: float | None = None) -> frozenset[str]:
         """Orgs with fences, looked up at loop time ``since`` or later (a fence created before

@@ -14,7 +14,7 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from ingest import geofence_events, metrics
-from ingest.geofence_worker import REPORTED
+from ingest.geofence_worker import REPORTED, GeofenceWorker
 from ingest.typedefs import GEOFENCES
 
 from .conftest import now_ms, state_reached
@@ -90,13 +90,21 @@ async def test_the_childs_sweep_leaves_alone_what_waits_out_its_settle_time_in_t
     assert count(metrics.GEOFENCE_GAP_PINGS) - gap == 0
 
 
-async def test_a_killed_child_is_started_again_and_no_event_is_lost_or_doubled(client, db):
+async def with_child(client) -> tuple[str, GeofenceWorker, int, int]:
+    """A fence, and a trip evaluated outside it at t: the fence id, the pod's worker, t and
+    the child's pid."""
     fid = await fence(client)
     pod = client.server.app[GEOFENCES]
+    assert isinstance(pod, GeofenceWorker)
     t = now_ms(1)
     await drive(client, [OUTSIDE], t)
     pid = pod.pid
     assert pid is not None
+    return fid, pod, t, pid
+
+
+async def test_a_killed_child_is_started_again_and_no_event_is_lost_or_doubled(client, db):
+    fid, pod, t, pid = await with_child(client)
     starts = count(metrics.GEOFENCE_WORKER_STARTS)
     os.kill(pid, signal.SIGKILL)
     await state_reached(lambda: pod.pid is None)
@@ -114,12 +122,7 @@ async def test_a_killed_child_is_started_again_and_no_event_is_lost_or_doubled(c
 
 async def test_a_stopped_child_never_holds_the_acks(client):
     """SIGSTOP: the child reads nothing. Ingest goes on; once it runs again it catches up."""
-    fid = await fence(client)
-    pod = client.server.app[GEOFENCES]
-    t = now_ms(1)
-    await drive(client, [OUTSIDE], t)
-    pid = pod.pid
-    assert pid is not None
+    fid, pod, t, pid = await with_child(client)
     os.kill(pid, signal.SIGSTOP)
     try:
         for i in range(1, 21):

@@ -28,10 +28,10 @@ from typing import Any
 import asyncpg
 
 from ingest import partitions
-from ingest.migrate import SQL_DIR, migrate, migration_files
+from ingest.migrate import SQL_DIR, migration_files
 from ingest.records import COLUMNS, Record
 
-from ..infra import with_database
+from ..infra import migrated_database
 
 ROWS = 200_000
 FILLS = 2
@@ -78,18 +78,6 @@ def rows(style: str, count: int, month: datetime) -> list[Record]:
     return out[:count]
 
 
-async def _database(server_url: str, name: str, upto: Path) -> asyncpg.Connection:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(with_database(server_url, name))
-    await migrate(conn, upto)
-    return conn
-
-
 async def _fill(conn: asyncpg.Connection, data: list[Record], month: datetime) -> dict[str, Any]:
     await conn.execute('TRUNCATE "TripLocation"')
     await partitions.ensure(conn, [month.date()])
@@ -131,8 +119,8 @@ async def run(server_url: str, rows_n: int = ROWS, fills: int = FILLS) -> dict[s
     tag = uuid.uuid4().hex[:8]
     names = {v: f"ingest_storage_{tag}_{i}" for i, v in enumerate(VARIANTS)}
     conns = {
-        "before 005": await _database(server_url, names["before 005"], before_dir),
-        "after 005": await _database(server_url, names["after 005"], Path(SQL_DIR)),
+        "before 005": await migrated_database(server_url, names["before 005"], before_dir),
+        "after 005": await migrated_database(server_url, names["after 005"]),
     }
     out: dict[str, Any] = {"rows": rows_n, "chunk": CHUNK, "results": []}
     try:
