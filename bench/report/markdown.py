@@ -201,8 +201,9 @@ def _storage(st: dict[str, Any]) -> list[str]:
     L = ["", "## Storage: bytes per stored ping and COPY rows/s, before and after migration 005", "",
          f"{st['rows']:,} rows of one month COPYed in chunks of {st['chunk']:,} into a database of"
          " its own per schema (before: migrations up to 004, with the \"batchId\" index; after:"
-         " all), 1,000 trips, a batch id per 20 pings; sizes after VACUUM ANALYZE; \"packed\" is"
-         " after REINDEX (a month no ping arrives in any more).", "",
+         " all; trip key: all, with an int8 \"tripKey\" and the unique guard on (\"tripKey\","
+         " \"timestamp\")), 1,000 trips, a batch id per 20 pings; sizes after VACUUM ANALYZE;"
+         " \"packed\" is after REINDEX (a month no ping arrives in any more).", "",
          "| ids | schema | heap B | unique index B | batchId index B | total B | packed total B | COPY rows/s |",
          "|---|---|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
     for r in st["results"]:
@@ -212,6 +213,13 @@ def _storage(st: dict[str, Any]) -> list[str]:
             L.append(f"| {r['ids']} | {name} 005 | {b['heap']} | {b.get('unique', '-')}"
                      f" | {b.get('batchId', '-')} | {b['total']} | {p['total']} | {v['copy_rows_s']:,} |")  # fmt: skip
         L.append(f"| {r['ids']} | after ÷ before | | | | | | {r['copy_ratio']:.2f}x |")
+        if k := r.get("trip_key"):
+            b, p = k["bytes_per_row"], k["packed_bytes_per_row"]
+            L.append(f"| {r['ids']} | trip key (not built) | {b['heap']} | {b.get('unique', '-')} | -"
+                     f" | {b['total']} | {p['total']} | {k['copy_rows_s']:,} |")  # fmt: skip
+            L.append(
+                f"| {r['ids']} | trip key ÷ after | | | | | | {r['trip_key_copy_ratio']:.2f}x |"
+            )
     return L
 
 

@@ -1,8 +1,13 @@
 """STAGE: storage. Bytes per stored ping (heap and each index of "TripLocation") and COPY
-rows/s, with the schema before migration 005 (the "batchId" index) and after it, in the same
-run: each on a database of its own, migrated by the service's own migrations (all of them, or
-all but 005), filled by COPY in flush-sized chunks of the rows the service stores (one month,
-trips of pings a second apart, one batch id per 20 pings).
+rows/s, with the schema before migration 005 (the "batchId" index), after it, and with a
+surrogate trip key (not built: what it would store), in the same run: each on a database of
+its own, migrated by the service's own migrations (all of them, or all but 005), filled by
+COPY in flush-sized chunks of the rows the service stores (one month, trips of pings a second
+apart, one batch id per 20 pings).
+
+"trip key" is the schema after 005 with an int8 "tripKey" column (one per org and trip, as
+"IngestTrip" would hand out) and the unique guard on ("tripKey", "timestamp") in place of
+("orgId", "tripId", "timestamp"): the lever docs/bench.md#storage weighs for the 200 B target.
 
 Two id styles: the load's (short: "r0-17-3") and UUIDs (what many apps send). Sizes are read
 after VACUUM ANALYZE; COPY rows/s is the best of the variant's fills, alternated with the other
@@ -39,7 +44,12 @@ CHUNK = 5_000  # rows per COPY: a flush at the headline cell
 TRIPS = 1_000
 BATCH = 20
 DROPPED_BY = "005_drop_batch_index.sql"
-VARIANTS = ("before 005", "after 005")
+VARIANTS = ("before 005", "after 005", "trip key")
+_TRIP_KEY = (
+    'ALTER TABLE "TripLocation" ADD COLUMN "tripKey" bigint NOT NULL',
+    'DROP INDEX "TripLocation_orgId_tripId_timestamp_key"',
+    'CREATE UNIQUE INDEX "TripLocation_tripKey_timestamp_key" ON "TripLocation" ("tripKey", "timestamp")',
+)
 STYLES = ("load ids", "uuid ids")
 _SIZES = """
 SELECT c.relname, pg_relation_size(c.oid),
@@ -78,14 +88,22 @@ def rows(style: str, count: int, month: datetime) -> list[Record]:
     return out[:count]
 
 
-async def _fill(conn: asyncpg.Connection, data: list[Record], month: datetime) -> dict[str, Any]:
+def with_trip_keys(data: list[Record]) -> list[tuple[Any, ...]]:
+    """The rows with a key per (org, trip) appended, numbered as the trips first appear."""
+    keys: dict[tuple[str | None, str], int] = {}
+    return [(*r, keys.setdefault((r[2], r[0]), len(keys) + 1)) for r in data]
+
+
+async def _fill(
+    conn: asyncpg.Connection, data: list[Any], month: datetime, columns: tuple[str, ...]
+) -> dict[str, Any]:
     await conn.execute('TRUNCATE "TripLocation"')
     await partitions.ensure(conn, [month.date()])
     await conn.execute("CHECKPOINT")
     started = time.perf_counter()
     for i in range(0, len(data), CHUNK):
         await conn.copy_records_to_table(
-            "TripLocation", records=data[i : i + CHUNK], columns=COLUMNS
+            "TripLocation", records=data[i : i + CHUNK], columns=columns
         )
     took = time.perf_counter() - started
     await conn.execute('VACUUM ANALYZE "TripLocation"')
@@ -103,7 +121,7 @@ async def _sizes(conn: asyncpg.Connection, n: int) -> dict[str, float]:
     for _, size, idx in await conn.fetch(_SIZES):
         heap += size
         for name, index_size in (json.loads(idx) if idx else {}).items():
-            kind = "batchId" if "batch" in name.lower() else "unique"
+            kind = "batchId" if "batch" in name.lower() else "unique"  # either unique guard
             indexes[kind] = indexes.get(kind, 0) + index_size
     per_row = {"heap": round(heap / n, 1)} | {k: round(v / n, 1) for k, v in indexes.items()}
     per_row["total"] = round((heap + sum(indexes.values())) / n, 1)
@@ -121,21 +139,29 @@ async def run(server_url: str, rows_n: int = ROWS, fills: int = FILLS) -> dict[s
     conns = {
         "before 005": await migrated_database(server_url, names["before 005"], before_dir),
         "after 005": await migrated_database(server_url, names["after 005"]),
+        "trip key": await migrated_database(server_url, names["trip key"]),
     }
+    for statement in _TRIP_KEY:
+        await conns["trip key"].execute(statement)
     out: dict[str, Any] = {"rows": rows_n, "chunk": CHUNK, "results": []}
     try:
         for style in STYLES:
             data = rows(style, rows_n, month)
+            keyed = with_trip_keys(data)
             best: dict[str, dict[str, Any]] = {}
             for _ in range(fills):
                 for variant in VARIANTS:
-                    r = await _fill(conns[variant], data, month)
+                    if variant == "trip key":
+                        r = await _fill(conns[variant], keyed, month, (*COLUMNS, "tripKey"))
+                    else:
+                        r = await _fill(conns[variant], data, month, COLUMNS)
                     if variant not in best or r["copy_rows_s"] > best[variant]["copy_rows_s"]:
                         best[variant] = r
-            before, after = best["before 005"], best["after 005"]
+            before, after, key = best["before 005"], best["after 005"], best["trip key"]
             out["results"].append({
-                "ids": style, "before": before, "after": after,
+                "ids": style, "before": before, "after": after, "trip_key": key,
                 "copy_ratio": round(after["copy_rows_s"] / before["copy_rows_s"], 3),
+                "trip_key_copy_ratio": round(key["copy_rows_s"] / after["copy_rows_s"], 3),
             })  # fmt: skip
     finally:
         for conn in conns.values():
@@ -151,14 +177,17 @@ async def run(server_url: str, rows_n: int = ROWS, fills: int = FILLS) -> dict[s
 
 
 def line(r: dict[str, Any]) -> str:
-    b, a = r["before"], r["after"]
+    b, a, k = r["before"], r["after"], r["trip_key"]
     return (
         f"storage ({r['ids']}): {b['bytes_per_row']['total']} -> {a['bytes_per_row']['total']}"
         f" B per ping (heap {a['bytes_per_row']['heap']}, unique {a['bytes_per_row'].get('unique')},"
         f" batchId index {b['bytes_per_row'].get('batchId')} -> none); COPY"
         f" {b['copy_rows_s']:,} -> {a['copy_rows_s']:,} rows/s ({r['copy_ratio']:.2f}x);"
         f" once the month is over and its index rebuilt: {a['packed_bytes_per_row']['total']} B"
-        f" (unique {a['packed_bytes_per_row'].get('unique')})"
+        f" (unique {a['packed_bytes_per_row'].get('unique')}); with a trip key (not built):"
+        f" {k['bytes_per_row']['total']} B (heap {k['bytes_per_row']['heap']}, unique"
+        f" {k['bytes_per_row'].get('unique')}), packed {k['packed_bytes_per_row']['total']} B,"
+        f" COPY {r['trip_key_copy_ratio']:.2f}x after 005's"
     )
 
 
