@@ -23,9 +23,10 @@ pods within that time are evaluated in time order:
 
 A sweep (one pod at a time, every few seconds) evaluates the trips with stored pings that no
 evaluation took in time: those of a pod that died between its commit and its evaluation, or
-of a flush given up. A replayed batch stores no ping, so it is never evaluated. A ping older
-than its trip's evaluated time (a late upload) makes no event: the crossing is noticed at the
-next evaluated ping instead.
+of a flush given up or dropped. A new trip of an org with fences has its state row from the
+flush that started it (store.py), so the sweep finds it too, evaluated never. A replayed
+batch stores no ping, so it is never evaluated. A ping older than its trip's evaluated time
+(a late upload) makes no event: the crossing is noticed at the next evaluated ping instead.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .schema import LiveGeofence, StoredLocation
 
 log = logging.getLogger("ingest.geofences")
 
-_BACKLOG_FLUSHES = 256
+BACKLOG_FLUSHES = 256
 # At most this many rows are evaluated in one transaction.
 _GROUP_ROWS = 25_000
 # Orgs with fences are looked up this often; a flush of other orgs costs no query. Shorter than
@@ -136,15 +137,17 @@ CROSS JOIN LATERAL (
     ORDER BY "timestamp" DESC LIMIT $5) l
 """
 _TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
-# Trips of orgs with fences, evaluated within _SWEEP_WINDOW, with a ping stored more than the
-# settle time ago and never evaluated.
+# Trips of orgs with fences, evaluated (or made: a new trip's row, evaluated never) within
+# _SWEEP_WINDOW, with a ping stored more than the settle time ago and never evaluated: after
+# the evaluated time, or, evaluated never, after the org's oldest fence (as the read-back).
 _UNEVALUATED = """
 SELECT s."orgId", s."tripId" FROM "GeofenceState" s
 WHERE s."orgId" = ANY($1::text[]) AND s."updatedAt" > now() - $2::interval
-  AND s."evaluatedTo" IS NOT NULL
   AND EXISTS (
     SELECT 1 FROM "TripLocation" t
-    WHERE t."orgId" = s."orgId" AND t."tripId" = s."tripId" AND t."timestamp" > s."evaluatedTo"
+    WHERE t."orgId" = s."orgId" AND t."tripId" = s."tripId"
+      AND t."timestamp" > coalesce(s."evaluatedTo",
+          (SELECT min(g."createdAt") FROM "Geofence" g WHERE g."orgId" = s."orgId"))
       AND t."createdAt" < now() - $3::interval)
 ORDER BY s."orgId", s."tripId" LIMIT $4
 """
@@ -265,7 +268,7 @@ def _trips(rows: list[Record]) -> set[tuple[str | None, str]]:
 
 class CommitBacklog:
     """The flushes committed and not taken yet, each with the loop time it is due: at most
-    _BACKLOG_FLUSHES (beyond, the oldest is dropped), and the event that wakes the task that
+    BACKLOG_FLUSHES (beyond, the oldest is dropped), and the event that wakes the task that
     takes them. The evaluator's, and the geofence worker's in the pod."""
 
     def __init__(self, delay_s: float) -> None:
@@ -277,12 +280,18 @@ class CommitBacklog:
 
     def committed(self, rows: list[Record]) -> None:
         """Called by the flusher after each commit; never blocks it."""
-        if len(self._backlog) >= _BACKLOG_FLUSHES:
-            self._backlog.popleft()  # read back by its trips' next evaluation, or the sweep
-            metrics.GEOFENCE_DROPPED.inc()
         due = asyncio.get_running_loop().time() + self._delay_s
         self._backlog.append((due, rows))
+        self._trim()
         self._wakeup.set()
+
+    def _trim(self) -> None:
+        """Drop the oldest flushes beyond BACKLOG_FLUSHES: their trips' next evaluation, or
+        the sweep, reads their pings back."""
+        backlog = self._backlog
+        while len(backlog) > BACKLOG_FLUSHES:
+            backlog.popleft()
+            metrics.GEOFENCE_DROPPED.inc()
 
     def stop(self) -> None:
         """Take what is left at once, due or not, then end run()."""
@@ -510,7 +519,10 @@ class GeofenceEvaluator(CommitBacklog):
             inside[key] = frozenset(f for f in was_inside if f in fences.fences)  # deleted
             pings[key] = recs
             hi = recs[0][TS] if recs else MAX_TIME
-            lo = evaluated_to if evaluated_to is not None else hi - GAP_FIRST
+            if evaluated_to is not None:
+                lo = evaluated_to
+            else:  # a first evaluation: GAP_FIRST before its pings; the sweep's, all there are
+                lo = hi - GAP_FIRST if recs else fences.oldest
             gap_keys.append(key)
             gap_lo.append(_us(max(lo, fences.oldest)))
             gap_hi.append(_us(hi))

@@ -18,6 +18,7 @@ signal to the whole process group does not cut an evaluation short.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -32,6 +33,7 @@ from prometheus_client import Counter
 
 from . import logs, metrics
 from .geofence_events import (
+    BACKLOG_FLUSHES,
     FENCED_ORGS,
     ORGS_REFRESH_S,
     SWEEP_INTERVAL_S,
@@ -56,6 +58,9 @@ _DONE_POLL_S = 0.02  # how often the child looks whether it finished a flush, to
 _RESTART_MIN_S, _RESTART_MAX_S, _STABLE_S = 1.0, 30.0, 60.0
 _EXIT_WAIT_S = 1.0  # after its evaluations, for the child to close its pool and exit
 _CHILD_POOL_MAX = 2  # its evaluations, and the sweep's
+_SEND_BETWEEN_YIELDS = 8  # flushes handed over between turns of the event loop
+# The pod's variables the child does not get: its credentials (it verifies no token).
+_NOT_FOR_CHILD = ("JWT_",)
 _EMPTY: frozenset[str] = frozenset()
 
 
@@ -112,13 +117,14 @@ class GeofenceWorker(CommitBacklog):
         self.pool = pool
         self.settle_s = settings.geofence_settle_ms / 1000
         # The child needs no credential of the pod's own (it verifies no token).
-        self._config = msgspec.json.encode(
+        # MessagePack, not JSON: a float setting of inf (RATE_LIMIT_PER_S=inf) stays inf.
+        self._config = msgspec.msgpack.encode(
             msgspec.structs.replace(
                 settings, jwt_secret=None, jwt_secret_file=None, jwt_public_key=None
             )
         )
         # Flushes taken from the backlog, while the hand-over waits for PostgreSQL or the child.
-        self._handing: list[tuple[float, list[Record]]] = []
+        self._handing: collections.deque[tuple[float, list[Record]]] = collections.deque()
         self._fenced: frozenset[str] = _EMPTY
         self._fenced_at = -1e9
         self._look_at = 0.0  # loop time to look for orgs with fences with nothing due
@@ -193,13 +199,30 @@ class GeofenceWorker(CommitBacklog):
             log.warning("geofence_orgs_lookup_failed", extra={"error": repr(exc)})
             backlog.extendleft(reversed(due))
             due.clear()
+            self._trim()  # what committed meanwhile: the backlog keeps its bound
             return False
-        proc = await self._child() if fenced else None
-        for _, rows in due:
+        proc = None
+        if fenced:
+            try:
+                proc = await self._child()
+            except Exception as exc:  # its flushes are dropped; the next hand-over tries again
+                log.error("geofence_worker_start_failed", extra={"error": repr(exc)})
+        sent = 0
+        while due:  # (_trim() may drop the oldest of them meanwhile)
+            _, rows = due.popleft()
             if fenced and (mine := [r for r in rows if r[ORG] in fenced]):
                 self._send(proc, mine)
-        due.clear()
+            sent += 1
+            if sent % _SEND_BETWEEN_YIELDS == 0:
+                await asyncio.sleep(0)  # a long backlog (after an outage): requests run between
         return True
+
+    def _trim(self) -> None:
+        """The bound holds for the flushes taken for a hand-over too, oldest dropped first."""
+        handing, backlog = self._handing, self._backlog
+        while len(handing) + len(backlog) > BACKLOG_FLUSHES:
+            (handing if handing else backlog).popleft()
+            metrics.GEOFENCE_DROPPED.inc()
 
     def _send(self, proc: asyncio.subprocess.Process | None, rows: list[Record]) -> None:
         if proc is None or proc.stdin is None:  # waiting to be started again
@@ -227,16 +250,19 @@ class GeofenceWorker(CommitBacklog):
             self._proc = None
         if loop.time() < self._restart_at:
             return None
-        read_fd, write_fd = os.pipe()
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:  # no file descriptor left (a flood of connections)
+            self._start_failed(exc)
+            return None
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ingest.geofence_worker", str(write_fd),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(write_fd,),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(write_fd,), env=_child_environment(),
             )  # fmt: skip
-        except OSError as exc:  # no memory, no process left: tried again later
+        except OSError as exc:  # no memory, no process left
             os.close(read_fd)
-            log.error("geofence_worker_start_failed", extra={"error": repr(exc)})
-            self._restart_at = loop.time() + _RESTART_MAX_S
+            self._start_failed(exc)
             return None
         finally:
             os.close(write_fd)
@@ -248,6 +274,12 @@ class GeofenceWorker(CommitBacklog):
         log.info("geofence_worker_started", extra={"pid": proc.pid})
         self._reports = asyncio.create_task(self._read_reports(read_fd))
         return proc
+
+    def _start_failed(self, exc: OSError) -> None:
+        """The child could not be started: tried again after _RESTART_MAX_S (flushes due
+        meanwhile are dropped, and read back later)."""
+        log.error("geofence_worker_start_failed", extra={"error": repr(exc)})
+        self._restart_at = asyncio.get_running_loop().time() + _RESTART_MAX_S
 
     async def _read_reports(self, fd: int) -> None:
         reader, transport = await _pipe_reader(fd)
@@ -278,6 +310,12 @@ class GeofenceWorker(CommitBacklog):
                 proc.kill()
         if self._reports is not None and not self._reports.done():
             self._reports.cancel()
+
+
+def _child_environment() -> dict[str, str]:
+    """The pod's environment without its credentials: the child gets its settings (the
+    database's and Redis's URLs among them) over its stdin, and PG* variables stay for asyncpg."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_CHILD)}
 
 
 def apply_report(report: Report) -> None:
@@ -335,7 +373,7 @@ async def _work(report_fd: int) -> None:
     config = await _read_frame(reader)
     if config is None:
         return
-    s = msgspec.json.decode(config, type=Settings)
+    s = msgspec.msgpack.decode(config, type=Settings)
     logs.setup(s.log_level)
     logs.capture_stderr()
     pool = await asyncpg.create_pool(

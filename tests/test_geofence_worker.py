@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import signal
 from pathlib import Path
 
+import pytest
 from prometheus_client import Counter
 
 from ingest import geofence_events, metrics
 from ingest.geofence_worker import REPORTED, GeofenceWorker
 from ingest.typedefs import GEOFENCES
 
-from .conftest import now_ms, state_reached
+from .conftest import SECRET, now_ms, state_reached
 from .test_geofences import INSIDE, OUTSIDE, drive, events, fence, kinds, settled
 
 
@@ -184,3 +186,120 @@ def test_every_counter_the_evaluation_updates_is_reported():
     used = {getattr(metrics, name) for name in re.findall(r"metrics\.([A-Z_]+)", source)}
     assert {m for m in used if isinstance(m, Counter)} == set(REPORTED)
     assert metrics.GEOFENCE_SECONDS in used  # sent as each report's durations
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+async def test_the_backlog_keeps_its_bound_while_the_fenced_orgs_cannot_be_looked_up(
+    make_client, db, mode
+):
+    """A lock on "GeofenceOrg" (a migration queued behind a long transaction) times the
+    look-up out at every hand-over while flushes commit: the pod holds at most the backlog's
+    bound (found by an attacker's review: the hand-over put back more than it took)."""
+    client = await make_client(flush_timeout_s=0.5, geofence_evaluation=mode)
+    await fence(client)
+    pod = client.server.app[GEOFENCES]
+    t = now_ms(1)
+    await drive(client, [OUTSIDE], t)
+    dropped = count(metrics.GEOFENCE_DROPPED)
+    held, i = 0, 0
+    async with db.transaction():
+        await db.execute('LOCK TABLE "GeofenceOrg" IN ACCESS EXCLUSIVE MODE')
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3
+        while loop.time() < end:
+            i += 1
+            answer = await drive(client, [INSIDE if i % 2 else OUTSIDE], t + i * 50, settle=False)
+            assert answer["accepted"] == 1  # ingest goes on
+            held = max(held, len(pod._backlog) + len(getattr(pod, "_handing", ())))
+    assert i > geofence_events.BACKLOG_FLUSHES  # more flushes committed than the bound
+    assert held <= geofence_events.BACKLOG_FLUSHES
+    assert count(metrics.GEOFENCE_DROPPED) - dropped >= i - geofence_events.BACKLOG_FLUSHES
+
+
+async def test_a_setting_of_inf_reaches_the_child_as_inf(make_client):
+    """RATE_LIMIT_PER_S=inf (no per-driver limit) is a setting the pod takes; JSON would have
+    sent it to the child as null, which it refused at every start: no event, ever."""
+    client = await make_client(rate_limit_per_s=float("inf"))
+    fid, pod, t, pid = await with_child(client)
+    await drive(client, [INSIDE], t + 1000)
+    await drive(client, [OUTSIDE], t + 2000)
+    assert kinds(await events(client, fid)) == [("enter", t + 1000), ("exit", t + 2000)]
+    assert pod.pid == pid  # the one child, never restarted
+
+
+def _environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+async def test_the_child_gets_no_credential_of_the_pods(make_client, monkeypatch):
+    """The child verifies no token: neither its settings nor its environment hold the JWT
+    secret the deployment gives the pod (envFrom: the ingest-secrets Secret)."""
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    client = await make_client()
+    _fid, _pod, _t, pid = await with_child(client)
+    environ = _environ(pid)
+    assert [v for v in environ if SECRET.encode() in v] == []
+    assert [v for v in environ if v.startswith(b"JWT_")] == []
+    assert any(v.startswith(b"PATH=") for v in environ)
+
+
+async def test_no_file_descriptor_left_for_the_childs_pipe_is_tried_again_later(client):
+    """EMFILE when the child is to be started (a flood of connections at the open-files
+    limit), for real: the start is put off, the pod's task lives on, and a later start works
+    (before, the OSError ended the pod's geofence task for good)."""
+    fid, pod, t, pid = await with_child(client)
+    os.kill(pid, signal.SIGKILL)
+    await state_reached(lambda: pod.pid is None)
+    await pod._child()  # (it sees the death: a restart is due after the backoff)
+    pod._restart_at = 0.0  # due now
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = min(set(range(soft)) - {int(fd) for fd in os.listdir("/proc/self/fd")})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        assert await pod._child() is None  # os.pipe() failed: no fd below the limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert pod._restart_at > asyncio.get_running_loop().time()
+    pod._restart_at = 0.0  # (instead of waiting out _RESTART_MAX_S)
+    await drive(client, [INSIDE], t + 1000)
+    await drive(client, [OUTSIDE], t + 2000)
+    assert pod.pid is not None
+    assert kinds(await events(client, fid))[-1] == ("exit", t + 2000)
+
+
+async def test_a_new_trips_only_batch_dropped_while_the_child_restarts_is_swept(client, db):
+    """A van's whole run in one upload, committed while no child runs (its flush dropped by
+    the pod): the flush that started the trip made its state row, so the sweep finds and
+    evaluates it (found by an attacker's review: the sweep only knew trips evaluated before)."""
+    fid, pod, t, pid = await with_child(client)
+    os.kill(pid, signal.SIGKILL)
+    await state_reached(lambda: pod.pid is None)
+    dropped = count(metrics.GEOFENCE_DROPPED)
+    await drive(client, [OUTSIDE, INSIDE], t + 1000, trip="van_9", driver="drv_9", settle=False)
+    await state_reached(lambda: count(metrics.GEOFENCE_DROPPED) > dropped)
+    await state_reached(lambda: pod.pid is not None, timeout=10)  # started again
+
+    async def van_events() -> list[tuple[str, int]]:
+        return kinds([e for e in await events(client, fid) if e["tripId"] == "van_9"])
+
+    for _ in range(100):  # the restart, then a sweep: at most 10 s
+        if found := await van_events():
+            break
+        await asyncio.sleep(0.1)
+    assert found == [("enter", t + 2000)]
+    # Swept once: a later sweep finds it evaluated.
+    await asyncio.sleep(geofence_events.SWEEP_INTERVAL_S * 1.5)
+    assert await van_events() == [("enter", t + 2000)]
+
+
+async def test_only_a_new_trip_of_an_org_with_fences_gets_a_state_row_with_its_owner(client, db):
+    """The same trip id started in two orgs, one with fences: the other org's trip makes no
+    geofence state, and neither sees the other's."""
+    await fence(client, org="org_1")
+    t = now_ms(1)
+    await drive(client, [OUTSIDE], t, trip="shared", driver="drv_1", org="org_1", settle=False)
+    await drive(client, [OUTSIDE], t, trip="shared", driver="drv_1", org="org_2", settle=False)
+    rows = await db.fetch(
+        'SELECT "orgId" FROM "GeofenceState" WHERE "tripId" = $1 ORDER BY 1', "shared"
+    )
+    assert [r[0] for r in rows] == ["org_1"]
