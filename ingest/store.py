@@ -70,6 +70,14 @@ WITH claimed AS (
 )
 SELECT * FROM claimed
 """
+_UNCLAIM_TRIPS = """
+WITH trips AS (
+    DELETE FROM "IngestTrip"
+    WHERE ("orgId", "tripId") IN (SELECT * FROM unnest($1::text[], $2::text[]))
+    RETURNING "orgId", "tripId"
+)
+DELETE FROM "GeofenceState" s USING trips t WHERE s."orgId" = t."orgId" AND s."tripId" = t."tripId"
+"""
 # Read in a statement of its own, so that it sees trips another pod committed meanwhile.
 _OWNERS_AGAIN = """
 SELECT t."orgId", t."tripId", t."driverId"
@@ -121,9 +129,10 @@ def _too_many_trips(limit: int) -> Refused:
 
 async def _owners(
     conn: asyncpg.Connection, batch: FlushBatch, pending: list[Pending], trips_per_day: int
-) -> Owners:
+) -> tuple[Owners, set[tuple[str, str]]]:
     """The owner of every trip in ``pending``, claiming each new trip for the first driver
-    posting to it who has started fewer than ``trips_per_day`` trips in the last day."""
+    posting to it who has started fewer than ``trips_per_day`` trips in the last day; and the
+    trips claimed here."""
     keys = list(dict.fromkeys((p.org, p.trip) for p in pending))
     rows = await conn.fetch(_OWNERS, [k[0] for k in keys], [k[1] for k in keys], batch.flush_id)
     owners: Owners = {}
@@ -133,7 +142,7 @@ async def _owners(
         else:
             owners[(r[1], r[2])] = r[3]
     if len(owners) == len(keys):
-        return owners
+        return owners, set()
     # New trips (rare: a trip's first flush).
     new = [p for p in pending if (p.org, p.trip) not in owners]
     drivers = sorted({(p.org, p.driver_id) for p in new})  # sorted: pods lock in one order
@@ -150,6 +159,7 @@ async def _owners(
             started[(p.org, p.driver_id)] += 1
             claimed.add(key)
             claim.append((p.org, p.trip, p.driver_id))
+    won: set[tuple[str, str]] = set()
     if claim:
         won = {
             (r[0], r[1])
@@ -162,7 +172,7 @@ async def _owners(
         if lost:  # another pod started the same trip meanwhile: its driver owns it
             for r in await conn.fetch(_OWNERS_AGAIN, [k[0] for k in lost], [k[1] for k in lost]):
                 owners[(r[0], r[1])] = r[2]
-    return owners
+    return owners, won
 
 
 def _allowed(pending: list[Pending], owners: Owners, trips_per_day: int) -> list[Pending]:
@@ -202,7 +212,7 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int
         p.reset()
     batch.stored = []
     async with conn.transaction():
-        owners = await _owners(conn, batch, batch.pending, trips_per_day)
+        owners, new_trips = await _owners(conn, batch, batch.pending, trips_per_day)
         allowed = _allowed(batch.pending, owners, trips_per_day)
         # Sorted, so two pods claiming the same ids lock them in the same order (no deadlock).
         keyed = sorted(
@@ -216,6 +226,12 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int
                 [p.org for p in keyed], [p.driver_id for p in keyed], [p.batch_id for p in keyed],
             )  # fmt: skip
             fresh = _split_replays(allowed, {(r[0], r[1], r[2]) for r in claimed})
+        if new_trips and (unused := new_trips - {(p.org, p.trip) for p in fresh}):
+            # Trips only replays named: a replay stores nothing, so it starts no trip either
+            # (it would own a trip with no ping, and use up one of the driver's trips a day).
+            await conn.execute(_UNCLAIM_TRIPS, [k[0] for k in unused], [k[1] for k in unused])
+            for key in unused:
+                del owners[key]
         if len(fresh) == len(batch.pending):
             rows = batch.rows
         else:

@@ -47,8 +47,12 @@ def invalid(exc: Exception) -> web.Response:
 # -- trip and driver ---------------------------------------------------------------------------
 
 
-def ident(value: str, field: str) -> str:
-    value = value.strip()
+def ident(value: str, field: str, strip: bool = True) -> str:
+    """A valid id from ``value``: an app's device id is stripped of surrounding blanks; the
+    token's subject is taken as it is (``strip=False``): stripped, "drv_1 " would post as
+    "drv_1", the driver the native endpoint keeps it apart from."""
+    if strip:
+        value = value.strip()
     if not 1 <= len(value) <= 64 or _CONTROL.search(value):
         raise FormatError(f"{field}: must be 1-64 characters, without control characters")
     if not value.isascii():  # a header's bytes that are not UTF-8 arrive as lone surrogates
@@ -69,7 +73,7 @@ def identity(principal: Principal, device: str | None, field: str) -> tuple[str,
     if principal is DEV_PRINCIPAL:
         driver = trip or "dev"
     else:
-        driver = ident(principal.sub, "the token's subject (sub)")
+        driver = ident(principal.sub, "the token's subject (sub)", strip=False)
     return trip or driver, driver
 
 

@@ -1,0 +1,115 @@
+"""Attacks on trip ownership found by a review (2026-12-05), each failing before its fix:
+a token subject that differs by blanks posting as another driver through the phone apps, ids
+ending in a newline (msgspec's pattern anchor let them through), and a replayed batch that
+stored nothing but still claimed the new trip it named."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
+
+from .conftest import auth, batch, iso, now_ms, token
+
+PING = "/api/v1/tracking/ping"
+HANDOVER = "/api/v1/tracking/trips/{}/driver"
+
+
+def _overland_feature(ts_ms: int, device: str) -> dict[str, object]:
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [77.5, 12.9]},
+            "properties": {"timestamp": iso(ts_ms), "device_id": device}}  # fmt: skip
+
+
+async def _post_through(
+    client: TestClient, app: str, tok: str, device: str, ts_ms: int
+) -> ClientResponse:
+    if app == "overland":
+        return await client.post(
+            "/api/v1/ingest/overland", json={"locations": [_overland_feature(ts_ms, device)]},
+            headers={"Authorization": f"Bearer {tok}"},
+        )  # fmt: skip
+    if app == "owntracks":
+        basic = base64.b64encode(f"x:{tok}".encode()).decode()
+        body = {"_type": "location", "lat": 12.9, "lon": 77.5, "tst": ts_ms // 1000}
+        return await client.post(
+            "/api/v1/ingest/owntracks", data=json.dumps(body),
+            headers={"Authorization": f"Basic {basic}", "Content-Type": "application/json",
+                     "X-Limit-D": device},
+        )  # fmt: skip
+    params = {"token": tok, "id": device, "lat": "12.9", "lon": "77.5", "timestamp": str(ts_ms)}
+    return await client.post("/api/v1/ingest/osmand", params=params)
+
+
+@pytest.mark.parametrize("app", ["overland", "owntracks", "osmand"])
+@pytest.mark.parametrize("blank", [" ", "\u00a0", "\u3000"], ids=["space", "nbsp", "ideographic"])
+async def test_a_subject_that_differs_by_blanks_is_another_driver_in_the_phone_apps(
+    client, db, app, blank
+):
+    """drv_1 owns truck_7. The token of "drv_1 " (another subject) is refused on it natively;
+    through a phone app its subject was stripped to "drv_1", and it posted as drv_1."""
+    start = now_ms(-600) // 1000 * 1000
+    r = await client.post(PING, json=batch(1, trip="truck_7", start_ms=start), headers=auth())
+    assert r.status == 200, await r.text()
+    other = "drv_1" + blank
+    r = await _post_through(client, app, token("driver", other, "org_1"), "truck_7", start + 7000)
+    assert r.status == 403, await r.text()
+    drivers = await db.fetch(
+        """SELECT DISTINCT "driverId" FROM "TripLocation"
+           WHERE "orgId" = 'org_1' AND "tripId" = 'truck_7'"""
+    )
+    assert [d[0] for d in drivers] == ["drv_1"]
+    # Its own device's trip is its own, under its exact subject.
+    r = await _post_through(client, app, token("driver", other, "org_1"), "van_8", start + 8000)
+    assert r.status == 200, await r.text()
+    owner = await db.fetchval("""SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 'van_8'""")
+    assert owner == other
+
+
+async def test_ids_ending_in_a_newline_are_refused(client, db):
+    """A trip id "truck_5\\n" was stored (200) and could then never be read or handed over;
+    a handover to "drv_2\\n" gave the trip to a driver no token has."""
+    r = await client.post(PING, json=batch(2, trip="truck_5\n"), headers=auth())
+    assert r.status == 400, await r.text()
+    assert "tripId" in (await r.json())["detail"]
+    stored = await db.fetchval(
+        """SELECT count(*) FROM "TripLocation" WHERE "tripId" LIKE 'truck_5%'"""
+    )
+    assert stored == 0
+    r = await client.post(PING, json=batch(1, trip="truck_9"), headers=auth())
+    assert r.status == 200
+    dispatcher = auth("dispatcher", "disp_1", "org_1")
+    r = await client.put(
+        HANDOVER.format("truck_9"), json={"driverId": "drv_2\n"}, headers=dispatcher
+    )
+    assert r.status == 400, await r.text()
+    assert "driverId" in (await r.json())["detail"]
+    owner = await db.fetchval("""SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 'truck_9'""")
+    assert owner == "drv_1"
+
+
+async def test_a_replay_naming_a_new_trip_claims_no_trip(client, db):
+    """drv_1 resends batch b-1 naming truck_42: a replay, which stores nothing, and now owns
+    nothing either (before, truck_42 became drv_1's, with no ping to show for it, and drv_2
+    was refused on it)."""
+    start = now_ms(-600)
+    r = await client.post(
+        PING, json=batch(1, trip="t_own", start_ms=start, batch_id="b-1"), headers=auth()
+    )
+    assert r.status == 200
+    r = await client.post(
+        PING, json=batch(1, trip="truck_42", start_ms=start, batch_id="b-1"), headers=auth()
+    )
+    ack = await r.json()
+    assert (r.status, ack["accepted"], ack["duplicates"]) == (200, 0, 1), ack
+    owner = await db.fetchval("""SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 'truck_42'""")
+    assert owner is None
+    r = await client.post(
+        PING, json=batch(1, trip="truck_42", driver="drv_2", start_ms=start),
+        headers=auth("driver", "drv_2"),
+    )  # fmt: skip
+    assert r.status == 200, await r.text()
+    owner = await db.fetchval("""SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 'truck_42'""")
+    assert owner == "drv_2"
