@@ -57,6 +57,10 @@ _DONE_POLL_S = 0.02  # how often the child looks whether it finished a flush, to
 # lived for _STABLE_S starts the count again.
 _RESTART_MIN_S, _RESTART_MAX_S, _STABLE_S = 1.0, 30.0, 60.0
 _EXIT_WAIT_S = 1.0  # after its evaluations, for the child to close its pool and exit
+# A child reports at least every _REPORT_S; one silent this long is frozen (stopped, or its
+# loop stuck) and is killed, so that it is replaced and its transaction (and the sweep's lock
+# with it) ends.
+_STALLED_S = 30.0
 _CHILD_POOL_MAX = 2  # its evaluations, and the sweep's
 _SEND_BETWEEN_YIELDS = 8  # flushes handed over between turns of the event loop
 # The pod's variables the child does not get: its credentials (it verifies no token).
@@ -131,6 +135,7 @@ class GeofenceWorker(CommitBacklog):
         self._proc: asyncio.subprocess.Process | None = None
         self._reports: asyncio.Task[None] | None = None
         self._started_at = 0.0
+        self._reported_at = 0.0  # loop time of the child's last report
         self._restart_at = 0.0
         self._restart_s = _RESTART_MIN_S
         # Flushes sent to the running child, and how many of them it is done with.
@@ -240,6 +245,10 @@ class GeofenceWorker(CommitBacklog):
         proc = self._proc
         loop = asyncio.get_running_loop()
         if proc is not None and proc.returncode is None:
+            if loop.time() - self._reported_at > _STALLED_S:
+                log.error("geofence_worker_stalled", extra={"pid": proc.pid})
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # seen dead, and replaced, once reaped
             return proc
         if proc is not None:  # it died
             lived = loop.time() - self._started_at
@@ -269,6 +278,7 @@ class GeofenceWorker(CommitBacklog):
         assert proc.stdin is not None
         proc.stdin.write(_frame(self._config))
         self._proc, self._started_at = proc, loop.time()
+        self._reported_at = loop.time()
         self._sent = self._done = 0
         metrics.GEOFENCE_WORKER_STARTS.inc()
         log.info("geofence_worker_started", extra={"pid": proc.pid})
@@ -286,6 +296,7 @@ class GeofenceWorker(CommitBacklog):
         try:
             while (frame := await _read_frame(reader)) is not None:
                 report = _REPORT.decode(frame)
+                self._reported_at = asyncio.get_running_loop().time()
                 self._done = report.done
                 apply_report(report)
         finally:

@@ -6,6 +6,7 @@ too (tests/test_geofences.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import resource
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter
 
-from ingest import geofence_events, metrics
+from ingest import geofence_events, geofence_worker, metrics
 from ingest.geofence_worker import REPORTED, GeofenceWorker
 from ingest.typedefs import GEOFENCES
 
@@ -303,3 +304,21 @@ async def test_only_a_new_trip_of_an_org_with_fences_gets_a_state_row_with_its_o
         'SELECT "orgId" FROM "GeofenceState" WHERE "tripId" = $1 ORDER BY 1', "shared"
     )
     assert [r[0] for r in rows] == ["org_1"]
+
+
+async def test_a_frozen_child_is_replaced(client, monkeypatch):
+    """A child stopped for good (SIGSTOP, for real) sends no report: after _STALLED_S the pod
+    kills it (ending its transaction, and the sweep's lock if it held it) and a new child
+    evaluates (found by an attacker's review: a frozen child was never replaced)."""
+    monkeypatch.setattr(geofence_worker, "_STALLED_S", 1.5, raising=False)
+    fid, pod, t, pid = await with_child(client)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await drive(client, [INSIDE], t + 1000, settle=False)
+        await state_reached(lambda: pod.pid not in (None, pid), timeout=15)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    await state_reached(lambda: not alive(pid), timeout=5)
+    await drive(client, [OUTSIDE], t + 2000)
+    assert kinds(await events(client, fid)) == [("enter", t + 1000), ("exit", t + 2000)]
