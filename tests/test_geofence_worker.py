@@ -205,14 +205,11 @@ async def test_the_backlog_keeps_its_bound_while_the_fenced_orgs_cannot_be_looke
     held, i = 0, 0
     async with db.transaction():
         await db.execute('LOCK TABLE "GeofenceOrg" IN ACCESS EXCLUSIVE MODE')
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 3
-        while loop.time() < end:
+        while i < geofence_events.BACKLOG_FLUSHES + 64:  # more flushes than the bound
             i += 1
             answer = await drive(client, [INSIDE if i % 2 else OUTSIDE], t + i * 50, settle=False)
             assert answer["accepted"] == 1  # ingest goes on
             held = max(held, len(pod._backlog) + len(getattr(pod, "_handing", ())))
-    assert i > geofence_events.BACKLOG_FLUSHES  # more flushes committed than the bound
     assert held <= geofence_events.BACKLOG_FLUSHES
     assert count(metrics.GEOFENCE_DROPPED) - dropped >= i - geofence_events.BACKLOG_FLUSHES
 
