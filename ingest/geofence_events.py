@@ -23,10 +23,10 @@ pods within that time are evaluated in time order:
 
 A sweep (one pod at a time, every few seconds) evaluates the trips with stored pings that no
 evaluation took in time: those of a pod that died between its commit and its evaluation, or
-of a flush given up or dropped. A new trip of an org with fences has its state row from the
-flush that started it (store.py), so the sweep finds it too, evaluated never. A replayed
-batch stores no ping, so it is never evaluated. A ping older than its trip's evaluated time
-(a late upload) makes no event: the crossing is noticed at the next evaluated ping instead.
+of a flush given up or dropped. Dropping a flush makes the state rows its trips lack
+(evaluated never), so the sweep finds a new trip too. A replayed batch stores no ping, so it
+is never evaluated. A ping older than its trip's evaluated time (a late upload) makes no
+event: the crossing is noticed at the next evaluated ping instead.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from .schema import LiveGeofence, StoredLocation
 log = logging.getLogger("ingest.geofences")
 
 BACKLOG_FLUSHES = 256
+_UNMADE_MAX = 100_000  # trips of dropped flushes noted for their state rows, at most
 # At most this many rows are evaluated in one transaction.
 _GROUP_ROWS = 25_000
 # Orgs with fences are looked up this often; a flush of other orgs costs no query. Shorter than
@@ -273,6 +274,9 @@ class CommitBacklog:
 
     def __init__(self, delay_s: float) -> None:
         self._delay_s = delay_s
+        self._fenced: frozenset[str] = _EMPTY  # orgs with fences, as last looked up
+        # Trips of flushes dropped, whose state rows are to be made (_make_states).
+        self._unmade: set[tuple[str, str]] = set()
         # (loop time it is due, the flush's stored rows), in commit order.
         self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -290,8 +294,26 @@ class CommitBacklog:
         the sweep, reads their pings back."""
         backlog = self._backlog
         while len(backlog) > BACKLOG_FLUSHES:
-            backlog.popleft()
-            metrics.GEOFENCE_DROPPED.inc()
+            self._dropped(backlog.popleft()[1])
+
+    def _dropped(self, rows: list[Record]) -> None:
+        """A flush not evaluated here: count it, and note its trips of orgs with fences, so
+        that each gets a state row (_make_states) even if it has none yet: the sweep finds a
+        trip by its row."""
+        metrics.GEOFENCE_DROPPED.inc()
+        fenced, unmade = self._fenced, self._unmade
+        if fenced and len(unmade) < _UNMADE_MAX:
+            unmade.update(k for k, _ in itertools.groupby(rows, _TRIP_OF) if k[0] in fenced)
+
+    async def _make_states(self, pool: asyncpg.Pool) -> None:
+        """Make the state rows (evaluated never) of the trips of dropped flushes that have
+        none; best effort, off the ack path: a trip with a row is found by the sweep."""
+        keys = sorted(self._unmade)
+        self._unmade.clear()
+        try:
+            await pool.execute(_MAKE_STATES, [k[0] for k in keys], [k[1] for k in keys])
+        except Exception as exc:
+            log.warning("geofence_states_not_made", extra={"trips": len(keys), "error": repr(exc)})
 
     def stop(self) -> None:
         """Take what is left at once, due or not, then end run()."""
@@ -320,7 +342,6 @@ class GeofenceEvaluator(CommitBacklog):
         super().__init__(0.0 if waited else settle_s)
         self.settle_s = settle_s
         self.sweep_interval_s = sweep_interval_s
-        self._fenced: frozenset[str] = _EMPTY
         self._fenced_at = -1e9  # loop time of the last look-up of orgs with fences
         self._sweep_at = 0.0
         self._sets: dict[str, FenceSet] = {}
@@ -339,6 +360,8 @@ class GeofenceEvaluator(CommitBacklog):
         self._sweep_at = loop.time() + self.sweep_interval_s
         delay, failures = _RETRY_MIN_S, 0
         while True:
+            if self._unmade:
+                await self._make_states(self.pool)
             now = loop.time()
             if now >= self._sweep_at and not self._stopping:
                 await self._sweep_safely()
@@ -369,8 +392,7 @@ class GeofenceEvaluator(CommitBacklog):
                 if failures >= _GIVE_UP_AFTER and self._backlog and self._backlog[0][1] is first:
                     # Whatever fails this flush must not stop every later one: its trips'
                     # next evaluation, or the sweep, reads these pings back.
-                    self._backlog.popleft()
-                    metrics.GEOFENCE_DROPPED.inc()
+                    self._dropped(self._backlog.popleft()[1])
                     log.error("geofence_flush_given_up", extra={"rows": len(first)})
                     failures = 0
                 await self._sleep(delay)

@@ -129,7 +129,6 @@ class GeofenceWorker(CommitBacklog):
         )
         # Flushes taken from the backlog, while the hand-over waits for PostgreSQL or the child.
         self._handing: collections.deque[tuple[float, list[Record]]] = collections.deque()
-        self._fenced: frozenset[str] = _EMPTY
         self._fenced_at = -1e9
         self._look_at = 0.0  # loop time to look for orgs with fences with nothing due
         self._proc: asyncio.subprocess.Process | None = None
@@ -157,6 +156,8 @@ class GeofenceWorker(CommitBacklog):
         loop = asyncio.get_running_loop()
         try:
             while True:
+                if self._unmade:
+                    await self._make_states(self.pool)
                 now = loop.time()
                 if self._backlog and (self._stopping or self._backlog[0][0] <= now):
                     if not await self._hand_over(now):
@@ -226,16 +227,15 @@ class GeofenceWorker(CommitBacklog):
         """The bound holds for the flushes taken for a hand-over too, oldest dropped first."""
         handing, backlog = self._handing, self._backlog
         while len(handing) + len(backlog) > BACKLOG_FLUSHES:
-            (handing if handing else backlog).popleft()
-            metrics.GEOFENCE_DROPPED.inc()
+            self._dropped((handing if handing else backlog).popleft()[1])
 
     def _send(self, proc: asyncio.subprocess.Process | None, rows: list[Record]) -> None:
         if proc is None or proc.stdin is None:  # waiting to be started again
-            metrics.GEOFENCE_DROPPED.inc()
+            self._dropped(rows)
             return
         transport = proc.stdin.transport
         if transport.is_closing() or transport.get_write_buffer_size() > _PIPE_MAX_BYTES:
-            metrics.GEOFENCE_DROPPED.inc()
+            self._dropped(rows)
             return
         proc.stdin.write(_frame(_ROWS.encode(rows)))
         self._sent += 1

@@ -52,31 +52,14 @@ LEFT JOIN "IngestTrip" t ON t."orgId" = w.org AND t."driverId" = w.driver
      AND t."createdAt" > now() - interval '1 day'
 GROUP BY w.org, w.driver
 """
-# A new trip of an org with fences gets its geofence state row in the same transaction, not
-# evaluated yet (NULL "evaluatedTo"): if its evaluation never runs (the pod died, or dropped
-# the flush), the sweep still finds it (geofence_events.py).
 _CLAIM_TRIPS = """
-WITH claimed AS (
-    INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId")
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-    ON CONFLICT DO NOTHING
-    RETURNING "orgId", "tripId"
-), states AS (
-    INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
-    SELECT c."orgId", c."tripId", NULL, '{}' FROM claimed c
-    JOIN "GeofenceOrg" g ON g."orgId" = c."orgId" AND g."fences" > 0
-    ORDER BY 1, 2
-    ON CONFLICT DO NOTHING
-)
-SELECT * FROM claimed
+INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId")
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT DO NOTHING
+RETURNING "orgId", "tripId"
 """
 _UNCLAIM_TRIPS = """
-WITH trips AS (
-    DELETE FROM "IngestTrip"
-    WHERE ("orgId", "tripId") IN (SELECT * FROM unnest($1::text[], $2::text[]))
-    RETURNING "orgId", "tripId"
-)
-DELETE FROM "GeofenceState" s USING trips t WHERE s."orgId" = t."orgId" AND s."tripId" = t."tripId"
+DELETE FROM "IngestTrip" WHERE ("orgId", "tripId") IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 # Read in a statement of its own, so that it sees trips another pod committed meanwhile.
 _OWNERS_AGAIN = """

@@ -134,11 +134,9 @@ async def test_an_evaluation_waiting_for_a_trips_lock_never_moves_its_state_back
 async def test_a_trips_first_state_made_by_another_pod_meanwhile_is_the_one_used(client, db):
     """Two pods make a trip's first state at once: the other pod's (uncommitted) row is not
     seen by this evaluation's lock; it must wait for it and start from it (inside the fence,
-    evaluated to t + 1 s), not from no state. (The trip started before the org had fences:
-    a trip started since has its state row from its first flush.)"""
-    t = now_ms(1)
-    await drive(client, [OUTSIDE], t)
+    evaluated to t + 1 s), not from no state."""
     fid = await fence(client)
+    t = now_ms(1)
     async with db.transaction():
         await db.execute(
             'INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")'

@@ -266,8 +266,8 @@ async def test_no_file_descriptor_left_for_the_childs_pipe_is_tried_again_later(
 
 
 async def test_a_new_trips_only_batch_dropped_while_the_child_restarts_is_swept(client, db):
-    """A van's whole run in one upload, committed while no child runs (its flush dropped by
-    the pod): the flush that started the trip made its state row, so the sweep finds and
+    """A van's whole run in one upload, committed while no child runs: the pod drops the
+    flush, and makes the new trip's state row (evaluated never), so the sweep finds and
     evaluates it (found by an attacker's review: the sweep only knew trips evaluated before)."""
     fid, pod, t, pid = await with_child(client)
     os.kill(pid, signal.SIGKILL)
@@ -290,17 +290,29 @@ async def test_a_new_trips_only_batch_dropped_while_the_child_restarts_is_swept(
     assert await van_events() == [("enter", t + 2000)]
 
 
-async def test_only_a_new_trip_of_an_org_with_fences_gets_a_state_row_with_its_owner(client, db):
-    """The same trip id started in two orgs, one with fences: the other org's trip makes no
-    geofence state, and neither sees the other's."""
-    await fence(client, org="org_1")
+async def test_a_dropped_flush_makes_state_rows_for_the_fenced_org_only(client, db):
+    """The same new trip id in two orgs, in flushes dropped while no child runs: only the org
+    with fences gets a state row, and the ack waited for none of it."""
+    await with_child(client)
+    pod = client.server.app[GEOFENCES]
+    assert isinstance(pod, GeofenceWorker) and pod.pid is not None
+    os.kill(pod.pid, signal.SIGKILL)
+    await state_reached(lambda: pod.pid is None)
     t = now_ms(1)
-    await drive(client, [OUTSIDE], t, trip="shared", driver="drv_1", org="org_1", settle=False)
-    await drive(client, [OUTSIDE], t, trip="shared", driver="drv_1", org="org_2", settle=False)
-    rows = await db.fetch(
-        'SELECT "orgId" FROM "GeofenceState" WHERE "tripId" = $1 ORDER BY 1', "shared"
-    )
-    assert [r[0] for r in rows] == ["org_1"]
+    for org in ("org_1", "org_2"):
+        await drive(client, [INSIDE], t, trip="shared", driver="drv_7", org=org, settle=False)
+
+    async def orgs_with_state() -> list[str]:
+        rows = await db.fetch(
+            'SELECT "orgId" FROM "GeofenceState" WHERE "tripId" = $1 ORDER BY 1', "shared"
+        )
+        return [r[0] for r in rows]
+
+    for _ in range(100):
+        if await orgs_with_state():
+            break
+        await asyncio.sleep(0.05)
+    assert await orgs_with_state() == ["org_1"]
 
 
 async def test_a_frozen_child_is_replaced(client, monkeypatch):

@@ -426,22 +426,15 @@ async def test_a_deleted_fence_takes_its_events_and_makes_no_exit(client, db):
 async def test_a_blocked_evaluation_never_delays_the_ack_and_catches_up_once(client, db):
     fid = await fence(client)
     t = now_ms(1)
-    # Another session holds the org's row (a fence change): the evaluation waits, the ack
-    # must not.
+    # Another session holds the state table: the evaluation waits, the ack must not.
     async with db.transaction():
-        await hold_evaluations(db)
+        await db.execute('LOCK TABLE "GeofenceState" IN ACCESS EXCLUSIVE MODE')
         answer = await drive(client, [OUTSIDE, INSIDE], t, settle=False)
         assert answer["accepted"] == 2
         await asyncio.sleep(0.3)
         assert client.server.app[GEOFENCES].pending == 1
     await settled(client)
     assert kinds(await events(client, fid)) == [("enter", t + 1000)]
-
-
-async def hold_evaluations(db, org: str = "org_1") -> None:
-    """Hold the org's row, as a fence change does, until the transaction ends: evaluations of
-    the org wait (they read it FOR SHARE); flushes read it plainly and go on."""
-    await db.execute('SELECT 1 FROM "GeofenceOrg" WHERE "orgId" = $1 FOR UPDATE', org)
 
 
 def evaluations() -> float:
@@ -457,7 +450,7 @@ async def test_a_backlog_of_different_trips_is_evaluated_in_one_transaction(clie
     t = now_ms(1)
     before = evaluations()
     async with db.transaction():
-        await hold_evaluations(db)
+        await db.execute('LOCK TABLE "GeofenceState" IN ACCESS EXCLUSIVE MODE')
         await drive(client, [OUTSIDE], t, settle=False)  # its evaluation waits for the lock
         await asyncio.sleep(0.2)
         for i in range(1, 4):  # three trips, each entering the fence
@@ -481,7 +474,7 @@ async def test_flushes_sharing_a_trip_are_not_evaluated_together(make_client, db
     t = now_ms(1)
     b.server.app[GEOFENCES].stop()
     async with db.transaction():
-        await hold_evaluations(db)
+        await db.execute('LOCK TABLE "GeofenceState" IN ACCESS EXCLUSIVE MODE')
         await drive(a, [OUTSIDE], t, trip="trip_0", driver="drv_0", settle=False)  # held up
         await asyncio.sleep(0.2)
         await drive(a, [OUTSIDE], t, settle=False)
