@@ -34,14 +34,24 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
+async def drop_databases(server_url: str, *names: str) -> None:
+    """Drop each database of ``names`` (if it exists), ending its sessions."""
+    admin = await asyncpg.connect(server_url)
+    try:
+        for name in names:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 async def migrated_database(
     server_url: str, name: str, sql_dir: str | Path = SQL_DIR
 ) -> asyncpg.Connection:
     """A connection to database ``name``, made again (dropped first) and migrated in process
     by the service's migrations in ``sql_dir``."""
+    await drop_databases(server_url, name)
     admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
@@ -117,11 +127,7 @@ class BenchDB:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-        admin = await asyncpg.connect(self.server_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_databases(self.server_url, self.name)
 
 
 async def drop_redis_prefix(url: str, prefix: str) -> int:

@@ -18,11 +18,9 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
 from ingest import maintenance, partitions
 
-from .infra import migrated_database
+from .infra import drop_databases, migrated_database
 
 DATABASE = "bench_trip_expiry"
 _TRIPS = """
@@ -71,11 +69,7 @@ async def run(server_url: str, trips: int, pings: int) -> dict[str, float | int]
         return out
     finally:
         await conn.close()
-        admin = await asyncpg.connect(server_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_databases(server_url, DATABASE)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from ingest.buffer import FlushBatch, Pending
 from ingest.flush import new_flush_id
 from ingest.records import COLUMNS, Record
 
-from ..infra import migrated_database
+from ..infra import drop_databases, migrated_database
 
 REQUESTS, PINGS = 256, 20
 _STEPS = {
@@ -109,11 +109,7 @@ async def run(server_url: str, rounds: int = 40) -> dict[str, Any]:
             totals["bare COPY"].append(time.perf_counter() - started)
     finally:
         await conn.close()
-        admin = await asyncpg.connect(server_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_databases(server_url, name)
     ms = lambda xs: round(statistics.median(xs) * 1000, 2)  # noqa: E731
     return {
         "rows": REQUESTS * PINGS,

@@ -36,7 +36,7 @@ from ingest import partitions
 from ingest.migrate import SQL_DIR, migration_files
 from ingest.records import COLUMNS, Record
 
-from ..infra import migrated_database
+from ..infra import drop_databases, migrated_database
 
 ROWS = 200_000
 FILLS = 2
@@ -166,12 +166,7 @@ async def run(server_url: str, rows_n: int = ROWS, fills: int = FILLS) -> dict[s
     finally:
         for conn in conns.values():
             await conn.close()
-        admin = await asyncpg.connect(server_url)
-        try:
-            for name in names.values():
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_databases(server_url, *names.values())
         shutil.rmtree(before_dir, ignore_errors=True)
     return out
 
