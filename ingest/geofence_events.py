@@ -138,7 +138,7 @@ CROSS JOIN LATERAL (
     ORDER BY "timestamp" DESC LIMIT $5) l
 """
 _TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
-# Trips of orgs with fences, evaluated (or made: a new trip's row, evaluated never) within
+# Trips of orgs with fences, evaluated (or whose row was made, evaluated never) within
 # _SWEEP_WINDOW, with a ping stored more than the settle time ago and never evaluated: after
 # the evaluated time, or, evaluated never, after the org's oldest fence (as the read-back).
 _UNEVALUATED = """

@@ -273,6 +273,9 @@ class GeofenceWorker(CommitBacklog):
             os.close(read_fd)
             self._start_failed(exc)
             return None
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         assert proc.stdin is not None
