@@ -338,7 +338,10 @@ async def old_db(tmp_path: Path) -> AsyncIterator[tuple[asyncpg.Connection, str]
     """A database migrated to 002 only (before tenancy), with this month's partition, and
     its URL."""
     async with old_schema_database(tmp_path) as (conn, url):
-        await partitions.ensure(conn, [partitions.month_start(T0)])
+        # The rows reach MANY ms before T0, which may be last month.
+        await partitions.ensure(
+            conn, {partitions.month_start(T0 - timedelta(milliseconds=m)) for m in (0, MANY)}
+        )
         await conn.execute(
             """INSERT INTO "TripLocation" ("orgId", "tripId", "driverId", "latitude",
                "longitude", "timestamp", "batchId")
