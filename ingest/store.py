@@ -52,9 +52,11 @@ LEFT JOIN "IngestTrip" t ON t."orgId" = w.org AND t."driverId" = w.driver
      AND t."createdAt" > now() - interval '1 day'
 GROUP BY w.org, w.driver
 """
+# In key order: two pods claiming the same new trips then wait for each other in one order
+# (in arrival order, each could hold a trip the other waits for: a deadlock).
 _CLAIM_TRIPS = """
 INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId")
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1, 2
 ON CONFLICT DO NOTHING
 RETURNING "orgId", "tripId"
 """

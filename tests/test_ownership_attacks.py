@@ -5,14 +5,17 @@ stored nothing but still claimed the new trip it named."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
+import asyncpg
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from .conftest import auth, batch, iso, now_ms, token
+from .conftest import auth, batch, in_one_flush, iso, now_ms, token
+from .test_ops import Delta, scrape
 
 PING = "/api/v1/tracking/ping"
 HANDOVER = "/api/v1/tracking/trips/{}/driver"
@@ -113,3 +116,53 @@ async def test_a_replay_naming_a_new_trip_claims_no_trip(client, db):
     assert r.status == 200, await r.text()
     owner = await db.fetchval("""SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 'truck_42'""")
     assert owner == "drv_2"
+
+
+async def _blocked_on_a_lock(watch: asyncpg.Connection, other_than: int) -> None:
+    """Until a backend of this database, not ``other_than``, waits on a lock."""
+    for _ in range(500):
+        waiting = await watch.fetchval(
+            """SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND pid <> $1 AND wait_event_type = 'Lock'""",
+            other_than,
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the flush never waited for the other pod's claim")
+
+
+async def test_pods_claiming_the_same_new_trips_in_opposite_orders_do_not_deadlock(
+    client, db, database
+):
+    """Another pod has claimed t_a (uncommitted) and goes on to claim t_b; this pod's flush
+    starts t_b then t_a. Claimed in arrival order, this pod held t_b while it waited for t_a:
+    PostgreSQL found a deadlock after deadlock_timeout and aborted the flush, which counted as
+    an outage (every pooled connection dropped). Claimed in key order, the flush waits for t_a
+    before it touches t_b, and the other pod goes on."""
+    watch = await asyncpg.connect(database)
+    claim = (
+        """INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId") VALUES ('org_1', $1, 'drv_2')"""
+    )
+    try:
+        before = await scrape(client)
+        start = now_ms(-600)
+        other_pod = db.transaction()
+        await other_pod.start()
+        await db.execute(claim, "t_a")
+        flush = asyncio.ensure_future(
+            in_one_flush(
+                client,
+                client.post(PING, json=batch(1, trip="t_b", start_ms=start), headers=auth()),
+                client.post(PING, json=batch(1, trip="t_a", start_ms=start), headers=auth()),
+            )
+        )
+        await _blocked_on_a_lock(watch, db.get_server_pid())
+        await db.execute(claim, "t_b")  # raised DeadlockDetectedError, or waited it out
+        await other_pod.commit()
+        answers = await asyncio.wait_for(flush, 10)
+        assert [r.status for r in answers] == [403, 403]  # drv_2 started both
+        # The deadlock, when the flush was the side PostgreSQL aborted: a failed flush.
+        assert Delta(before, await scrape(client))("ingest_db_errors_total", operation="flush") == 0
+    finally:
+        await watch.close()
