@@ -65,7 +65,6 @@ _CHILD_POOL_MAX = 2  # its evaluations, and the sweep's
 _SEND_BETWEEN_YIELDS = 8  # flushes handed over between turns of the event loop
 # The pod's variables the child does not get: its credentials (it verifies no token).
 _NOT_FOR_CHILD = ("JWT_",)
-_EMPTY: frozenset[str] = frozenset()
 
 
 class Report(msgspec.Struct, array_like=True):

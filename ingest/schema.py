@@ -10,11 +10,11 @@ import msgspec
 
 # 1-64 characters, no control characters (C0, DEL and C1: they reach logs and dashboards).
 CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"  # as a regex character range
-# (?!\n): in Python (msgspec's re.search), $ also matches before a final newline, which the
-# class excludes everywhere else; "x\n" stored as a trip could never be read or handed over.
-Ident = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=64, pattern=f"^[^{CONTROL_CHARS}]+(?!\\n)$")
-]
+# The whole text without a control character. (?!\n): in Python (msgspec's re.search), $ also
+# matches before a final newline, which the class excludes everywhere else; "x\n" stored as a
+# trip could never be read or handed over.
+NO_CONTROL = f"^[^{CONTROL_CHARS}]+(?!\\n)$"
+Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_CONTROL)]
 _IDENT = re.compile(f"[^{CONTROL_CHARS}]{{1,64}}")
 
 
@@ -131,9 +131,7 @@ class NearbyTrips(msgspec.Struct):
 class GeofenceIn(msgspec.Struct):
     """POST /api/v1/geofences. The geometry's own rules are geofence_shapes.parse_shape's."""
 
-    name: Annotated[
-        str, msgspec.Meta(min_length=1, max_length=200, pattern=f"^[^{CONTROL_CHARS}]+(?!\\n)$")
-    ]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_CONTROL)]
     geometry: dict[str, Any]
     radiusM: Any = None
 

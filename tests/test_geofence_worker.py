@@ -293,10 +293,8 @@ async def test_a_new_trips_only_batch_dropped_while_the_child_restarts_is_swept(
 async def test_a_dropped_flush_makes_state_rows_for_the_fenced_org_only(client, db):
     """The same new trip id in two orgs, in flushes dropped while no child runs: only the org
     with fences gets a state row, and the ack waited for none of it."""
-    await with_child(client)
-    pod = client.server.app[GEOFENCES]
-    assert isinstance(pod, GeofenceWorker) and pod.pid is not None
-    os.kill(pod.pid, signal.SIGKILL)
+    _fid, pod, _t, pid = await with_child(client)
+    os.kill(pid, signal.SIGKILL)
     await state_reached(lambda: pod.pid is None)
     t = now_ms(1)
     for org in ("org_1", "org_2"):
