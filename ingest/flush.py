@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -136,6 +137,15 @@ class Flusher:
                     p.start = 0
                     await self._commit_with_retry(single)
                 return
+            except asyncpg.TransactionRollbackError as exc:
+                # PostgreSQL aborted this flush to end a deadlock with another pod's (retries of
+                # the same pings meeting their keys in opposite orders), and said so: the
+                # outcome is known, the connection sound, and the other flush goes on. Not an
+                # outage: go again at once (after a random pause, so the two do not meet again).
+                metrics.DB_ERRORS.labels("flush_conflict").inc()
+                log.warning("flush_conflict", extra={"rows": len(batch.rows), "error": repr(exc)})
+                await asyncio.sleep(random.uniform(0, s.flush_retry_min_ms / 1000))
+                continue
             except Exception as exc:
                 # If the transaction got as far as COMMIT before the connection was lost (or
                 # timed out, or the server shut down), it may have committed: ask, then retry.

@@ -47,7 +47,7 @@ BUFFER_LIMIT = Gauge("ingest_buffer_limit_rows", "BUFFER_MAX_ROWS")
 
 # -- dependencies and readiness --------------------------------------------------------------
 DB_ERRORS = Counter("ingest_db_errors_total", "PostgreSQL errors by operation", ["operation"])
-DB_OPERATIONS = ("flush", "flush_refused", "readiness", "maintenance")
+DB_OPERATIONS = ("flush", "flush_conflict", "flush_refused", "readiness", "maintenance")
 REDIS_ERRORS = Counter("ingest_redis_errors_total", "Redis errors by operation", ["operation"])
 REDIS_OPERATIONS = ("publish", "pubsub", "latest", "snapshot", "probe", "repair")
 DATABASE_UP = Gauge(

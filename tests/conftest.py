@@ -267,6 +267,20 @@ async def in_one_flush(client: TestClient, *posts: Awaitable[Any]) -> list[Any]:
     return list(await asyncio.gather(*tasks))
 
 
+async def blocked_on_a_lock(watch: asyncpg.Connection, other_than: int) -> None:
+    """Until a backend of this database, not ``other_than``, waits on a lock."""
+    for _ in range(500):
+        waiting = await watch.fetchval(
+            """SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND pid <> $1 AND wait_event_type = 'Lock'""",
+            other_than,
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no backend ever waited on a lock")
+
+
 def token(role: str = "driver", sub: str = "drv_1", org: str = "org_1", **kw: Any) -> str:
     s = load_settings({}, jwt_secret=SECRET)
     return issue_token(s, sub, role, org, **kw)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from .conftest import auth, batch, in_one_flush, iso, now_ms, token
+from .conftest import auth, batch, blocked_on_a_lock, in_one_flush, iso, now_ms, token
 from .test_ops import Delta, scrape
 
 PING = "/api/v1/tracking/ping"
@@ -118,20 +118,6 @@ async def test_a_replay_naming_a_new_trip_claims_no_trip(client, db):
     assert owner == "drv_2"
 
 
-async def _blocked_on_a_lock(watch: asyncpg.Connection, other_than: int) -> None:
-    """Until a backend of this database, not ``other_than``, waits on a lock."""
-    for _ in range(500):
-        waiting = await watch.fetchval(
-            """SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-               AND pid <> $1 AND wait_event_type = 'Lock'""",
-            other_than,
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the flush never waited for the other pod's claim")
-
-
 async def test_pods_claiming_the_same_new_trips_in_opposite_orders_do_not_deadlock(
     client, db, database
 ):
@@ -157,7 +143,7 @@ async def test_pods_claiming_the_same_new_trips_in_opposite_orders_do_not_deadlo
                 client.post(PING, json=batch(1, trip="t_a", start_ms=start), headers=auth()),
             )
         )
-        await _blocked_on_a_lock(watch, db.get_server_pid())
+        await blocked_on_a_lock(watch, db.get_server_pid())
         await db.execute(claim, "t_b")  # raised DeadlockDetectedError, or waited it out
         await other_pod.commit()
         answers = await asyncio.wait_for(flush, 10)
