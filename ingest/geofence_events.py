@@ -38,7 +38,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -263,7 +263,8 @@ def _us(ts: datetime) -> int:
     return (ts - _EPOCH) // _US
 
 
-def _trips(rows: list[Record]) -> set[tuple[str | None, str]]:
+def trips_of(rows: list[Record]) -> set[tuple[str | None, str]]:
+    """The (org, trip) keys of a flush's rows."""
     return {key for key, _ in itertools.groupby(rows, _TRIP_OF)}
 
 
@@ -276,7 +277,7 @@ class CommitBacklog:
         self._delay_s = delay_s
         self._fenced: frozenset[str] = _EMPTY  # orgs with fences, as last looked up
         # Trips of flushes dropped, whose state rows are to be made (_make_states).
-        self._unmade: set[tuple[str, str]] = set()
+        self._unmade: set[tuple[str | None, str]] = set()
         # (loop time it is due, the flush's stored rows), in commit order.
         self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -300,10 +301,17 @@ class CommitBacklog:
         """A flush not evaluated here: count it, and note its trips of orgs with fences, so
         that each gets a state row (_make_states) even if it has none yet: the sweep finds a
         trip by its row."""
+        fenced = self._fenced
+        self._unevaluated(
+            (k for k, _ in itertools.groupby(rows, _TRIP_OF) if k[0] in fenced) if fenced else ()
+        )
+
+    def _unevaluated(self, trips: Iterable[tuple[str | None, str]]) -> None:
+        """A flush of these trips (of orgs with fences) will not be evaluated: count it, and
+        note them for _make_states."""
         metrics.GEOFENCE_DROPPED.inc()
-        fenced, unmade = self._fenced, self._unmade
-        if fenced and len(unmade) < _UNMADE_MAX:
-            unmade.update(k for k, _ in itertools.groupby(rows, _TRIP_OF) if k[0] in fenced)
+        if len(self._unmade) < _UNMADE_MAX:
+            self._unmade.update(trips)
 
     async def _make_states(self, pool: asyncpg.Pool) -> None:
         """Make the state rows (evaluated never) of the trips of dropped flushes that have
@@ -417,8 +425,8 @@ class GeofenceEvaluator(CommitBacklog):
                 if (due > now and not self._stopping) or total + len(rows) > _GROUP_ROWS:
                     break
                 if len(group) == 1:  # (looked at only when a second flush is due)
-                    trips = _trips(group[0])
-                mine = _trips(rows)
+                    trips = trips_of(group[0])
+                mine = trips_of(rows)
                 if not trips.isdisjoint(mine):
                     break
                 trips |= mine

@@ -10,9 +10,10 @@ of its own and reports its metrics back, to be served by the pod's /metrics.
 
 Exactly once rests on "GeofenceState" in PostgreSQL, not on the child: rows the child never
 evaluated (it died, or its pipe was full) are read back by their trips' next evaluation, or
-found by the sweep, as after a pod's death. The child exits when its stdin closes (the pod
-stopping, or dying), after evaluating what it has; it ignores SIGINT and SIGTERM, so that a
-signal to the whole process group does not cut an evaluation short.
+found by the sweep, as after a pod's death; the pod makes the state rows of the new trips
+among them (evaluated never), so that the sweep finds those too. The child exits when its
+stdin closes (the pod stopping, or dying), after evaluating what it has; it ignores SIGINT and
+SIGTERM, so that a signal to the whole process group does not cut an evaluation short.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .geofence_events import (
     SWEEP_INTERVAL_S,
     CommitBacklog,
     GeofenceEvaluator,
+    trips_of,
 )
 from .keyspace import keyspace
 from .live import Live, redis_client
@@ -136,13 +138,16 @@ class GeofenceWorker(CommitBacklog):
         self._reported_at = 0.0  # loop time of the child's last report
         self._restart_at = 0.0
         self._restart_s = _RESTART_MIN_S
-        # Flushes sent to the running child, and how many of them it is done with.
-        self._sent = self._done = 0
+        # The trips of each flush sent to the running child and not done with yet, oldest
+        # first: if the child dies, they get state rows (_make_states), so that the sweep
+        # finds a new trip too. How many flushes the child reported done with.
+        self._in_child: collections.deque[set[tuple[str | None, str]]] = collections.deque()
+        self._done = 0
 
     @property
     def pending(self) -> int:
         """Flushes committed and not evaluated yet: waiting here, or in the child."""
-        in_child = self._sent - self._done if self.pid is not None else 0
+        in_child = len(self._in_child) if self.pid is not None else 0
         return len(self._backlog) + len(self._handing) + in_child
 
     @property
@@ -237,7 +242,7 @@ class GeofenceWorker(CommitBacklog):
             self._dropped(rows)
             return
         proc.stdin.write(_frame(_ROWS.encode(rows)))
-        self._sent += 1
+        self._in_child.append(trips_of(rows))
 
     async def _child(self) -> asyncio.subprocess.Process | None:
         """The child process, started if it is not running (None while a restart waits)."""
@@ -249,7 +254,10 @@ class GeofenceWorker(CommitBacklog):
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()  # seen dead, and replaced, once reaped
             return proc
-        if proc is not None:  # it died
+        if proc is not None:  # it died, with what it held not evaluated (or not reported)
+            for trips in self._in_child:
+                self._unevaluated(trips)
+            self._in_child.clear()
             lived = loop.time() - self._started_at
             self._restart_s = _RESTART_MIN_S if lived > _STABLE_S else self._restart_s
             self._restart_at = loop.time() + self._restart_s
@@ -281,10 +289,10 @@ class GeofenceWorker(CommitBacklog):
         proc.stdin.write(_frame(self._config))
         self._proc, self._started_at = proc, loop.time()
         self._reported_at = loop.time()
-        self._sent = self._done = 0
+        self._done = 0
         metrics.GEOFENCE_WORKER_STARTS.inc()
         log.info("geofence_worker_started", extra={"pid": proc.pid})
-        self._reports = asyncio.create_task(self._read_reports(read_fd))
+        self._reports = asyncio.create_task(self._read_reports(proc, read_fd))
         return proc
 
     def _start_failed(self, exc: OSError) -> None:
@@ -293,14 +301,18 @@ class GeofenceWorker(CommitBacklog):
         log.error("geofence_worker_start_failed", extra={"error": repr(exc)})
         self._restart_at = asyncio.get_running_loop().time() + _RESTART_MAX_S
 
-    async def _read_reports(self, fd: int) -> None:
+    async def _read_reports(self, proc: asyncio.subprocess.Process, fd: int) -> None:
         reader, transport = await _pipe_reader(fd)
         try:
             while (frame := await _read_frame(reader)) is not None:
                 report = _REPORT.decode(frame)
-                self._reported_at = asyncio.get_running_loop().time()
-                self._done = report.done
                 apply_report(report)
+                if proc is not self._proc:
+                    continue  # a dead child's last words: its flushes were dealt with
+                self._reported_at = asyncio.get_running_loop().time()
+                for _ in range(min(report.done - self._done, len(self._in_child))):
+                    self._in_child.popleft()
+                self._done = report.done
         finally:
             transport.close()
 

@@ -172,7 +172,7 @@ GEOFENCE_FAILURES = Counter(
 )
 GEOFENCE_DROPPED = Counter(
     "ingest_geofence_dropped_flushes_total",
-    "Flushes left unevaluated by a full backlog (their trips' next flush reads them back)",
+    "Flushes left unevaluated (a full backlog; the geofence worker down, behind or dead)",
 )
 GEOFENCE_WORKER_STARTS = Counter(
     "ingest_geofence_worker_starts_total",

@@ -290,6 +290,32 @@ async def test_a_new_trips_only_batch_dropped_while_the_child_restarts_is_swept(
     assert await van_events() == [("enter", t + 2000)]
 
 
+async def test_a_new_trips_only_batch_held_by_a_child_that_dies_is_swept(client):
+    """The flush reached the child, which died before evaluating it (stopped, then killed):
+    the pod makes the new trip's state row, as for a flush it dropped, and the sweep finds it.
+    Before, the pod forgot what it had sent: the van's run made no event until its next
+    batch, and none at all if it had no other."""
+    fid, pod, t, pid = await with_child(client)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        dropped = count(metrics.GEOFENCE_DROPPED)
+        await drive(client, [OUTSIDE, INSIDE], t + 1000, trip="van_9", driver="drv_9", settle=False)
+        await state_reached(lambda: pod.pending == 1 and len(pod._in_child) == 1)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    await state_reached(lambda: pod.pid not in (None, pid), timeout=10)  # started again
+    assert count(metrics.GEOFENCE_DROPPED) - dropped == 1
+
+    async def van_events() -> list[tuple[str, int]]:
+        return kinds([e for e in await events(client, fid) if e["tripId"] == "van_9"])
+
+    for _ in range(100):  # a sweep: at most SWEEP_INTERVAL_S
+        if found := await van_events():
+            break
+        await asyncio.sleep(0.1)
+    assert found == [("enter", t + 2000)]
+
+
 async def test_a_dropped_flush_makes_state_rows_for_the_fenced_org_only(client, db):
     """The same new trip id in two orgs, in flushes dropped while no child runs: only the org
     with fences gets a state row, and the ack waited for none of it."""
