@@ -4,8 +4,8 @@ In one transaction, in this order:
 1. One statement records the flush's id (to resolve a lost COMMIT reply later: flush.py) and
    reads the owner of every trip in the flush, FOR SHARE, so that a handover waits for the
    flushes that read the old owner. Only a flush that starts new trips claims them, within each
-   driver's daily limit. A request posting to a trip another driver owns is refused (403) and
-   stores nothing, not even its batch id.
+   driver's daily limit; a request replaying a stored batch claims none. A request posting to
+   a trip another driver owns is refused (403) and stores nothing, not even its batch id.
 2. Batch ids of the allowed requests are claimed per (org, driver, batchId); a request whose
    id was stored before (or earlier in this flush) is a replay and stores nothing.
 3. Fast path: COPY every row of the new requests straight into "TripLocation". Only when the
@@ -70,6 +70,12 @@ FROM unnest($1::text[], $2::text[]) AS w(org, trip)
 JOIN "IngestTrip" t ON t."orgId" = w.org AND t."tripId" = w.trip
 FOR SHARE OF t
 """
+# Of the batch ids of requests naming new trips, those stored before: such a request is a
+# replay, which claims no trip (nor one of its driver's trips a day).
+_STORED_BATCHES = """
+SELECT "orgId", "driverId", "batchId" FROM "IngestBatch"
+WHERE ("orgId", "driverId", "batchId") IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
+"""
 _CLAIM_BATCHES = """
 INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId")
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
@@ -112,12 +118,15 @@ def _too_many_trips(limit: int) -> Refused:
     )
 
 
+BatchKey = tuple[str, str, str]
+
+
 async def _owners(
     conn: asyncpg.Connection, batch: FlushBatch, pending: list[Pending], trips_per_day: int
-) -> tuple[Owners, set[tuple[str, str]]]:
+) -> tuple[Owners, set[tuple[str, str]], set[BatchKey]]:
     """The owner of every trip in ``pending``, claiming each new trip for the first driver
-    posting to it who has started fewer than ``trips_per_day`` trips in the last day; and the
-    trips claimed here."""
+    posting to it, not in a replay, who has started fewer than ``trips_per_day`` trips in the
+    last day; the trips claimed here; the replays seen among the requests naming new trips."""
     keys = list(dict.fromkeys((p.org, p.trip) for p in pending))
     rows = await conn.fetch(_OWNERS, [k[0] for k in keys], [k[1] for k in keys], batch.flush_id)
     owners: Owners = {}
@@ -127,9 +136,12 @@ async def _owners(
         else:
             owners[(r[1], r[2])] = r[3]
     if len(owners) == len(keys):
-        return owners, set()
+        return owners, set(), set()
     # New trips (rare: a trip's first flush).
     new = [p for p in pending if (p.org, p.trip) not in owners]
+    replays = await _stored_batches(conn, new)
+    if replays:
+        new = [p for p in new if (p.org, p.driver_id, p.batch_id) not in replays]
     drivers = sorted({(p.org, p.driver_id) for p in new})  # sorted: pods lock in one order
     await conn.execute(_LOCK_DRIVERS, [d[0] for d in drivers], [d[1] for d in drivers])
     started = {
@@ -157,16 +169,34 @@ async def _owners(
         if lost:  # another pod started the same trip meanwhile: its driver owns it
             for r in await conn.fetch(_OWNERS_AGAIN, [k[0] for k in lost], [k[1] for k in lost]):
                 owners[(r[0], r[1])] = r[2]
-    return owners, won
+    return owners, won, replays
 
 
-def _allowed(pending: list[Pending], owners: Owners, trips_per_day: int) -> list[Pending]:
-    """The requests whose driver owns their trip; the others are marked refused."""
+async def _stored_batches(conn: asyncpg.Connection, pending: list[Pending]) -> set[BatchKey]:
+    """The (org, driver, batch id) of ``pending`` already stored. One stored meanwhile by
+    another pod is not seen: that replay is found when its batch id is claimed, as usual."""
+    keyed = [p for p in pending if p.batch_id is not None]
+    if not keyed:
+        return set()
+    rows = await conn.fetch(
+        _STORED_BATCHES,
+        [p.org for p in keyed], [p.driver_id for p in keyed], [p.batch_id for p in keyed],
+    )  # fmt: skip
+    return {(r[0], r[1], r[2]) for r in rows}
+
+
+def _allowed(
+    pending: list[Pending], owners: Owners, trips_per_day: int, replays: set[BatchKey]
+) -> list[Pending]:
+    """The requests whose driver owns their trip; the others are marked refused, or, replays
+    naming a trip nobody owns, answered as duplicates."""
     allowed = []
     for p in pending:
         owner = owners.get((p.org, p.trip))
         if owner == p.driver_id:
             allowed.append(p)
+        elif owner is None and (p.org, p.driver_id, p.batch_id) in replays:
+            p.accepted, p.duplicates = 0, p.count
         elif owner is None:  # a new trip its driver may not start today
             p.refused = _too_many_trips(trips_per_day)
         else:
@@ -197,8 +227,8 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int
         p.reset()
     batch.stored = []
     async with conn.transaction():
-        owners, new_trips = await _owners(conn, batch, batch.pending, trips_per_day)
-        allowed = _allowed(batch.pending, owners, trips_per_day)
+        owners, new_trips, replays = await _owners(conn, batch, batch.pending, trips_per_day)
+        allowed = _allowed(batch.pending, owners, trips_per_day, replays)
         # Sorted, so two pods claiming the same ids lock them in the same order (no deadlock).
         keyed = sorted(
             (p for p in allowed if p.batch_id is not None),

@@ -118,6 +118,98 @@ async def test_a_replay_naming_a_new_trip_claims_no_trip(client, db):
     assert owner == "drv_2"
 
 
+async def test_a_replay_in_the_same_flush_takes_a_new_trip_from_no_one(client, db):
+    """In one flush: drv_1 resends batch b-1 naming truck_42 (new), and drv_2 posts truck_42
+    afresh. Before, the replay claimed the trip first: drv_2 was refused (403), then the claim
+    was dropped with the replay, leaving the trip to nobody. Now drv_2 starts it, and the
+    replay is refused as any request on another driver's trip is. org_2's drv_1, whose b-1 is
+    not stored, posting truck_42 in the same flush, is no replay: a batch id is the org's."""
+    start = now_ms(-600)
+    r = await client.post(
+        PING, json=batch(1, trip="t_own", start_ms=start, batch_id="b-1"), headers=auth()
+    )
+    assert r.status == 200
+    answers = await in_one_flush(
+        client,
+        client.post(
+            PING, json=batch(1, trip="truck_42", start_ms=start, batch_id="b-1"), headers=auth()
+        ),
+        client.post(
+            PING, json=batch(2, trip="truck_42", driver="drv_2", start_ms=start),
+            headers=auth("driver", "drv_2"),
+        ),
+        client.post(
+            PING, json=batch(3, trip="truck_42", start_ms=start, batch_id="b-1"),
+            headers=auth("driver", "drv_1", "org_2"),
+        ),
+    )  # fmt: skip
+    acks = [(r.status, await r.json()) for r in answers]
+    assert [(s, a.get("error"), a.get("accepted")) for s, a in acks] == [
+        (403, "trip_owned_by_another_driver", None), (200, None, 2), (200, None, 3)
+    ], acks  # fmt: skip
+    owners = await db.fetch(
+        """SELECT "orgId", "driverId" FROM "IngestTrip" WHERE "tripId" = 'truck_42' ORDER BY 1"""
+    )
+    assert [tuple(o) for o in owners] == [("org_1", "drv_2"), ("org_2", "drv_1")]
+
+
+async def test_a_replay_naming_a_new_trip_does_not_use_up_the_drivers_last_trip_of_the_day(
+    make_client, db
+):
+    """drv_1 may start 2 trips a day and has started 1. In one flush it resends batch b-1
+    naming a new trip, and posts its second trip afresh: before, the replay took the last
+    trip of the day (handed back only after), and the fresh post was refused 429."""
+    client = await make_client(max_trips_per_driver_per_day=2)
+    start = now_ms(-600)
+    r = await client.post(
+        PING, json=batch(1, trip="t_1", start_ms=start, batch_id="b-1"), headers=auth()
+    )
+    assert r.status == 200
+    answers = await in_one_flush(
+        client,
+        client.post(
+            PING, json=batch(1, trip="t_x", start_ms=start, batch_id="b-1"), headers=auth()
+        ),
+        client.post(PING, json=batch(1, trip="t_2", start_ms=start), headers=auth()),
+    )
+    assert [r.status for r in answers] == [200, 200], [await r.text() for r in answers]
+    assert [(await r.json())["accepted"] for r in answers] == [0, 1]
+    trips = await db.fetch(
+        """SELECT "tripId" FROM "IngestTrip" WHERE "driverId" = 'drv_1' ORDER BY 1"""
+    )
+    assert [t[0] for t in trips] == ["t_1", "t_2"]
+    # The limit still holds: a third trip is refused.
+    r = await client.post(PING, json=batch(1, trip="t_3", start_ms=start), headers=auth())
+    assert r.status == 429, await r.text()
+
+
+async def test_a_replay_of_a_batch_another_pod_is_committing_claims_no_trip(client, db, database):
+    """The batch id is being stored by another pod (uncommitted) when this pod's flush looks
+    for stored ones: the replay is found only when its id is claimed, after it claimed its new
+    trip; that claim is dropped in the same transaction."""
+    watch = await asyncpg.connect(database)
+    try:
+        other_pod = db.transaction()
+        await other_pod.start()
+        await db.execute(
+            """INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId")
+               VALUES ('org_1', 'drv_1', 'b-9')"""
+        )
+        body = batch(1, trip="t_new", start_ms=now_ms(-600), batch_id="b-9")
+        post = asyncio.ensure_future(client.post(PING, json=body, headers=auth()))
+        await blocked_on_a_lock(watch, db.get_server_pid())
+        await other_pod.commit()
+        r = await asyncio.wait_for(post, 10)
+        ack = await r.json()
+        assert (r.status, ack["accepted"], ack["duplicates"]) == (200, 0, 1), ack
+        owner = await db.fetchval(
+            """SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 't_new'"""
+        )
+        assert owner is None
+    finally:
+        await watch.close()
+
+
 async def test_pods_claiming_the_same_new_trips_in_opposite_orders_do_not_deadlock(
     client, db, database
 ):
