@@ -137,7 +137,7 @@ class Flusher:
                     p.start = 0
                     await self._commit_with_retry(single)
                 return
-            except asyncpg.TransactionRollbackError as exc:
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
                 # PostgreSQL aborted this flush to end a deadlock with another pod's (retries of
                 # the same pings meeting their keys in opposite orders), and said so: the
                 # outcome is known, the connection sound, and the other flush goes on. Not an
