@@ -276,8 +276,11 @@ class CommitBacklog:
     def __init__(self, delay_s: float) -> None:
         self._delay_s = delay_s
         self._fenced: frozenset[str] = _EMPTY  # orgs with fences, as last looked up
-        # Trips of flushes dropped, whose state rows are to be made (_make_states).
+        # Trips of flushes dropped, whose state rows are to be made (_make_states), and how
+        # many flushes came before the oldest of those flushes (see GeofenceEvaluator.done).
         self._unmade: set[tuple[str | None, str]] = set()
+        self._unmade_after: int | None = None
+        self.received = 0  # flushes committed() was given
         # (loop time it is due, the flush's stored rows), in commit order.
         self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -287,6 +290,7 @@ class CommitBacklog:
         """Called by the flusher after each commit; never blocks it."""
         due = asyncio.get_running_loop().time() + self._delay_s
         self._backlog.append((due, rows))
+        self.received += 1
         self._trim()
         self._wakeup.set()
 
@@ -310,6 +314,8 @@ class CommitBacklog:
         """A flush of these trips (of orgs with fences) will not be evaluated: count it, and
         note them for _make_states."""
         metrics.GEOFENCE_DROPPED.inc()
+        if self._unmade_after is None:  # the flush just taken from the front of the backlog
+            self._unmade_after = self.received - len(self._backlog) - 1
         if len(self._unmade) < _UNMADE_MAX:
             self._unmade.update(trips)
 
@@ -318,6 +324,7 @@ class CommitBacklog:
         none; best effort, off the ack path: a trip with a row is found by the sweep."""
         keys = sorted(self._unmade)
         self._unmade.clear()
+        self._unmade_after = None
         try:
             await pool.execute(_MAKE_STATES, [k[0] for k in keys], [k[1] for k in keys])
         except Exception as exc:
@@ -361,6 +368,15 @@ class GeofenceEvaluator(CommitBacklog):
         """Flushes committed and not evaluated yet (the one being evaluated included)."""
         return len(self._backlog)
 
+    @property
+    def done(self) -> int:
+        """How many flushes, from the first received, are done with for good: evaluated, or
+        dropped and their trips' state rows made (so that the sweep finds them). Flushes
+        leave the backlog in the order they came, so these are the first ``done``; a flush
+        evaluated after a dropped one whose rows are not made yet is not counted until then."""
+        done = self.received - len(self._backlog)
+        return done if self._unmade_after is None else min(done, self._unmade_after)
+
     async def run(self) -> None:
         """Evaluate committed rows, each once due, and sweep, until stop(); then evaluate what
         is left (one attempt each)."""
@@ -394,9 +410,10 @@ class GeofenceEvaluator(CommitBacklog):
                 metrics.GEOFENCE_FAILURES.inc()
                 log.warning("geofence_evaluation_failed", extra={"error": repr(exc)})
                 failures += 1
-                if self._stopping:
-                    self._backlog.clear()
-                    return
+                if self._stopping:  # one attempt each: the rest is dropped (state rows made)
+                    while self._backlog:
+                        self._dropped(self._backlog.popleft()[1])
+                    continue
                 if failures >= _GIVE_UP_AFTER and self._backlog and self._backlog[0][1] is first:
                     # Whatever fails this flush must not stop every later one: its trips'
                     # next evaluation, or the sweep, reads these pings back.

@@ -180,6 +180,9 @@ class GeofenceWorker(CommitBacklog):
                 until = min(self._look_at, self._backlog[0][0]) if self._backlog else self._look_at
                 await self._sleep(until - now)
             await self._close_child()
+            self._lost_in_child()  # what the child, gone now, did not report done with
+            if self._unmade:
+                await self._make_states(self.pool)
         finally:
             self._kill_child()
 
@@ -254,10 +257,8 @@ class GeofenceWorker(CommitBacklog):
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()  # seen dead, and replaced, once reaped
             return proc
-        if proc is not None:  # it died, with what it held not evaluated (or not reported)
-            for trips in self._in_child:
-                self._unevaluated(trips)
-            self._in_child.clear()
+        if proc is not None:  # it died
+            self._lost_in_child()
             lived = loop.time() - self._started_at
             self._restart_s = _RESTART_MIN_S if lived > _STABLE_S else self._restart_s
             self._restart_at = loop.time() + self._restart_s
@@ -294,6 +295,13 @@ class GeofenceWorker(CommitBacklog):
         log.info("geofence_worker_started", extra={"pid": proc.pid})
         self._reports = asyncio.create_task(self._read_reports(proc, read_fd))
         return proc
+
+    def _lost_in_child(self) -> None:
+        """The child is gone: the flushes it had not reported done with are dropped (their
+        trips get state rows: the sweep finds them)."""
+        for trips in self._in_child:
+            self._unevaluated(trips)
+        self._in_child.clear()
 
     def _start_failed(self, exc: OSError) -> None:
         """The child could not be started: tried again after _RESTART_MAX_S (flushes due
@@ -360,13 +368,12 @@ class _Reporter:
     def __init__(self, fd: int, evaluator: GeofenceEvaluator) -> None:
         self.fd = fd
         self.evaluator = evaluator
-        self.received = 0
         self.done = 0
         self.seconds: list[float] = []
         self.last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     def send(self) -> None:
-        self.done = self.received - self.evaluator.pending
+        self.done = self.evaluator.done
         counters: list[tuple[str, dict[str, str], float]] = []
         for family in itertools.chain.from_iterable(c.collect() for c in REPORTED):
             for sample in family.samples:
@@ -388,7 +395,7 @@ class _Reporter:
         while True:
             await asyncio.sleep(_DONE_POLL_S)
             now = loop.time()
-            if self.received - self.evaluator.pending != self.done or now - sent_at >= _REPORT_S:
+            if self.evaluator.done != self.done or now - sent_at >= _REPORT_S:
                 self.send()
                 sent_at = now
 
@@ -418,7 +425,6 @@ async def _work(report_fd: int) -> None:
     try:
         while (frame := await _read_frame(reader)) is not None:
             evaluator.committed(rows(frame))
-            reporter.received += 1
     finally:
         evaluator.stop()
         await evaluating  # what is left, one attempt each

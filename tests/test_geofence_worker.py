@@ -11,16 +11,23 @@ import os
 import re
 import resource
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from ingest import geofence_events, geofence_worker, metrics
+from ingest.geofence_events import GeofenceEvaluator
 from ingest.geofence_worker import REPORTED, GeofenceWorker
-from ingest.typedefs import GEOFENCES
+from ingest.keyspace import keyspace
+from ingest.live import Live
+from ingest.shutdown import shutdown
+from ingest.typedefs import GEOFENCES, SETTINGS
 
-from .conftest import SECRET, now_ms, state_reached
+from .conftest import REDIS_URL, SECRET, now_ms, state_reached
 from .test_geofences import INSIDE, OUTSIDE, drive, events, fence, kinds, settled
 
 
@@ -157,8 +164,6 @@ async def test_shutdown_hands_over_what_is_left_and_waits_for_the_child(make_cli
     assert pid is not None
     await drive(client, [INSIDE, OUTSIDE], t + 1000, settle=False)
     assert pod.pending == 2
-    from ingest.shutdown import shutdown
-    from ingest.typedefs import SETTINGS
 
     app = client.server.app
     await shutdown(app, client.server.runner, app[SETTINGS].shutdown_timeout_s)
@@ -314,6 +319,50 @@ async def test_a_new_trips_only_batch_held_by_a_child_that_dies_is_swept(client)
             break
         await asyncio.sleep(0.1)
     assert found == [("enter", t + 2000)]
+
+
+async def test_a_dropped_flush_is_not_reported_done_before_its_state_rows_exist(database):
+    """The child reports how many flushes it is done with, and the pod forgets those. A flush
+    the child dropped (its backlog full, or given up) was counted done at once, though its
+    trips' state rows were made only at the child's next turn: a child dying in between lost
+    a new trip's only batch. It now counts as done once its rows are made (and the flushes
+    evaluated after it, which leave in order, wait with it)."""
+    pool = await asyncpg.create_pool(database, min_size=0, max_size=2)
+    redis = aioredis.from_url(REDIS_URL)
+    try:
+        live = Live(redis, keyspace("standalone", "unused:", 1), 60, None)
+        evaluator = GeofenceEvaluator(pool, live, 0.0, waited=True)
+        evaluator._fenced = frozenset({"org_1"})
+        at = datetime.now(UTC)
+        for i in range(geofence_events.BACKLOG_FLUSHES + 1):
+            evaluator.committed([(f"t_{i}", "drv_1", "org_1", 12.9, 77.5, *[None] * 4, at, None)])
+        assert evaluator.pending == geofence_events.BACKLOG_FLUSHES  # t_0's flush dropped
+        assert evaluator.done == 0
+        await evaluator._make_states(pool)
+        assert evaluator.done == 1
+        made = await pool.fetchval(
+            'SELECT count(*) FROM "GeofenceState" WHERE "tripId" = $1', "t_0"
+        )
+        assert made == 1
+    finally:
+        await pool.close()
+        await redis.aclose()
+
+
+async def test_a_new_trip_held_by_a_child_found_dead_at_shutdown_gets_its_state_row(client, db):
+    """The child died holding a new trip's only batch, and the pod stopped before it looked
+    at its child again: the shutdown makes the trip's state row, for another pod's sweep."""
+    _fid, pod, t, pid = await with_child(client)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await drive(client, [INSIDE], t + 1000, trip="van_5", driver="drv_5", settle=False)
+        await state_reached(lambda: len(pod._in_child) == 1)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    app = client.server.app
+    await shutdown(app, client.server.runner, app[SETTINGS].shutdown_timeout_s)
+    made = await db.fetchval('SELECT count(*) FROM "GeofenceState" WHERE "tripId" = $1', "van_5")
+    assert made == 1
 
 
 async def test_a_dropped_flush_makes_state_rows_for_the_fenced_org_only(client, db):
