@@ -5,8 +5,9 @@ grouping, sorting and encoding each trip's pings and state for PostgreSQL). On t
 which takes the requests and is the bottleneck of a busy pod, that comes straight out of
 ingest. So the pod's loop only waits out GEOFENCE_SETTLE_MS after each commit, keeps the rows
 of orgs with fences and writes them to a child process (`python -m ingest.geofence_worker`,
-about 0.1 µs per ping), which runs the same GeofenceEvaluator with a pool and a Redis client
-of its own and reports its metrics back, to be served by the pod's /metrics.
+about 0.25 µs per ping, noting their trips included), which runs the same GeofenceEvaluator
+with a pool and a Redis client of its own and reports its metrics back, to be served by the
+pod's /metrics.
 
 Exactly once rests on "GeofenceState" in PostgreSQL, not on the child: rows the child never
 evaluated (it died, or its pipe was full) are read back by their trips' next evaluation, or
