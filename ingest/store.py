@@ -142,6 +142,8 @@ async def _owners(
     replays = await _stored_batches(conn, new)
     if replays:
         new = [p for p in new if (p.org, p.driver_id, p.batch_id) not in replays]
+    if len(new) > 1:
+        new = _repeats_last(pending, new)
     drivers = sorted({(p.org, p.driver_id) for p in new})  # sorted: pods lock in one order
     await conn.execute(_LOCK_DRIVERS, [d[0] for d in drivers], [d[1] for d in drivers])
     started = {
@@ -170,6 +172,23 @@ async def _owners(
             for r in await conn.fetch(_OWNERS_AGAIN, [k[0] for k in lost], [k[1] for k in lost]):
                 owners[(r[0], r[1])] = r[2]
     return owners, won, replays
+
+
+def _repeats_last(pending: list[Pending], new: list[Pending]) -> list[Pending]:
+    """``new`` with the requests whose batch id came earlier in this flush last: most likely
+    replays of it (_split_replays decides), they claim a trip only after every other request,
+    so they never take one, or a driver's last trip of the day, from a fresh post."""
+    seen: set[BatchKey] = set()
+    repeats: set[int] = set()
+    for p in pending:
+        if p.batch_id is not None:
+            key = (p.org, p.driver_id, p.batch_id)
+            if key in seen:
+                repeats.add(id(p))
+            seen.add(key)
+    if not repeats:
+        return new
+    return [p for p in new if id(p) not in repeats] + [p for p in new if id(p) in repeats]
 
 
 async def _stored_batches(conn: asyncpg.Connection, pending: list[Pending]) -> set[BatchKey]:

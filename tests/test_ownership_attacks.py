@@ -183,6 +183,33 @@ async def test_a_replay_naming_a_new_trip_does_not_use_up_the_drivers_last_trip_
     assert r.status == 429, await r.text()
 
 
+async def test_a_batch_id_repeated_in_one_flush_takes_no_new_trip_from_a_fresh_post(
+    make_client, db
+):
+    """In one flush: drv_1 posts batch b-x on t_a, then b-x again naming truck_43 (new), and
+    drv_2 posts truck_43 afresh; drv_1 may start 2 trips a day and also posts t_b afresh.
+    The repeat is most likely a replay, decided only when batch ids are claimed: it now
+    claims after every other request, so drv_2 starts truck_43 and drv_1 its t_b (before, the
+    repeat took truck_43 and drv_1's last trip of the day: 403 and 429, and the trip was left
+    to nobody once the repeat turned out a replay)."""
+    client = await make_client(max_trips_per_driver_per_day=2)
+    start = now_ms(-600)
+    answers = await in_one_flush(
+        client,
+        client.post(PING, json=batch(1, trip="t_a", start_ms=start, batch_id="b-x"), headers=auth()),
+        client.post(PING, json=batch(1, trip="truck_43", start_ms=start, batch_id="b-x"), headers=auth()),
+        client.post(
+            PING, json=batch(2, trip="truck_43", driver="drv_2", start_ms=start),
+            headers=auth("driver", "drv_2"),
+        ),
+        client.post(PING, json=batch(1, trip="t_b", start_ms=start), headers=auth()),
+    )  # fmt: skip
+    statuses = [r.status for r in answers]
+    assert statuses == [200, 403, 200, 200], [await r.text() for r in answers]
+    owners = await db.fetch("""SELECT "tripId", "driverId" FROM "IngestTrip" ORDER BY 1""")
+    assert [tuple(o) for o in owners] == [("t_a", "drv_1"), ("t_b", "drv_1"), ("truck_43", "drv_2")]
+
+
 async def test_a_replay_of_a_batch_another_pod_is_committing_claims_no_trip(client, db, database):
     """The batch id is being stored by another pod (uncommitted) when this pod's flush looks
     for stored ones: the replay is found only when its id is claimed, after it claimed its new
