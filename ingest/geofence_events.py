@@ -38,7 +38,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -281,6 +281,7 @@ class CommitBacklog:
         self._unmade: set[tuple[str | None, str]] = set()
         self._unmade_after: int | None = None
         self.received = 0  # flushes committed() was given
+        self._all_fenced = False  # every row given is of an org with fences (the worker's)
         # (loop time it is due, the flush's stored rows), in commit order.
         self._backlog: collections.deque[tuple[float, list[Record]]] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -305,15 +306,18 @@ class CommitBacklog:
         """A flush not evaluated here: count it, and note its trips of orgs with fences, so
         that each gets a state row (_make_states) even if it has none yet: the sweep finds a
         trip by its row."""
+        if self._all_fenced:  # the worker process: the pod sent only rows of orgs with fences
+            self._unevaluated(trips_of(rows))
+            return
         fenced = self._fenced
-        self._unevaluated(
-            (k for k, _ in itertools.groupby(rows, _TRIP_OF) if k[0] in fenced) if fenced else ()
-        )
+        self._unevaluated({k for k in trips_of(rows) if k[0] in fenced} if fenced else set())
 
-    def _unevaluated(self, trips: Iterable[tuple[str | None, str]]) -> None:
+    def _unevaluated(self, trips: set[tuple[str | None, str]]) -> None:
         """A flush of these trips (of orgs with fences) will not be evaluated: count it, and
         note them for _make_states."""
         metrics.GEOFENCE_DROPPED.inc()
+        if not trips:
+            return
         if self._unmade_after is None:  # the flush just taken from the front of the backlog
             self._unmade_after = self.received - len(self._backlog) - 1
         if len(self._unmade) < _UNMADE_MAX:
@@ -323,12 +327,14 @@ class CommitBacklog:
         """Make the state rows (evaluated never) of the trips of dropped flushes that have
         none; best effort, off the ack path: a trip with a row is found by the sweep."""
         keys = sorted(self._unmade)
-        self._unmade.clear()
-        self._unmade_after = None
         try:
             await pool.execute(_MAKE_STATES, [k[0] for k in keys], [k[1] for k in keys])
-        except Exception as exc:
+        except Exception as exc:  # kept, for the next turn
             log.warning("geofence_states_not_made", extra={"trips": len(keys), "error": repr(exc)})
+            return
+        self._unmade.difference_update(keys)
+        if not self._unmade:  # (trips of a flush dropped meanwhile wait for the next turn)
+            self._unmade_after = None
 
     def stop(self) -> None:
         """Take what is left at once, due or not, then end run()."""
@@ -355,6 +361,7 @@ class GeofenceEvaluator(CommitBacklog):
         # The sweep leaves alone the pings committed within it (their flush's evaluation is
         # due then); ``waited``: committed() is called once it has passed (the worker process).
         super().__init__(0.0 if waited else settle_s)
+        self._all_fenced = waited  # the worker process: the pod sends only orgs with fences
         self.settle_s = settle_s
         self.sweep_interval_s = sweep_interval_s
         self._fenced_at = -1e9  # loop time of the last look-up of orgs with fences

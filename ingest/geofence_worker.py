@@ -64,6 +64,12 @@ _EXIT_WAIT_S = 1.0  # after its evaluations, for the child to close its pool and
 # loop stuck) and is killed, so that it is replaced and its transaction (and the sweep's lock
 # with it) ends.
 _STALLED_S = 30.0
+# Flushes remembered as held by the child, at most: a child reporting none done for this long
+# is stalled (and killed), or its own state rows wait for PostgreSQL.
+_IN_CHILD_MAX = 4 * BACKLOG_FLUSHES
+# At the shutdown's deadline, the state rows of what the child held get this long (of the
+# second the shutdown gives a cancelled task).
+_STATES_AT_EXIT_S = 0.5
 _CHILD_POOL_MAX = 2  # its evaluations, and the sweep's
 _SEND_BETWEEN_YIELDS = 8  # flushes handed over between turns of the event loop
 # The pod's variables the child does not get: its credentials (it verifies no token).
@@ -141,9 +147,10 @@ class GeofenceWorker(CommitBacklog):
         self._restart_s = _RESTART_MIN_S
         # The trips of each flush sent to the running child and not done with yet, oldest
         # first: if the child dies, they get state rows (_make_states), so that the sweep
-        # finds a new trip too. How many flushes the child reported done with.
+        # finds a new trip too. The child reports how many it is done with, counted from the
+        # first it was sent.
         self._in_child: collections.deque[set[tuple[str | None, str]]] = collections.deque()
-        self._done = 0
+        self._in_child_from = 0  # how many flushes sent to the child came before those
 
     @property
     def pending(self) -> int:
@@ -180,10 +187,16 @@ class GeofenceWorker(CommitBacklog):
                     continue
                 until = min(self._look_at, self._backlog[0][0]) if self._backlog else self._look_at
                 await self._sleep(until - now)
-            await self._close_child()
-            self._lost_in_child()  # what the child, gone now, did not report done with
-            if self._unmade:
-                await self._make_states(self.pool)
+            try:
+                await self._close_child()
+            except asyncio.CancelledError:  # the shutdown's deadline: the child is killed
+                self._kill_child()
+                raise
+            finally:  # what the child, gone now, did not report done with
+                self._lost_in_child()
+                if self._unmade:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._make_states(self.pool), _STATES_AT_EXIT_S)
         finally:
             self._kill_child()
 
@@ -246,7 +259,11 @@ class GeofenceWorker(CommitBacklog):
             self._dropped(rows)
             return
         proc.stdin.write(_frame(_ROWS.encode(rows)))
-        self._in_child.append(trips_of(rows))
+        in_child = self._in_child
+        in_child.append(trips_of(rows))
+        if len(in_child) > _IN_CHILD_MAX:  # a child reporting nothing done: best effort
+            in_child.popleft()
+            self._in_child_from += 1
 
     async def _child(self) -> asyncio.subprocess.Process | None:
         """The child process, started if it is not running (None while a restart waits)."""
@@ -291,7 +308,7 @@ class GeofenceWorker(CommitBacklog):
         proc.stdin.write(_frame(self._config))
         self._proc, self._started_at = proc, loop.time()
         self._reported_at = loop.time()
-        self._done = 0
+        self._in_child_from = 0
         metrics.GEOFENCE_WORKER_STARTS.inc()
         log.info("geofence_worker_started", extra={"pid": proc.pid})
         self._reports = asyncio.create_task(self._read_reports(proc, read_fd))
@@ -319,9 +336,9 @@ class GeofenceWorker(CommitBacklog):
                 if proc is not self._proc:
                     continue  # a dead child's last words: its flushes were dealt with
                 self._reported_at = asyncio.get_running_loop().time()
-                for _ in range(min(report.done - self._done, len(self._in_child))):
+                while self._in_child_from < report.done and self._in_child:
                     self._in_child.popleft()
-                self._done = report.done
+                    self._in_child_from += 1
         finally:
             transport.close()
 

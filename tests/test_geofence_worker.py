@@ -321,32 +321,70 @@ async def test_a_new_trips_only_batch_held_by_a_child_that_dies_is_swept(client)
     assert found == [("enter", t + 2000)]
 
 
-async def test_a_dropped_flush_is_not_reported_done_before_its_state_rows_exist(database):
+@pytest.fixture
+async def evaluator_of(database):
+    """Makes GeofenceEvaluators on a pool of the test's database (not run: driven by hand)."""
+    pool = await asyncpg.create_pool(database, min_size=0, max_size=2)
+    redis = aioredis.from_url(REDIS_URL)
+    live = Live(redis, keyspace("standalone", "unused:", 1), 60, None)
+    try:
+        yield lambda **kw: GeofenceEvaluator(pool, live, 0.0, **kw)
+    finally:
+        await pool.close()
+        await redis.aclose()
+
+
+def _flush(trip: str, org: str = "org_1") -> list[tuple[object, ...]]:
+    return [(trip, "drv_1", org, 12.9, 77.5, None, None, None, None, datetime.now(UTC), None)]
+
+
+async def _state_rows(pool: asyncpg.Pool, trip: str) -> int:
+    return await pool.fetchval('SELECT count(*) FROM "GeofenceState" WHERE "tripId" = $1', trip)
+
+
+async def test_a_dropped_flush_is_not_reported_done_before_its_state_rows_exist(evaluator_of):
     """The child reports how many flushes it is done with, and the pod forgets those. A flush
     the child dropped (its backlog full, or given up) was counted done at once, though its
     trips' state rows were made only at the child's next turn: a child dying in between lost
     a new trip's only batch. It now counts as done once its rows are made (and the flushes
-    evaluated after it, which leave in order, wait with it)."""
-    pool = await asyncpg.create_pool(database, min_size=0, max_size=2)
-    redis = aioredis.from_url(REDIS_URL)
-    try:
-        live = Live(redis, keyspace("standalone", "unused:", 1), 60, None)
-        evaluator = GeofenceEvaluator(pool, live, 0.0, waited=True)
-        evaluator._fenced = frozenset({"org_1"})
-        at = datetime.now(UTC)
-        for i in range(geofence_events.BACKLOG_FLUSHES + 1):
-            evaluator.committed([(f"t_{i}", "drv_1", "org_1", 12.9, 77.5, *[None] * 4, at, None)])
-        assert evaluator.pending == geofence_events.BACKLOG_FLUSHES  # t_0's flush dropped
-        assert evaluator.done == 0
-        await evaluator._make_states(pool)
-        assert evaluator.done == 1
-        made = await pool.fetchval(
-            'SELECT count(*) FROM "GeofenceState" WHERE "tripId" = $1', "t_0"
-        )
-        assert made == 1
-    finally:
-        await pool.close()
-        await redis.aclose()
+    evaluated after it, which leave in order, wait with it). The worker's child notes the
+    trips of what it drops even before it has looked up the orgs with fences (the pod sent
+    it only rows of such orgs)."""
+    evaluator = evaluator_of(waited=True)
+    for i in range(geofence_events.BACKLOG_FLUSHES + 1):
+        evaluator.committed(_flush(f"t_{i}"))
+    assert evaluator.pending == geofence_events.BACKLOG_FLUSHES  # t_0's flush dropped
+    assert evaluator.done == 0
+    await evaluator._make_states(evaluator.pool)
+    assert evaluator.done == 1
+    assert await _state_rows(evaluator.pool, "t_0") == 1
+
+
+async def test_state_rows_not_made_are_tried_again_and_hold_the_count(evaluator_of, database):
+    """PostgreSQL refuses the state rows (here: a closed pool): the trips are kept for the
+    next turn, and the dropped flush is still not done (before, both were forgotten)."""
+    evaluator = evaluator_of(waited=True)
+    for i in range(geofence_events.BACKLOG_FLUSHES + 1):
+        evaluator.committed(_flush(f"t_{i}"))
+    closed = await asyncpg.create_pool(database, min_size=0, max_size=1)
+    await closed.close()
+    await evaluator._make_states(closed)
+    assert evaluator.done == 0
+    await evaluator._make_states(evaluator.pool)
+    assert evaluator.done == 1
+    assert await _state_rows(evaluator.pool, "t_0") == 1
+
+
+async def test_a_dropped_flush_of_orgs_without_fences_is_done_at_once(evaluator_of):
+    """In the pod's own evaluator (inline), a dropped flush with no trip of an org with
+    fences needs no state row: it must not hold the count until some later drop's rows are
+    made (that froze the count, and the pod's record of what the child holds grew)."""
+    evaluator = evaluator_of()
+    evaluator._fenced = frozenset({"org_1"})
+    for i in range(geofence_events.BACKLOG_FLUSHES + 1):
+        evaluator.committed(_flush(f"t_{i}", org="org_2"))
+    assert evaluator.done == 1
+    assert not evaluator._unmade
 
 
 async def test_a_new_trip_held_by_a_child_found_dead_at_shutdown_gets_its_state_row(client, db):
@@ -362,6 +400,27 @@ async def test_a_new_trip_held_by_a_child_found_dead_at_shutdown_gets_its_state_
     app = client.server.app
     await shutdown(app, client.server.runner, app[SETTINGS].shutdown_timeout_s)
     made = await db.fetchval('SELECT count(*) FROM "GeofenceState" WHERE "tripId" = $1', "van_5")
+    assert made == 1
+
+
+async def test_a_child_stuck_at_the_shutdown_deadline_leaves_state_rows_for_what_it_held(
+    make_client, db
+):
+    """SIGTERM while the child is stuck (stopped, for real) holding a new trip's only batch:
+    at the deadline the pod kills it and makes the trip's state row, for another pod's sweep
+    (before, the shutdown's cancellation skipped that)."""
+    client = await make_client(shutdown_timeout_s=1)
+    _fid, pod, t, pid = await with_child(client)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await drive(client, [INSIDE], t + 1000, trip="van_6", driver="drv_6", settle=False)
+        await state_reached(lambda: len(pod._in_child) == 1)
+        app = client.server.app
+        await shutdown(app, client.server.runner, app[SETTINGS].shutdown_timeout_s)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    made = await db.fetchval('SELECT count(*) FROM "GeofenceState" WHERE "tripId" = $1', "van_6")
     assert made == 1
 
 
