@@ -197,11 +197,12 @@ async def _stored_batches(conn: asyncpg.Connection, pending: list[Pending]) -> s
     keyed = [p for p in pending if p.batch_id is not None]
     if not keyed:
         return set()
-    rows = await conn.fetch(
-        _STORED_BATCHES,
-        [p.org for p in keyed], [p.driver_id for p in keyed], [p.batch_id for p in keyed],
-    )  # fmt: skip
-    return {(r[0], r[1], r[2]) for r in rows}
+    return {(r[0], r[1], r[2]) for r in await conn.fetch(_STORED_BATCHES, *_batch_keys(keyed))}
+
+
+def _batch_keys(keyed: list[Pending]) -> tuple[list[str], list[str], list[str | None]]:
+    """The orgs, drivers and batch ids of ``keyed``, as arrays for unnest()."""
+    return [p.org for p in keyed], [p.driver_id for p in keyed], [p.batch_id for p in keyed]
 
 
 def _allowed(
@@ -255,10 +256,7 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int
         )
         fresh = allowed
         if keyed:
-            claimed = await conn.fetch(
-                _CLAIM_BATCHES,
-                [p.org for p in keyed], [p.driver_id for p in keyed], [p.batch_id for p in keyed],
-            )  # fmt: skip
+            claimed = await conn.fetch(_CLAIM_BATCHES, *_batch_keys(keyed))
             fresh = _split_replays(allowed, {(r[0], r[1], r[2]) for r in claimed})
         if new_trips and (unused := new_trips - {(p.org, p.trip) for p in fresh}):
             # Trips only replays named: a replay stores nothing, so it starts no trip either

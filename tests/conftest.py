@@ -267,7 +267,30 @@ async def in_one_flush(client: TestClient, *posts: Awaitable[Any]) -> list[Any]:
     return list(await asyncio.gather(*tasks))
 
 
-async def blocked_on_a_lock(watch: asyncpg.Connection, other_than: int) -> None:
+async def against_another_pod(
+    client: TestClient, db: asyncpg.Connection, database: str,
+    first: Callable[[], Awaitable[object]], then: Callable[[], Awaitable[object]] | None,
+    *posts: Awaitable[Any],
+) -> list[Any]:  # fmt: skip
+    """Another pod, ``db`` in a transaction, runs ``first``; ``posts`` are committed in one
+    flush, which waits on a lock it holds; the other pod then runs ``then`` and commits. The
+    answers of ``posts``."""
+    watch = await asyncpg.connect(database)
+    try:
+        other_pod = db.transaction()
+        await other_pod.start()
+        await first()
+        flush = asyncio.ensure_future(in_one_flush(client, *posts))
+        await _blocked_on_a_lock(watch, db.get_server_pid())
+        if then is not None:
+            await then()
+        await other_pod.commit()
+        return await asyncio.wait_for(flush, 10)
+    finally:
+        await watch.close()
+
+
+async def _blocked_on_a_lock(watch: asyncpg.Connection, other_than: int) -> None:
     """Until a backend of this database, not ``other_than``, waits on a lock."""
     for _ in range(500):
         waiting = await watch.fetchval(

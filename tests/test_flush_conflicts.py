@@ -5,12 +5,9 @@ database outage."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 
-import asyncpg
-
-from .conftest import auth, batch, blocked_on_a_lock, in_one_flush, now_ms
+from .conftest import against_another_pod, auth, batch, now_ms
 from .test_ops import Delta, scrape
 
 PING = "/api/v1/tracking/ping"
@@ -34,32 +31,21 @@ async def test_a_flush_aborted_to_end_a_deadlock_is_retried_without_an_outage(cl
         r = await client.post(PING, json=batch(1, trip=trip, start_ms=start), headers=auth())
         assert r.status == 200, await r.text()
     ts = start + 5000
-    watch = await asyncpg.connect(database)
-    try:
-        await db.execute("SET deadlock_timeout = '60s'")  # so this side is not the one aborted
-        before = await scrape(client)
-        other_pod = db.transaction()
-        await other_pod.start()
-        await db.execute(_INSERT, "t_x", _at(ts))
-        flush = asyncio.ensure_future(
-            in_one_flush(
-                client,
-                client.post(PING, json=batch(1, trip="t_y", start_ms=ts), headers=auth()),
-                client.post(PING, json=batch(1, trip="t_x", start_ms=ts), headers=auth()),
-            )
-        )
-        await blocked_on_a_lock(watch, db.get_server_pid())
-        await db.execute(_INSERT, "t_y", _at(ts))  # waits until PostgreSQL aborts the flush
-        await other_pod.commit()
-        answers = await asyncio.wait_for(flush, 10)
-        acks = [(r.status, (await r.json())["duplicates"]) for r in answers]
-        assert acks == [(200, 1), (200, 1)]
-        delta = Delta(before, await scrape(client))
-        assert delta("ingest_db_errors_total", operation="flush_conflict") == 1
-        assert delta("ingest_db_errors_total", operation="flush") == 0
-        stored = await db.fetchval(
-            """SELECT count(*) FROM "TripLocation" WHERE "timestamp" = $1""", _at(ts)
-        )
-        assert stored == 2
-    finally:
-        await watch.close()
+    await db.execute("SET deadlock_timeout = '60s'")  # so this side is not the one aborted
+    before = await scrape(client)
+    answers = await against_another_pod(
+        client, db, database,
+        lambda: db.execute(_INSERT, "t_x", _at(ts)),
+        lambda: db.execute(_INSERT, "t_y", _at(ts)),  # waits until PostgreSQL aborts the flush
+        client.post(PING, json=batch(1, trip="t_y", start_ms=ts), headers=auth()),
+        client.post(PING, json=batch(1, trip="t_x", start_ms=ts), headers=auth()),
+    )  # fmt: skip
+    acks = [(r.status, (await r.json())["duplicates"]) for r in answers]
+    assert acks == [(200, 1), (200, 1)]
+    delta = Delta(before, await scrape(client))
+    assert delta("ingest_db_errors_total", operation="flush_conflict") == 1
+    assert delta("ingest_db_errors_total", operation="flush") == 0
+    stored = await db.fetchval(
+        """SELECT count(*) FROM "TripLocation" WHERE "timestamp" = $1""", _at(ts)
+    )
+    assert stored == 2

@@ -5,16 +5,14 @@ stored nothing but still claimed the new trip it named."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 
-import asyncpg
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from .conftest import auth, batch, blocked_on_a_lock, in_one_flush, iso, now_ms, token
+from .conftest import against_another_pod, auth, batch, in_one_flush, iso, now_ms, token
 from .test_ops import Delta, scrape
 
 PING = "/api/v1/tracking/ping"
@@ -214,27 +212,17 @@ async def test_a_replay_of_a_batch_another_pod_is_committing_claims_no_trip(clie
     """The batch id is being stored by another pod (uncommitted) when this pod's flush looks
     for stored ones: the replay is found only when its id is claimed, after it claimed its new
     trip; that claim is dropped in the same transaction."""
-    watch = await asyncpg.connect(database)
-    try:
-        other_pod = db.transaction()
-        await other_pod.start()
-        await db.execute(
-            """INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId")
-               VALUES ('org_1', 'drv_1', 'b-9')"""
-        )
-        body = batch(1, trip="t_new", start_ms=now_ms(-600), batch_id="b-9")
-        post = asyncio.ensure_future(client.post(PING, json=body, headers=auth()))
-        await blocked_on_a_lock(watch, db.get_server_pid())
-        await other_pod.commit()
-        r = await asyncio.wait_for(post, 10)
-        ack = await r.json()
-        assert (r.status, ack["accepted"], ack["duplicates"]) == (200, 0, 1), ack
-        owner = await db.fetchval(
-            """SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 't_new'"""
-        )
-        assert owner is None
-    finally:
-        await watch.close()
+    store_batch = """INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId")
+                     VALUES ('org_1', 'drv_1', 'b-9')"""
+    body = batch(1, trip="t_new", start_ms=now_ms(-600), batch_id="b-9")
+    [r] = await against_another_pod(
+        client, db, database, lambda: db.execute(store_batch), None,
+        client.post(PING, json=body, headers=auth()),
+    )  # fmt: skip
+    ack = await r.json()
+    assert (r.status, ack["accepted"], ack["duplicates"]) == (200, 0, 1), ack
+    owner = await db.fetchval("""SELECT "driverId" FROM "IngestTrip" WHERE "tripId" = 't_new'""")
+    assert owner is None
 
 
 async def test_pods_claiming_the_same_new_trips_in_opposite_orders_do_not_deadlock(
@@ -245,29 +233,18 @@ async def test_pods_claiming_the_same_new_trips_in_opposite_orders_do_not_deadlo
     PostgreSQL found a deadlock after deadlock_timeout and aborted the flush, which counted as
     an outage (every pooled connection dropped). Claimed in key order, the flush waits for t_a
     before it touches t_b, and the other pod goes on."""
-    watch = await asyncpg.connect(database)
     claim = (
         """INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId") VALUES ('org_1', $1, 'drv_2')"""
     )
-    try:
-        before = await scrape(client)
-        start = now_ms(-600)
-        other_pod = db.transaction()
-        await other_pod.start()
-        await db.execute(claim, "t_a")
-        flush = asyncio.ensure_future(
-            in_one_flush(
-                client,
-                client.post(PING, json=batch(1, trip="t_b", start_ms=start), headers=auth()),
-                client.post(PING, json=batch(1, trip="t_a", start_ms=start), headers=auth()),
-            )
-        )
-        await blocked_on_a_lock(watch, db.get_server_pid())
-        await db.execute(claim, "t_b")  # raised DeadlockDetectedError, or waited it out
-        await other_pod.commit()
-        answers = await asyncio.wait_for(flush, 10)
-        assert [r.status for r in answers] == [403, 403]  # drv_2 started both
-        # The deadlock, when the flush was the side PostgreSQL aborted: a failed flush.
-        assert Delta(before, await scrape(client))("ingest_db_errors_total", operation="flush") == 0
-    finally:
-        await watch.close()
+    before = await scrape(client)
+    start = now_ms(-600)
+    answers = await against_another_pod(
+        client, db, database,
+        lambda: db.execute(claim, "t_a"),
+        lambda: db.execute(claim, "t_b"),  # raised DeadlockDetectedError, or waited it out
+        client.post(PING, json=batch(1, trip="t_b", start_ms=start), headers=auth()),
+        client.post(PING, json=batch(1, trip="t_a", start_ms=start), headers=auth()),
+    )  # fmt: skip
+    assert [r.status for r in answers] == [403, 403]  # drv_2 started both
+    # The deadlock, when the flush was the side PostgreSQL aborted: a failed flush.
+    assert Delta(before, await scrape(client))("ingest_db_errors_total", operation="flush") == 0
