@@ -12,7 +12,7 @@ from aiohttp import web
 
 from . import auth, metrics, trip_export
 from .query import INTEGER, MAX_TIME, MIN_TIME, BadQuery, parse_time
-from .reads import run_read
+from .reads import rows_readable, run_read
 from .responses import error, json_response
 from .schema import LatestLocation, LocationPage, StoredLocation, storable_id
 from .typedefs import LIVE, POOL
@@ -23,21 +23,32 @@ DEFAULT_PAGE = 500
 MAX_PAGE = 5000
 _NO_STORE = {"Cache-Control": "no-store"}
 _LOC_COLS = '"latitude", "longitude", "timestamp", "accuracy", "speed", "heading", "altitude"'
-_LATEST_SQL = f"""
+# Each keyed by whether a driver token reads (reads.rows_readable): $1 trip, $2 org, $3 driver.
+_LATEST_SQL = {
+    by_driver: f"""
 SELECT "driverId", {_LOC_COLS} FROM "TripLocation"
-WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3)
+WHERE "tripId" = $1 AND "orgId" = $2 AND {rows_readable("$2", "$1", "$3", by_driver=by_driver)}
 ORDER BY "timestamp" DESC LIMIT 1
 """
-_PAGE_SQL = f"""
+    for by_driver in (False, True)
+}
+_PAGE_SQL = {
+    by_driver: f"""
 SELECT {_LOC_COLS} FROM "TripLocation"
-WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3)
+WHERE "tripId" = $1 AND "orgId" = $2 AND {rows_readable("$2", "$1", "$3", by_driver=by_driver)}
   AND "timestamp" >= $4 AND "timestamp" < $5 AND "timestamp" > $6
 ORDER BY "timestamp" LIMIT $7
 """
-_EXISTS_SQL = """
+    for by_driver in (False, True)
+}
+_EXISTS_SQL = {
+    by_driver: f"""
 SELECT 1 FROM "TripLocation"
-WHERE "tripId" = $1 AND "orgId" = $2 AND ($3::text IS NULL OR "driverId" = $3) LIMIT 1
+WHERE "tripId" = $1 AND "orgId" = $2 AND {rows_readable("$2", "$1", "$3", by_driver=by_driver)}
+LIMIT 1
 """
+    for by_driver in (False, True)
+}
 _MIN, _MAX = MIN_TIME, MAX_TIME
 _latest_decoder = msgspec.json.Decoder(LatestLocation)
 
@@ -61,7 +72,7 @@ async def latest(request: web.Request) -> web.Response:
     if value is not None and (driver is None or _latest_decoder.decode(value).driverId == driver):
         return web.Response(body=value, content_type="application/json", headers=_NO_STORE)
     # The primary, not read_pool: after a Redis miss the answer must include the last commit.
-    row = await request.app[POOL].fetchrow(_LATEST_SQL, trip, p.org, driver)
+    row = await request.app[POOL].fetchrow(_LATEST_SQL[driver is not None], trip, p.org, driver)
     if row is None:
         return _not_found(trip)
     loc = StoredLocation(*row[1:])
@@ -105,17 +116,19 @@ async def history(request: web.Request) -> web.StreamResponse:
         return _not_found(trip)
     if fmt != "json":  # the whole trip (or from/to), streamed; limit and cursor do not apply
         return await trip_export.export(request, p, trip, fmt, start, end)
-    driver, first_page = auth.driver_filter(p), "cursor" not in q
+    # (an empty cursor is a first page too: it must not skip the look for the trip)
+    driver, first_page = auth.driver_filter(p), not q.get("cursor")
+    by_driver = driver is not None
 
     async def page(pool: asyncpg.Pool) -> list[asyncpg.Record] | None:
         """The page's rows; None when there is no such trip (asked on a first page only)."""
         rows: list[asyncpg.Record] = await pool.fetch(
-            _PAGE_SQL, trip, p.org, driver, start, end, after, limit + 1
+            _PAGE_SQL[by_driver], trip, p.org, driver, start, end, after, limit + 1
         )
         if (
             not rows
             and first_page
-            and await pool.fetchval(_EXISTS_SQL, trip, p.org, driver) is None
+            and await pool.fetchval(_EXISTS_SQL[by_driver], trip, p.org, driver) is None
         ):
             return None
         return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 from datetime import UTC, datetime, timedelta
@@ -194,15 +195,19 @@ async def test_history_reads_only_the_partitions_of_the_range(db):
     b = month_boundary()
     start, end = b + timedelta(days=1), b + timedelta(days=2)
     this_month = f"TripLocation_{b.year:04d}_{b.month:02d}"
-    await db.execute(
-        "PREPARE page(text, text, text, timestamptz, timestamptz, timestamptz, bigint) AS "
-        + _PAGE_SQL
-    )
-    args = f"'t', 'o', NULL, '{start.isoformat()}', '{end.isoformat()}', '-infinity', 100"
-    for mode in ("force_custom_plan", "force_generic_plan"):  # planner and executor pruning
+    for by_driver in (False, True):
+        await db.execute(
+            f"PREPARE page{by_driver:d}(text, text, text, timestamptz, timestamptz, timestamptz,"
+            f" bigint) AS {_PAGE_SQL[by_driver]}"
+        )
+    times = f"'{start.isoformat()}', '{end.isoformat()}', '-infinity', 100"
+    for mode, page in itertools.product(  # planner and executor pruning, for either token
+        ("force_custom_plan", "force_generic_plan"),
+        (f"page0('t', 'o', NULL, {times})", f"page1('t', 'o', 'd', {times})"),
+    ):
         await db.execute(f"SET plan_cache_mode = {mode}")
         plan = "\n".join(
-            r[0] for r in await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE page({args})")
+            r[0] for r in await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE {page}")
         )
         touched = {
             word.strip('"(),')

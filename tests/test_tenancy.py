@@ -680,6 +680,63 @@ async def test_a_driver_reads_only_its_own_trips(client):
         assert await colleague.json() == {"error": "not_found", "detail": "no trip 'trip_1'"}
 
 
+def _pings_read(plan: list[Any]) -> int:
+    """Executions of the plan's scans of "TripLocation" (EXPLAIN ANALYZE, FORMAT JSON)."""
+    loops, nodes = 0, [plan[0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Relation Name", "").startswith("TripLocation"):
+            loops += node["Actual Loops"]
+    return loops
+
+
+async def test_a_driver_asking_for_a_colleagues_trip_reads_none_of_its_pings(client, db):
+    """A driver token naming a colleague's trip is told 404 without PostgreSQL walking the
+    trip's pings for its own (one heap fetch each: seconds for a long trip, on the pool that
+    ingest uses); a driver the trip was handed over from still reads the pings it drove."""
+    from ingest.read_api import _EXISTS_SQL, _LATEST_SQL, _PAGE_SQL
+
+    start = second()
+    assert await stored_as(client, batch(3, TRIP, DRIVER, start), A) == (3, 0)
+    args = (TRIP, A, OTHER)
+    page = (*args, _EPOCH, datetime(9999, 1, 1, tzinfo=UTC), _EPOCH, 10)
+    for sql, params in ((_LATEST_SQL, args), (_PAGE_SQL, page), (_EXISTS_SQL, args)):
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await db.execute(f"SET plan_cache_mode = {mode}")
+            explained = await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql[True]}", *params)
+            assert _pings_read(json.loads(explained)) == 0, explained
+            mine = await db.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {sql[True]}", *params[:2], DRIVER, *params[3:]
+            )
+            assert _pings_read(json.loads(mine)) > 0  # (the test can see a scan)
+    await db.execute("RESET plan_cache_mode")
+    for template in (LATEST, HISTORY):
+        colleague = await client.get(template.format(TRIP), headers=auth("driver", OTHER, A))
+        assert colleague.status == 404, await colleague.text()
+
+    # Handed over, the trip holds the pings of both: each driver reads its own, nobody else any.
+    await hand_over(client, A, TRIP, OTHER)
+    assert await stored_as(client, batch(2, TRIP, OTHER, start + 5000), A) == (2, 0)
+    for sub, count in ((DRIVER, 3), (OTHER, 2)):
+        resp = await client.get(HISTORY.format(TRIP), headers=auth("driver", sub, A))
+        assert resp.status == 200, await resp.text()
+        assert len((await resp.json())["locations"]) == count
+        resp = await client.get(LATEST.format(TRIP), headers=auth("driver", sub, A))
+        assert resp.status == 200 and (await resp.json())["driverId"] == sub
+    for template in (LATEST, HISTORY):
+        stranger = await client.get(template.format(TRIP), headers=auth("driver", "drv_3", A))
+        assert stranger.status == 404, await stranger.text()
+
+
+async def test_an_empty_cursor_does_not_make_an_unknown_trip_a_200(client):
+    for trip in (TRIP, "no_such_trip"):  # another org's, and nobody's
+        if trip == TRIP:
+            assert await stored_as(client, batch(1, TRIP, DRIVER), B) == (1, 0)
+        resp = await client.get(HISTORY.format(trip) + "?cursor=", headers=dispatcher(A))
+        assert resp.status == 404, await resp.text()
+
+
 async def test_the_dedup_guard_is_per_org_and_reads_stay_per_org(client, db):
     """The guard is on ("orgId", "tripId", "timestamp"): another org reusing a trip id, driver
     id, batch id and instant stores its own pings, learns nothing, and reads only its own."""
