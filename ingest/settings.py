@@ -121,6 +121,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # WebSockets.
     ws_max_sockets_per_subject: PositiveInt = 20  # per token subject (org, sub), per pod
     ws_max_subscriptions_per_pod: PositiveInt = 100_000  # trip channels + fleet channels
+    # The same, of one org: so that one org never takes what others need (docs/live.md).
+    # Unset: a fifth of WS_MAX_SUBSCRIPTIONS_PER_POD, what one subject's sockets can hold.
+    ws_max_subscriptions_per_org: PositiveInt | None = None
     ws_subscribe_timeout_s: PositiveFloat = 5.0  # Redis must confirm a SUBSCRIBE by then
     fleet_snapshot_max: PositiveInt = 10_000  # trips in a fleet subscription's snapshot
     # Latest-location repair after failed Redis writes (docs/reliability.md).
@@ -144,6 +147,13 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     @property
     def jwt_verify_key(self) -> str | None:
         return self.jwt_public_key or self.jwt_secret
+
+    @property
+    def ws_org_subscription_limit(self) -> int:
+        """WS_MAX_SUBSCRIPTIONS_PER_ORG, or its default share of the pod's."""
+        if self.ws_max_subscriptions_per_org is not None:
+            return self.ws_max_subscriptions_per_org
+        return max(1, self.ws_max_subscriptions_per_pod // 5)
 
 
 ENV_NAMES = tuple(f.encode_name for f in msgspec.structs.fields(Settings))
@@ -197,7 +207,30 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     ):
         if url is not None and not url.startswith(schemes):
             raise SettingsError(f"invalid setting {name}: must start with {' or '.join(schemes)}")
+        if url is not None and not _splits(url):
+            # Else every connection fails with the client's parse error, which quotes a piece
+            # of the password (the part it took for a port, or after a '?') in each log line.
+            raise SettingsError(
+                f"invalid setting {name}: cannot be split into user, password, host and port;"
+                " percent-encode '/', '?', '#', '@' and ':' in the user and password"
+            )
     return settings
+
+
+def _splits(url: str) -> bool:
+    """Whether a URL's user, password, hosts and ports come apart as its client reads them:
+    ports that are numbers, and no '@' after the hosts (an unescaped '/', '?' or '#' in a
+    password ends the hosts early, leaving the rest of it in the path)."""
+    rest = url.partition("://")[2]
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[end:]:
+        return False
+    for host in rest[:end].rpartition("@")[2].split(","):  # libpq's several hosts
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        port = port.partition(":")[2]
+        if port and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+            return False
+    return True
 
 
 def _with_secret_from_file(settings: Settings) -> Settings:

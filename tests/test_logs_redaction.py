@@ -19,7 +19,7 @@ import pytest
 from devtools import procs
 from ingest import logs
 
-from .conftest import REDIS_URL, ROOT, SECRET, token
+from .conftest import REDIS_URL, ROOT, SECRET, run_cli, token
 
 JWT = token("driver", "drv_secret", "org_secret")
 HEADER, PAYLOAD, SIGNATURE = JWT.split(".")
@@ -236,3 +236,41 @@ async def test_malformed_requests_are_logged_without_their_credentials(
     assert not jwt_leaked(text)
     for secret in (BASIC, "query-tok-3", "query-pw-3", "cookie-3"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "pieces"),
+    [
+        ("DATABASE_URL", "postgresql://app:Xy7/Qp9#Zk2@db/ingest", ("Xy7", "Qp9", "Zk2")),
+        ("DATABASE_URL", "postgresql://app:a?etPW@db:5432/ingest", ("etPW",)),
+        ("DATABASE_URL", "postgresql://app:1234/abc@db/ingest", ("1234", "abc")),
+        ("DATABASE_READ_URL", "postgres://app:Rp1#x@replica/ingest", ("Rp1",)),
+        ("REDIS_URL", "redis://:Rd5/Tq8@redis:6379/0", ("Rd5", "Tq8")),
+    ],
+)
+def test_a_url_whose_password_would_be_misread_is_refused_at_start_without_it(
+    name: str, url: str, pieces: tuple[str, ...]
+) -> None:
+    """An unescaped '/', '?', '#' or '@' in a password ends the host early: every connection
+    would fail with the client's parse error, which quotes the piece it took for a port or a
+    query, in every log line. Refused when the pod starts, by name, quoting none of it."""
+    result = run_cli("migrate", **{name: url})
+    assert result.returncode != 0
+    assert f"invalid setting {name}: cannot be split into user, password, host" in result.stderr
+    for piece in pieces:
+        assert piece not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:p%2Fw%3Fx%23y%40z@db:5432/ingest",  # the same characters, escaped
+        "postgresql://app:pw@h1:5432,h2:5433/ingest?target_session_attrs=read-write",
+        "postgresql:///ingest?host=/var/run/postgresql",
+        "postgresql://app:pw@[::1]:5432/ingest",
+    ],
+)
+def test_urls_that_split_cleanly_are_accepted(url: str) -> None:
+    from ingest.settings import load_settings
+
+    assert load_settings({"JWT_SECRET": SECRET, "DATABASE_URL": url}).database_url == url
