@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import metrics
+from . import metrics, migrate
 from .asyncapi import asyncapi_json
 from .openapi import openapi_document
 from .responses import json_response
@@ -55,6 +55,13 @@ def _retrieve(task: asyncio.Future[object]) -> None:
         task.exception()  # a late failure is reported by the next check, not by the loop
 
 
+_APPLIED = 'SELECT count(*) FROM "_ingest_migrations" WHERE "name" = ANY($1::text[])'
+
+
+class SchemaBehind(Exception):
+    """The database lacks migrations this code uses (the migration Job has not run yet)."""
+
+
 class _Probes:
     def __init__(self, app: web.Application) -> None:
         self.database = Probe(
@@ -62,6 +69,17 @@ class _Probes:
             metrics.DB_ERRORS.labels("readiness").inc,
         )
         self.redis = Probe(lambda: app[LIVE].redis.ping(), metrics.REDIS_ERRORS.labels("probe").inc)
+        # New pods do not wait for the migration Job: one whose code uses a column the Job
+        # has not added yet stays out of the Service (and holds the rollout) until it has.
+        # Migrations only go forward, so once current it is never asked again.
+        self.schema = Probe(lambda: self._schema_current(app), lambda: None)
+        self.schema_current = False
+
+    async def _schema_current(self, app: web.Application) -> None:
+        names = [path.name for path in migrate.migration_files()]
+        if await app[POOL].fetchval(_APPLIED, names) != len(names):
+            raise SchemaBehind(names)
+        self.schema_current = True
 
 
 _PROBES: weakref.WeakKeyDictionary[web.Application, _Probes] = weakref.WeakKeyDictionary()
@@ -83,7 +101,9 @@ async def readiness(app: web.Application) -> dict[str, bool]:
     """Each readiness condition, True when met; the pod is ready when all are."""
     settings = app[SETTINGS]
     checks: dict[str, bool] = {"draining": not app[LIFECYCLE].draining}
-    checks["database"] = await _probes(app).database()
+    probes = _probes(app)
+    checks["database"] = await probes.database()
+    checks["schema"] = probes.schema_current or await probes.schema()
     if settings.runs_ingest:
         buffer = app[BUFFER]
         checks["buffer"] = buffer.depth < settings.buffer_max_rows * settings.buffer_high_water

@@ -330,6 +330,29 @@ async def test_healthz_answers_while_the_loop_runs(client):
     assert resp.status == 200 and await resp.json() == {"status": "ok"}
 
 
+async def test_a_pod_is_not_ready_until_its_migrations_are_applied(make_client, db):
+    """New pods do not wait for the migration Job: a pod whose code uses what the Job has not
+    added yet (a column, say) must stay out of the Service until the Job has run, and then
+    be ready without a restart."""
+    from ingest.migrate import migration_files
+
+    last = migration_files()[-1].name
+    row = await db.fetchrow('SELECT * FROM "_ingest_migrations" WHERE "name" = $1', last)
+    await db.execute('DELETE FROM "_ingest_migrations" WHERE "name" = $1', last)
+    try:
+        client = await make_client()
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["checks"]["schema"] is False
+    finally:
+        await db.execute('INSERT INTO "_ingest_migrations" VALUES ($1, $2, $3)', *row.values())
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await wait_for(ready)
+
+
 async def test_readyz_is_false_while_the_database_is_unreachable(client, database):
     ready = await client.get("/readyz")
     assert ready.status == 200
@@ -338,6 +361,7 @@ async def test_readyz_is_false_while_the_database_is_unreachable(client, databas
         "checks": {
             "draining": True,
             "database": True,
+            "schema": True,
             "buffer": True,
             "flusher": True,
             "redis_pubsub": True,
