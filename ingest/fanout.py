@@ -16,7 +16,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -44,23 +44,29 @@ def text_frame(payload: bytes) -> bytes:
 class Subscriber:
     """A socket's side of the fan-out: where to write, and how much it may lag."""
 
-    __slots__ = ("close_slow", "closed", "fleet", "org", "transport", "trips")
+    __slots__ = ("close_slow", "closed", "fleet", "fleet_pending", "org", "transport", "trips")
 
     def __init__(self, transport: asyncio.Transport, org: str, close_slow: Callable[[], None]):
         self.transport = transport
         self.org = org
         self.trips: set[str] = set()
+        # Set by the fan-out, not by the socket: True from the moment the fleet's messages
+        # reach it (every fleet name it joined is confirmed by Redis), when deliver() starts
+        # skipping trip-channel copies. Earlier would lose trip messages, later duplicate them.
         self.fleet = False
+        self.fleet_pending = 0  # fleet names it joined that Redis has not confirmed yet
         self.close_slow = close_slow
         self.closed = False  # set (with detach) before the socket's Close frame is queued
 
 
 class TooManySubscriptions(Exception):
-    """The pod already holds WS_MAX_SUBSCRIPTIONS_PER_POD channels and patterns."""
+    """The pod (WS_MAX_SUBSCRIPTIONS_PER_POD), or the org on this pod
+    (WS_MAX_SUBSCRIPTIONS_PER_ORG), already holds that many channels and patterns."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit)
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(limit, setting)
         self.limit = limit
+        self.setting = setting
 
 
 class Fanout:
@@ -86,6 +92,8 @@ class Fanout:
         self._stopping = False
         self.frames_built = 0  # counted by tests: one per message, whatever the subscribers
         self.sockets: dict[tuple[str, str], int] = {}  # open sockets per (org, sub)
+        # Distinct channels and patterns per org (a name carries its org, so it has one).
+        self.per_org: dict[str, int] = {}
 
     # -- sockets -------------------------------------------------------------------------
 
@@ -108,32 +116,41 @@ class Fanout:
 
     async def subscribe(
         self, sub: Subscriber, channels: Sequence[str], patterns: Sequence[str],
-        limit: int, timeout: float,
+        limit: int, org_limit: int, timeout: float,
     ) -> tuple[list[str], list[str]]:  # fmt: skip
-        """Add ``sub`` to each channel and pattern; return the channels and patterns Redis
-        did not confirm within ``timeout`` seconds (``sub`` has left those again). Raises
-        TooManySubscriptions, changing nothing, if the names new to this pod would take it
-        past ``limit`` distinct channels and patterns."""
+        """Add ``sub`` to each channel and pattern (all of ``sub.org``: a name carries its
+        org); return the channels and patterns Redis did not confirm within ``timeout``
+        seconds (``sub`` has left those again). Raises TooManySubscriptions, changing
+        nothing, if the names new to this pod would take its org past ``org_limit``, or the
+        pod past ``limit``, distinct channels and patterns."""
         names = [c.encode() for c in channels]
         pnames = [p.encode() for p in patterns]
-        new = [n for n in names if n not in self.channels]
-        pnew = [n for n in pnames if n not in self.patterns]
-        if len(self.channels) + len(self.patterns) + len(new) + len(pnew) > limit:
-            raise TooManySubscriptions(limit)
+        added = sum(n not in self.channels for n in names)
+        added += sum(n not in self.patterns for n in pnames)
+        if len(self.channels) + len(self.patterns) + added > limit:
+            raise TooManySubscriptions(limit, "WS_MAX_SUBSCRIPTIONS_PER_POD")
+        # Names carry their org: one org's share of the pod bounds what it takes from others.
+        if self.per_org.get(sub.org, 0) + added > org_limit:
+            raise TooManySubscriptions(org_limit, "WS_MAX_SUBSCRIPTIONS_PER_ORG")
         # Tables change synchronously, so concurrent subscribes count against the same limit.
-        waits = self._join(self.channels, self._pending, sub, names)
-        pwaits = self._join(self.patterns, self._pending_patterns, sub, pnames)
-        metrics.WS_SUBSCRIPTIONS.inc(len(new) + len(pnew))
+        waits, new = self._join(self.channels, self._pending, sub, names)
+        pwaits, pnew = self._join(self.patterns, self._pending_patterns, sub, pnames)
+        if pnames:
+            # Fleet names already confirmed deliver to it from now: skip trip copies at once.
+            # Else the listener sets fleet when Redis confirms the last one (_fleet_confirmed).
+            sub.fleet_pending += len(pwaits)
+            sub.fleet = not sub.fleet_pending
+        if created := len(new) + len(pnew):
+            self.per_org[sub.org] = self.per_org.get(sub.org, 0) + created
+            metrics.WS_SUBSCRIPTIONS.inc(created)
         if not waits and not pwaits:
             return [], []
         self._send_subscribe(new, pnew)
         await asyncio.wait([*waits.values(), *pwaits.values()], timeout=timeout)
         failed = [n for n, w in waits.items() if not w.done()]
         pfailed = [n for n, w in pwaits.items() if not w.done()]
-        for name in failed:
-            self._remove(self.channels, self._pending, sub, name, pattern=False)
-        for name in pfailed:
-            self._remove(self.patterns, self._pending_patterns, sub, name, pattern=True)
+        self._leave(self.channels, self._pending, sub, failed, pattern=False)
+        self._leave(self.patterns, self._pending_patterns, sub, pfailed, pattern=True)
         if failed or pfailed:
             metrics.WS_SUBSCRIBE_FAILED.inc(len(failed) + len(pfailed))
             log.warning(
@@ -145,41 +162,71 @@ class Fanout:
     def _join(
         self, table: dict[bytes, set[Subscriber]], pending: dict[bytes, asyncio.Future[None]],
         sub: Subscriber, names: list[bytes],
-    ) -> dict[bytes, asyncio.Future[None]]:  # fmt: skip
-        """Add ``sub`` to each name; the confirmations still awaited, by name."""
+    ) -> tuple[dict[bytes, asyncio.Future[None]], list[bytes]]:  # fmt: skip
+        """Add ``sub`` to each name; the confirmations still awaited, by name, and the names
+        new to the table (to subscribe)."""
         waits: dict[bytes, asyncio.Future[None]] = {}
+        new: list[bytes] = []
         loop = asyncio.get_running_loop()
         for name in names:
             subs = table.get(name)
             if subs is None:
                 table[name] = {sub}
                 waits[name] = pending[name] = loop.create_future()
+                new.append(name)
             else:
                 subs.add(sub)
                 if (waiter := pending.get(name)) is not None:
                     waits[name] = waiter
-        return waits
+        return waits, new
 
-    def remove(self, sub: Subscriber, channel: str) -> None:
-        self._remove(self.channels, self._pending, sub, channel.encode(), pattern=False)
+    def _fleet_confirmed(self, name: bytes) -> None:
+        """The listener read Redis's confirmation of fleet name ``name``: its messages flow
+        from here on, in order after every trip message before it, so each of its sockets
+        whose every fleet name is confirmed now skips trip-channel copies."""
+        for sub in self.patterns.get(name, ()):
+            sub.fleet_pending -= 1
+            if not sub.fleet_pending:
+                sub.fleet = True
 
-    def remove_pattern(self, sub: Subscriber, pattern: str) -> None:
-        self._remove(self.patterns, self._pending_patterns, sub, pattern.encode(), pattern=True)
+    def remove(self, sub: Subscriber, channels: Iterable[str]) -> None:
+        """Take ``sub`` out of ``channels``; one UNSUBSCRIBE for those it held last."""
+        names = [c.encode() for c in channels]
+        self._leave(self.channels, self._pending, sub, names, pattern=False)
 
-    def _remove(
+    def remove_patterns(self, sub: Subscriber, patterns: Iterable[str]) -> None:
+        names = [p.encode() for p in patterns]
+        self._leave(self.patterns, self._pending_patterns, sub, names, pattern=True)
+
+    def _leave(
         self, table: dict[bytes, set[Subscriber]], pending: dict[bytes, asyncio.Future[None]],
-        sub: Subscriber, name: bytes, pattern: bool,
+        sub: Subscriber, names: list[bytes], pattern: bool,
     ) -> None:  # fmt: skip
-        subs = table.get(name)
-        if subs is None or sub not in subs:
+        gone: list[bytes] = []
+        for name in names:
+            subs = table.get(name)
+            if subs is None or sub not in subs:
+                continue
+            subs.discard(sub)
+            if pattern:
+                sub.fleet = False  # part of a fleet is no fleet: trip copies are its own again
+                if name in pending:
+                    sub.fleet_pending -= 1
+            if subs:
+                continue
+            del table[name]
+            pending.pop(name, None)
+            gone.append(name)
+        if not gone:
             return
-        subs.discard(sub)
-        if subs:
-            return
-        del table[name]
-        pending.pop(name, None)
-        metrics.WS_SUBSCRIPTIONS.dec()
-        self._send_unsubscribe(name, pattern)
+        if (held := self.per_org[sub.org] - len(gone)) > 0:
+            self.per_org[sub.org] = held
+        else:
+            del self.per_org[sub.org]
+        metrics.WS_SUBSCRIPTIONS.dec(len(gone))
+        # One command for all of them: the tables changed synchronously above, so a SUBSCRIBE
+        # of any of these names sent later is sent after this, as with one command per name.
+        self._send_unsubscribe(gone, pattern)
 
     def _send_subscribe(self, channels: list[bytes], patterns: list[bytes]) -> None:
         pubsub = self._pubsub
@@ -190,10 +237,10 @@ class Fanout:
             if patterns:
                 self._spawn(pubsub.psubscribe(*patterns))
 
-    def _send_unsubscribe(self, name: bytes, pattern: bool) -> None:
+    def _send_unsubscribe(self, names: list[bytes], pattern: bool) -> None:
         if self._pubsub is not None and self.connected.is_set():
             cmd = self._pubsub.punsubscribe if pattern else self._pubsub.unsubscribe
-            self._spawn(cmd(name))
+            self._spawn(cmd(*names))
 
     def _spawn(self, command: Awaitable[Any]) -> None:
         """Send a (P)(UN)SUBSCRIBE without waiting: its reply reaches the listener."""
@@ -300,9 +347,13 @@ class Fanout:
                 deliver(kind, msg["channel"], msg["data"])
             elif kind == "pmessage":
                 deliver(kind, msg["pattern"], msg["data"])
-            elif kind == "subscribe" or kind == "psubscribe":
-                waiter = (pending if kind == "subscribe" else pending_patterns).pop(
-                    msg["channel"], None
-                )
-                if waiter is not None and not waiter.done():
+            elif kind == "subscribe":
+                # A waiter is resolved only here, once popped: one in the table is not done.
+                if (waiter := pending.pop(msg["channel"], None)) is not None:
                     waiter.set_result(None)
+            elif (
+                kind == "psubscribe"
+                and (waiter := pending_patterns.pop(msg["channel"], None)) is not None
+            ):
+                waiter.set_result(None)
+                self._fleet_confirmed(msg["channel"])

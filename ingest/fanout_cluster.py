@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 
 from . import metrics
 from .fanout import _KEEPALIVE, Fanout
@@ -63,13 +64,21 @@ class ShardedFanout(Fanout):
         for name in (*channels, *patterns):
             self._place(name)
 
-    def _send_unsubscribe(self, name: bytes, pattern: bool) -> None:
-        shard = self.owner.pop(name, None)
-        if shard is None:
-            return
-        shard.names.discard(name)
-        if shard.pubsub is not None:
-            self._spawn(shard.pubsub.sunsubscribe(name))
+    def _send_unsubscribe(self, names: list[bytes], pattern: bool) -> None:
+        # One SUNSUBSCRIBE per (master, slot): its channels must share a slot (CROSSSLOT
+        # otherwise). An org's trips of one bucket share a slot, so N trips cost at most
+        # REDIS_CLUSTER_BUCKETS commands.
+        batches: dict[tuple[_Shard, int], list[bytes]] = {}
+        for name in names:
+            shard = self.owner.pop(name, None)
+            if shard is None:
+                continue
+            shard.names.discard(name)
+            if shard.pubsub is not None:
+                batches.setdefault((shard, key_slot(name)), []).append(name)
+        for (shard, _), batch in batches.items():
+            if shard.pubsub is not None:
+                self._spawn(shard.pubsub.sunsubscribe(*batch))
 
     def _place(self, name: bytes) -> None:
         """Subscribe ``name`` on the master that serves its slot now (unless it is there)."""
@@ -187,9 +196,11 @@ class ShardedFanout(Fanout):
                 deliver(kind, msg["channel"], msg["data"])
             elif kind == "ssubscribe":
                 name = msg["channel"]
-                waiter = pending.pop(name, None) or fleet_pending.pop(name, None)
-                if waiter is not None and not waiter.done():
+                if (waiter := pending.pop(name, None)) is not None:
                     waiter.set_result(None)
+                elif (waiter := fleet_pending.pop(name, None)) is not None:
+                    waiter.set_result(None)
+                    self._fleet_confirmed(name)
             elif kind == "sunsubscribe" and msg["channel"] in shard.names:
                 # Not ours: the node stopped serving the slot (moved, or failed over).
                 shard.names.discard(msg["channel"])

@@ -131,7 +131,14 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     latest_repair_max_trips: PositiveInt = 100_000
     # GeoJSON/GPX exports and trip summaries (whole-trip reads) at once per pod; beyond it 503. Each
     # holds at most one pool connection, and only while it fetches a page.
+    # One org holds at most all but one of them (trip_pages.Slots).
     export_max_concurrent: PositiveInt = 2
+    # An export whose client takes its bytes slower than this on average (over the time the pod
+    # waited for the client, not the time it read the database) is cut off, its slot freed:
+    # 32 KiB/s is 256 kbit/s, below any working mobile link; a 90 MB GPX may then take 46 min.
+    export_min_bytes_per_s: PositiveInt = 32_768
+    # ... once the pod has waited for the client this long in all: a slow start is not cut.
+    export_rate_grace_s: PositiveFloat = 30.0
     # Shutdown: time allowed for the final flush and closing sockets.
     shutdown_timeout_s: PositiveFloat = 20.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -9,13 +9,20 @@ GeoJSON keeps a trip's times in a "times" array beside the coordinates: both arr
 one pass over the pages (a second pass could meet pings committed in between, and the two
 arrays would no longer match), so the times wait in a temporary file, in memory up to
 SPOOL_MEMORY_BYTES, until the coordinates are written.
+
+An export holds one of the pod's few EXPORT_MAX_CONCURRENT slots for as long as its client
+reads, so a client must keep up (Pace): EXPORT_MIN_BYTES_PER_S on average over the time the
+pod waited for it, after EXPORT_RATE_GRACE_S; a slower one is cut off and its slot freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -25,10 +32,10 @@ import asyncpg
 from aiohttp import web
 
 from . import auth, trip_pages
-from .responses import error, retry_later
+from .responses import error
 from .schema import encoder
 from .trip_pages import ALTITUDE, DRIVER, LAT, LON, TS
-from .typedefs import EXPORT_SLOTS
+from .typedefs import EXPORT_SLOTS, SETTINGS
 
 log = logging.getLogger("ingest.export")
 
@@ -39,8 +46,8 @@ FORMATS = ("json", "geojson", "gpx")
 CONTENT_TYPES = {"geojson": "application/geo+json", "gpx": "application/gpx+xml"}
 SPOOL_MEMORY_BYTES = 1 << 18
 READ_CHUNK = 1 << 16
-# A client that takes longer than this to accept one page's bytes is dropped: it would hold
-# an export slot while reading nothing.
+# A client that takes longer than this to accept one page's bytes is dropped, whatever its
+# average: it would hold an export slot while reading nothing.
 WRITE_TIMEOUT_S = 60.0
 # Characters XML 1.0 does not allow (a stored id never has the C0 controls, but may have these).
 _NOT_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
@@ -139,23 +146,77 @@ async def _chained(
 _STREAMS = {"gpx": _stream_gpx, "geojson": _stream_geojson}
 
 
+class TooSlow(Exception):
+    """The client did not take the export's bytes at EXPORT_MIN_BYTES_PER_S."""
+
+
+class Pace:
+    """The bytes an export wrote and the time it waited for its client to take them.
+
+    A write returns at once while aiohttp's and the kernel's buffers have room and waits for
+    the client to drain them otherwise (above 64 KiB), so only a client slower than the pod
+    makes it wait: reading the database and encoding do not count against the client. Each
+    write may wait as long as keeps the average at ``min_rate`` or above (at least until
+    ``grace`` of waiting in all, at most WRITE_TIMEOUT_S): the check costs a clock read per
+    write (a page), and a slot is held at most about bytes / ``min_rate`` + ``grace`` beyond
+    the pod's own time."""
+
+    __slots__ = ("grace", "min_rate", "sent", "waited")
+
+    def __init__(self, min_rate: float, grace: float) -> None:
+        self.min_rate = min_rate
+        self.grace = grace
+        self.sent = 0
+        self.waited = 0.0
+
+    def budget(self, size: int) -> float:
+        """How long writing ``size`` more bytes may wait (<= 0: only if it needs no wait)."""
+        allowed = max(self.grace, (self.sent + size) / self.min_rate)
+        return min(WRITE_TIMEOUT_S, allowed - self.waited)
+
+    async def write(self, response: web.StreamResponse, data: bytes) -> None:
+        """``response.write(data)``, or TooSlow once it waited past its budget."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            async with asyncio.timeout_at(start + self.budget(len(data))):
+                await response.write(data)
+        except TimeoutError:
+            self.waited += loop.time() - start
+            raise TooSlow from None
+        self.sent += len(data)
+        self.waited += loop.time() - start
+
+
+def _cut_off(transport: asyncio.Transport | None) -> None:
+    """Close a too slow client's connection at once, with a reset: the bytes still queued for
+    it (up to some MB in the kernel) are dropped rather than trickled out by the kernel."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 async def export(
     request: web.Request, principal: auth.Principal, trip: str, fmt: str,
     start: datetime, end: datetime,
 ) -> web.StreamResponse:  # fmt: skip
     """The trip's pings in [start, end) as ``fmt`` (geojson or gpx): 404 before any byte
-    when there are none, 503 when EXPORT_MAX_CONCURRENT exports already run."""
+    when there are none, 503 when EXPORT_MAX_CONCURRENT exports already run, or all but one
+    of them for this org; cut off when the client does not keep up (Pace)."""
+    org = principal.org
     slots = request.app[EXPORT_SLOTS]
-    if not slots.try_acquire():
-        return retry_later(
-            "too_many_exports", "every export slot of this pod is busy (EXPORT_MAX_CONCURRENT)"
-        )
+    if not slots.try_acquire(org):
+        return slots.refusal(org)
     try:
         first, pages = await trip_pages.open_pages(
-            request.app, principal.org, trip, auth.driver_filter(principal), start, end
+            request.app, org, trip, auth.driver_filter(principal), start, end
         )
     except BaseException:
-        slots.release()
+        slots.release(org)
         raise
     try:
         if first is None:
@@ -170,15 +231,24 @@ async def export(
         response.enable_chunked_encoding()
         await response.prepare(request)
 
+        settings = request.app[SETTINGS]
+        pace = Pace(settings.export_min_bytes_per_s, settings.export_rate_grace_s)
+
         async def write(data: bytes) -> None:
-            async with asyncio.timeout(WRITE_TIMEOUT_S):
-                await response.write(data)
+            await pace.write(response, data)
 
         stream = _chained(first, pages)
         del first
         try:
             await _STREAMS[fmt](trip, stream, write)
             await response.write_eof()
+        except TooSlow:
+            # Already streaming: no 4xx is possible; the cut tells the client it is incomplete.
+            log.info("export_aborted", extra={
+                "format": fmt, "reason": "too_slow", "org": org, "bytes": pace.sent,
+                "waited_s": round(pace.waited, 1),
+            })  # fmt: skip
+            _cut_off(request.transport)
         except ConnectionError:  # the client left: a write, or the wait for it to drain
             log.info("export_aborted", extra={"format": fmt, "reason": "client_left"})
         except asyncio.CancelledError:  # the same, where aiohttp cancels handlers (tests)
@@ -195,4 +265,4 @@ async def export(
         return response
     finally:
         await pages.aclose()
-        slots.release()
+        slots.release(org)

@@ -16,6 +16,7 @@ import asyncpg
 from aiohttp import web
 
 from .reads import run_read
+from .responses import retry_later
 from .schema import storable_id
 from .typedefs import POOL
 
@@ -92,18 +93,44 @@ async def open_pages(
 
 
 class Slots:
-    """At most ``limit`` whole-trip reads (summaries and exports) at once in this pod:
-    beyond it, 503 at once rather than a queue, so they cannot starve ingest's connections."""
+    """At most ``limit`` whole-trip reads (summaries and exports) at once in this pod, and at
+    most ``per_org`` of them for one org: beyond either, 503 at once rather than a queue, so
+    they cannot starve ingest's connections, and one org's downloads (a driver's slow ones
+    included) always leave a slot to the others. ``per_org`` is all but one slot; with a
+    single slot (EXPORT_MAX_CONCURRENT=1) there is nothing to share and an org may hold it."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.per_org = max(1, limit - 1)
         self.used = 0
+        self._held: dict[str, int] = {}  # org -> slots it holds; orgs holding none are dropped
 
-    def try_acquire(self) -> bool:
-        if self.used >= self.limit:
+    def held(self, org: str) -> int:
+        return self._held.get(org, 0)
+
+    def try_acquire(self, org: str) -> bool:
+        held = self._held.get(org, 0)
+        if self.used >= self.limit or held >= self.per_org:
             return False
         self.used += 1
+        self._held[org] = held + 1
         return True
 
-    def release(self) -> None:
+    def release(self, org: str) -> None:
         self.used -= 1
+        held = self._held[org] - 1
+        if held:
+            self._held[org] = held
+        else:
+            del self._held[org]
+
+    def refusal(self, org: str) -> web.Response:
+        """The 503 for a ``try_acquire(org)`` that failed: which limit was reached."""
+        if self.used >= self.limit:
+            detail = "every export slot of this pod is busy (EXPORT_MAX_CONCURRENT)"
+        else:
+            detail = (
+                f"this org already runs {self.held(org)} of this pod's summaries and exports,"
+                " as many as one org may (all but one of EXPORT_MAX_CONCURRENT)"
+            )
+        return retry_later("too_many_exports", detail)

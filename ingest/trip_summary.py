@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import auth, trip_pages
 from .reads import run_read
-from .responses import error, json_response, retry_later
+from .responses import error, json_response
 from .schema import StoredLocation, TripStop, TripSummary
 from .trip_pages import LAT, LON, SPEED, TS
 from .typedefs import EXPORT_SLOTS, POOL
@@ -125,10 +125,8 @@ async def summary(request: web.Request) -> web.Response:
     p = auth.authenticate(request)
     trip = request.match_info["tripId"]
     slots = request.app[EXPORT_SLOTS]
-    if not slots.try_acquire():
-        return retry_later(
-            "too_many_exports", "every export slot of this pod is busy (EXPORT_MAX_CONCURRENT)"
-        )
+    if not slots.try_acquire(p.org):
+        return slots.refusal(p.org)
     driver = auth.driver_filter(p)
 
     async def summarize(pool: asyncpg.Pool) -> Summarizer:
@@ -144,7 +142,7 @@ async def summary(request: web.Request) -> web.Response:
         if not s.pings and on_replica:
             s = await summarize(request.app[POOL])
     finally:
-        slots.release()
+        slots.release(p.org)
     if not s.pings:
         return error(404, "not_found", f"no trip {trip!r}", headers=_NO_STORE)
     return json_response(s.result(trip), headers=_NO_STORE)

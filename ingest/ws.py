@@ -136,8 +136,7 @@ class Session:
             self.expiry.cancel()
             self.expiry = None
         # Trips being subscribed are in sub.trips already (see subscribe), so none is missed.
-        for trip in sub.trips:
-            self.fanout.remove(sub, self.keys.trip_channel(sub.org, trip))
+        self.fanout.remove(sub, [self.keys.trip_channel(sub.org, t) for t in sub.trips])
         self.leave_fleet()
 
     # -- messages ----------------------------------------------------------------------
@@ -210,29 +209,34 @@ class Session:
         channels = [self.keys.trip_channel(sub.org, t) for t in new]
         patterns = self.keys.fleet_subscriptions(sub.org) if fleet else []
         # In sub.trips before the wait, so that a close meanwhile (detach) leaves them too.
+        # sub.fleet is the fan-out's: set once the fleet's messages reach this socket.
         sub.trips.update(new)
         try:
             failed, pfailed = await self.fanout.subscribe(
                 sub, channels, patterns, settings.ws_max_subscriptions_per_pod,
-                settings.ws_subscribe_timeout_s,
+                settings.ws_org_subscription_limit, settings.ws_subscribe_timeout_s,
             )  # fmt: skip
         except TooManySubscriptions as exc:
             sub.trips.difference_update(new)
             metrics.WS_REFUSED.labels("too_many_subscriptions").inc()
-            await self.send_error(
-                "too_many_subscriptions",
-                f"this server holds at most {exc.limit} live subscriptions"
-                " (WS_MAX_SUBSCRIPTIONS_PER_POD); nothing was subscribed, retry later",
-            )
+            if exc.setting == "WS_MAX_SUBSCRIPTIONS_PER_ORG":
+                detail = (
+                    f"this server holds at most {exc.limit} live subscriptions per organisation"
+                    f" ({exc.setting}); nothing was subscribed, unsubscribe some first"
+                )
+            else:
+                detail = (
+                    f"this server holds at most {exc.limit} live subscriptions"
+                    f" ({exc.setting}); nothing was subscribed, retry later"
+                )
+            await self.send_error("too_many_subscriptions", detail)
             return
         if sub.closed:
             return
         trip_of = dict(zip(channels, new, strict=True))
         lost_trips = [trip_of[c] for c in failed]
         sub.trips.difference_update(lost_trips)
-        if fleet and not pfailed:
-            sub.fleet = True
-        elif pfailed:
+        if pfailed:
             self.leave_fleet()  # a cluster's fleet is several channels: all or none
         if lost_trips or pfailed:
             await self.send_subscribe_failed(lost_trips, bool(pfailed))
@@ -279,22 +283,27 @@ class Session:
                     await self.send(b'{"type":"snapshot",' + value[1:])
 
     async def snapshot_failed(self, exc: Exception) -> None:
+        # The client gets a fixed text: redis-py's names Redis's host and port. The log gets
+        # str(exc) (redis-py 8's repr is only the class), which holds no credentials, and
+        # its formatter redacts every line anyway (logs.py).
         metrics.REDIS_ERRORS.labels("snapshot").inc()
-        await self.send_error("snapshot_unavailable", f"latest locations unavailable: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("snapshot_failed", extra={"org": self.sub.org, "error": error})
+        await self.send_error(
+            "snapshot_unavailable", "latest locations are unavailable right now; the"
+            " subscription holds and live data follows",
+        )  # fmt: skip
 
     def unsubscribe(self, msg: Unsubscribe) -> None:
         sub = self.sub
-        for trip in msg.trips:
-            if trip in sub.trips:
-                sub.trips.discard(trip)
-                self.fanout.remove(sub, self.keys.trip_channel(sub.org, trip))
+        gone = [t for t in dict.fromkeys(msg.trips) if t in sub.trips]
+        sub.trips.difference_update(gone)
+        self.fanout.remove(sub, [self.keys.trip_channel(sub.org, t) for t in gone])
         if msg.fleet and sub.fleet:
-            sub.fleet = False
             self.leave_fleet()
 
     def leave_fleet(self) -> None:
-        for name in self.keys.fleet_subscriptions(self.sub.org):
-            self.fanout.remove_pattern(self.sub, name)
+        self.fanout.remove_patterns(self.sub, self.keys.fleet_subscriptions(self.sub.org))
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

@@ -56,3 +56,44 @@ def test_bad_public_key_is_a_settings_error_at_load():
         load_settings(
             {}, jwt_public_key="-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("EXPORT_MIN_BYTES_PER_S", "0"),
+        ("EXPORT_MIN_BYTES_PER_S", "-1"),
+        ("EXPORT_MIN_BYTES_PER_S", "fast"),
+        ("EXPORT_RATE_GRACE_S", "0"),
+        ("EXPORT_RATE_GRACE_S", "-5"),
+    ],
+)
+def test_the_export_rate_floor_must_be_positive(name: str, value: str) -> None:
+    """Refused at load, which `python -m ingest serve` reports before starting (exit 2): a zero
+    floor would let a client hold an export slot for ever, a zero grace would cut every
+    download the moment it first waits for its client."""
+    with pytest.raises(SettingsError, match=f"invalid setting {name}: Expected"):
+        load_settings({"AUTH_DISABLED": "true", name: value})
+
+
+def test_the_export_rate_floor_defaults() -> None:
+    settings = load_settings({"AUTH_DISABLED": "true"})
+    assert settings.export_min_bytes_per_s == 32 * 1024
+    assert settings.export_rate_grace_s == 30.0
+    env = {"AUTH_DISABLED": "true", "EXPORT_MIN_BYTES_PER_S": "65536", "EXPORT_RATE_GRACE_S": "2.5"}
+    settings = load_settings(env)
+    assert (settings.export_min_bytes_per_s, settings.export_rate_grace_s) == (65536, 2.5)
+
+
+def test_an_orgs_share_of_the_pods_subscriptions_defaults_to_a_fifth():
+    """WS_MAX_SUBSCRIPTIONS_PER_ORG unset follows WS_MAX_SUBSCRIPTIONS_PER_POD (docs/live.md)."""
+
+    def share(**env: str) -> int:
+        return load_settings({"AUTH_DISABLED": "true", **env}).ws_org_subscription_limit
+
+    assert share() == 20_000
+    assert share(WS_MAX_SUBSCRIPTIONS_PER_POD="1000") == 200
+    assert share(WS_MAX_SUBSCRIPTIONS_PER_POD="3") == 1
+    assert share(WS_MAX_SUBSCRIPTIONS_PER_POD="1000", WS_MAX_SUBSCRIPTIONS_PER_ORG="7") == 7
+    with pytest.raises(SettingsError, match="WS_MAX_SUBSCRIPTIONS_PER_ORG"):
+        share(WS_MAX_SUBSCRIPTIONS_PER_ORG="0")

@@ -21,9 +21,10 @@ from lxml import etree
 
 from ingest import http_server
 from ingest.app import create_app
+from ingest.trip_pages import Slots
 from ingest.typedefs import EXPORT_SLOTS, POOL
 
-from .conftest import auth, iso, now_ms, post_ping, token
+from .conftest import auth, iso, now_ms, post_ping, state_reached, token
 
 GPX_XSD = Path(__file__).parent / "data" / "gpx-1.1.xsd"
 GPX_NS = {"g": "http://www.topografix.com/GPX/1/1"}
@@ -267,7 +268,7 @@ async def test_beyond_the_export_slots_a_503_with_retry_after(make_client):
     client = await make_client(export_max_concurrent=1)
     await post(client, [pt(1.0, 1.0, now_ms(-60))])
     slots = client.server.app[EXPORT_SLOTS]
-    assert slots.try_acquire()
+    assert slots.try_acquire("org_9")  # another org's export holds the only slot
     try:
         r = await client.get(url("trip_1", "gpx"), headers=auth())
         assert r.status == 503 and r.headers["Retry-After"] == "1"
@@ -275,6 +276,155 @@ async def test_beyond_the_export_slots_a_503_with_retry_after(make_client):
         # Pages of history are not exports: they never wait for a slot.
         assert (await client.get(url("trip_1"), headers=auth())).status == 200
     finally:
-        slots.release()
+        slots.release("org_9")
     r = await client.get(url("trip_1", "gpx"), headers=auth())
     assert r.status == 200 and b"<trkpt" in await r.read() and slots.used == 0
+
+
+# -- clients too slow for the export slots, and orgs sharing them ---------------------------
+
+
+async def _open_download(port: int, path: str, tok: str) -> socket.socket:
+    """A GET sent on a raw socket with a small receive buffer, nothing read yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    return sock
+
+
+async def _head(sock: socket.socket) -> bytes:
+    """The response head (and whatever body came with it)."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        data = await asyncio.get_running_loop().sock_recv(sock, 4096)
+        assert data, got
+        got += data
+    return got
+
+
+async def _read_slowly(sock: socket.socket, chunk: int = 2048, pause: float = 0.05) -> bytes:
+    """Everything the server sends, read at about 40 KB/s, until it closes the connection."""
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    try:
+        while data := await loop.sock_recv(sock, chunk):
+            got += data
+            await asyncio.sleep(pause)
+    except ConnectionResetError:  # cut with a reset: what was still queued is dropped
+        pass
+    finally:
+        sock.close()
+    return bytes(got)
+
+
+@pytest.mark.parametrize("server", ["production", "test"])
+async def test_exports_too_slow_to_keep_up_are_cut_off_and_free_their_slots(
+    server, make_client, make_settings, db, caplog
+):
+    """Two downloads read at ~40 KB/s, under EXPORT_MIN_BYTES_PER_S but each page's drain
+    well within WRITE_TIMEOUT_S: both are cut off soon after the grace, their slots freed,
+    while a fast export of the same trip is whole. 100k pings (10 MB of GPX) exceed what the
+    socket buffers between server and client hold (about 3 MB; Linux's tcp_wmem max is 4 MB)."""
+    caplog.set_level(logging.INFO, logger="ingest.export")
+    await bulk(db, 100_000)
+    # 4 MiB/s: the bytes the buffers take at once count as sent, so the floor must outrun them
+    # within a second; a fast local reader makes the export wait far less.
+    overrides = dict(
+        export_max_concurrent=4, export_min_bytes_per_s=4 << 20, export_rate_grace_s=0.2
+    )
+    runner = None
+    if server == "production":
+        settings = make_settings(host="127.0.0.1", port=0, **overrides)
+        app = create_app(settings)
+        runner = await http_server.start(app, settings, shutdown_timeout=2.0)
+        port = runner.addresses[0][1]
+    else:
+        client = await make_client(**overrides)
+        app, port = client.server.app, client.server.port
+    try:
+        await _two_slow_and_one_fast(app, port, caplog)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def _two_slow_and_one_fast(app, port: int, caplog) -> None:
+    slots, pool = app[EXPORT_SLOTS], app[POOL]
+    socks = [await _open_download(port, url("trip_big", "gpx"), token()) for _ in range(2)]
+    heads = [await _head(s) for s in socks]
+    assert all(h.startswith(b"HTTP/1.1 200 ") for h in heads), heads
+    assert slots.used == 2
+    slow = [asyncio.ensure_future(_read_slowly(s)) for s in socks]
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(base) as session:
+        async with session.get(url("trip_big", "gpx"), headers=auth("dispatcher", "d")) as r:
+            assert r.status == 200
+            whole = await r.read()
+        assert whole.endswith(b"</trkseg></trk></gpx>\n")
+        assert whole.count(b"<trkpt ") == 100_000
+        # Without the floor they would read for minutes (10 MB at 40 KB/s).
+        bodies = await asyncio.wait_for(asyncio.gather(*slow), 10)
+        for head, body in zip(heads, bodies, strict=True):
+            got = head + body
+            assert b"<trkpt " in got and b"</gpx>" not in got
+            assert not got.endswith(b"\r\n0\r\n\r\n")  # no last chunk: incomplete
+        await state_reached(lambda: slots.used == 0 and pool.get_idle_size() == pool.get_size())
+        aborted = [r for r in caplog.records if r.getMessage() == "export_aborted"]
+        assert [getattr(r, "reason", None) for r in aborted] == ["too_slow", "too_slow"]
+        assert all(getattr(r, "org", None) == "org_1" for r in aborted)
+        # The freed slots serve at once.
+        async with session.get(url("trip_big", "geojson"), headers=auth()) as r:
+            assert r.status == 200
+            assert len(json.loads(await r.read())["properties"]["times"]) == 100_000
+
+
+async def test_one_org_cannot_take_every_slot_from_another(make_client, db):
+    """With the default EXPORT_MAX_CONCURRENT (2), a driver of org_a opening two downloads
+    it does not read holds one slot; the other is org_b's, whose dispatcher gets its summary
+    and exports (not 503 too_many_exports)."""
+    await bulk(db, 100_000, org="org_a")
+    await bulk(db, 1_500, trip="trip_b", org="org_b")
+    client = await make_client()
+    app, port = client.server.app, client.server.port
+    slots = app[EXPORT_SLOTS]
+    a_driver = token("driver", "drv_1", "org_a")
+    held = [await _open_download(port, url("trip_big", "gpx"), a_driver) for _ in range(2)]
+    try:
+        heads = [await _head(s) for s in held]
+        b = auth("dispatcher", "disp_b", "org_b")
+        r = await client.get("/api/v1/tracking/trips/trip_b/summary", headers=b)
+        assert r.status == 200, await r.text()
+        assert (await r.json())["pings"] == 1_500
+        for fmt, tail in (("gpx", b"</gpx>\n"), ("geojson", b"]}}\n")):
+            r = await client.get(url("trip_b", fmt), headers=b)
+            assert r.status == 200, await r.text()
+            assert (await r.read()).endswith(tail)
+        # org_a holds its share: its second download, and its dispatcher, wait their turn.
+        statuses = sorted(h.split(b" ", 2)[1] for h in heads)
+        assert statuses == [b"200", b"503"], heads
+        refused = next(h for h in heads if h.split(b" ", 2)[1] == b"503")
+        assert b"too_many_exports" in refused and b"Retry-After: 1" in refused
+        r = await client.get(url("trip_big", "gpx"), headers=auth("dispatcher", "d", "org_a"))
+        assert r.status == 503 and (await r.json())["error"] == "too_many_exports"
+        assert slots.used == 1
+    finally:
+        for s in held:
+            s.close()
+    await state_reached(lambda: slots.used == 0)
+
+
+@pytest.mark.parametrize(("limit", "per_org"), [(1, 1), (2, 1), (3, 2), (10, 9)])
+def test_an_org_may_hold_all_slots_but_one(limit: int, per_org: int) -> None:
+    """All but one slot per org, so another org always finds one; a single slot cannot be
+    shared, and an org may hold it (docs/api.md)."""
+    slots = Slots(limit)
+    assert slots.per_org == per_org
+    assert all(slots.try_acquire("org_a") for _ in range(per_org))
+    assert not slots.try_acquire("org_a")
+    assert slots.try_acquire("org_b") == (limit > 1)
+    slots.release("org_a")
+    assert slots.try_acquire("org_a")

@@ -198,12 +198,36 @@ async def test_beyond_the_export_slots_a_503_with_retry_after(make_client):
     client = await make_client(export_max_concurrent=1)
     await post(client, [pt(0, 0, now_ms(-60))])
     slots = client.server.app[EXPORT_SLOTS]
-    assert slots.try_acquire()  # an export in progress holds the only slot
+    assert slots.try_acquire("org_9")  # an export in progress holds the only slot
     try:
         r = await client.get(summary_url("trip_1"), headers=auth("dispatcher", "d"))
         assert r.status == 503 and r.headers["Retry-After"] == "1"
         assert (await r.json())["error"] == "too_many_exports"
     finally:
-        slots.release()
+        slots.release("org_9")
     status, _ = await get_summary(client)
+    assert status == 200 and slots.used == 0
+
+
+async def test_an_org_holding_all_it_may_leaves_a_slot_to_the_others(make_client):
+    """org_a's exports in progress take every slot they may (all but one of the default 2):
+    org_1's summary is served, org_a's own summary waits its turn."""
+    client = await make_client()
+    await post(client, [pt(0, 0, now_ms(-60))])
+    await post(client, [pt(0, 0, now_ms(-60))], driver="drv_a", org="org_a")
+    slots = client.server.app[EXPORT_SLOTS]
+    held = 0
+    while held < slots.limit and slots.try_acquire("org_a"):
+        held += 1
+    try:
+        status, s = await get_summary(client)
+        assert status == 200 and s["pings"] == 1, s
+        assert held == 1
+        status, refused = await get_summary(client, org="org_a")
+        assert status == 503 and refused["error"] == "too_many_exports"
+        assert "this org already runs 1" in refused["detail"]
+    finally:
+        for _ in range(held):
+            slots.release("org_a")
+    status, _ = await get_summary(client, org="org_a")
     assert status == 200 and slots.used == 0

@@ -22,7 +22,7 @@ from ingest import ws as ws_module
 from ingest.shutdown import shutdown
 from ingest.typedefs import SOCKETS
 
-from .conftest import auth, batch, cancel, next_message, now_ms, token
+from .conftest import auth, batch, cancel, next_message, now_ms, quiet, state_reached, token
 
 LIVE = "/api/v1/live"
 CLOSE, TEXT = 0x8, 0x1
@@ -284,7 +284,7 @@ async def test_sockets_per_subject_are_capped_before_the_upgrade(make_client):
 
 
 async def test_subscriptions_per_pod_are_capped_and_the_socket_stays_open(make_client):
-    client = await make_client(ws_max_subscriptions_per_pod=3)
+    client = await make_client(ws_max_subscriptions_per_pod=3, ws_max_subscriptions_per_org=3)
     a = await connect(client)
     b = await connect(client, dispatcher_token(sub="disp_2"))
     assert (await subscribe(a, trips=["trip_a", "trip_b"]))[-1]["trips"] == ["trip_a", "trip_b"]
@@ -307,6 +307,108 @@ async def test_subscriptions_per_pod_are_capped_and_the_socket_stays_open(make_c
     assert (await next_message(b))["tripId"] == "trip_c"
     await a.close()
     await b.close()
+
+
+async def test_one_org_cannot_take_the_subscriptions_another_org_needs(make_client):
+    """Made-up trip ids cost a channel each (a trip may start later): one org filling the
+    pod with them would leave another org's dispatchers without live data."""
+    client = await make_client(ws_max_subscriptions_per_pod=10, ws_max_subscriptions_per_org=6)
+    a1 = await connect(client, dispatcher_token("disp_1", "org_a"))
+    a2 = await connect(client, dispatcher_token("disp_2", "org_a"))
+    made_up = [f"made_up_{i}" for i in range(10)]
+    assert (await subscribe(a1, trips=made_up[:4]))[-1]["trips"] == made_up[:4]
+    # A channel both sockets follow counts once: org_a holds 6 now, its share.
+    shared = [made_up[0], *made_up[4:6]]
+    assert (await subscribe(a2, trips=shared))[-1]["trips"] == shared
+    for ws, body in ((a2, {"trips": made_up[6:]}), (a1, {"fleet": True})):
+        await ws.send_json({"type": "subscribe", **body})
+        msg = await next_message(ws)
+        assert msg["type"] == "error" and msg["error"] == "too_many_subscriptions", msg
+        assert "6" in msg["detail"] and "WS_MAX_SUBSCRIPTIONS_PER_ORG" in msg["detail"], msg
+    # Another org still gets its fleet and its trips (9 of the pod's 10).
+    b = await connect(client, dispatcher_token("disp_1", "org_b"))
+    assert (await subscribe(b, fleet=True, trips=["trip_1", "trip_2"]))[-1] == {
+        "type": "subscribed", "trips": ["trip_1", "trip_2"], "fleet": True,
+    }  # fmt: skip
+    # org_a may share what it holds, and a channel it lets go frees its place (one socket's
+    # messages are handled in order: the unsubscribe before the subscribe).
+    assert (await subscribe(a1, trips=[made_up[4]]))[-1]["trips"] == made_up[:5]
+    await a1.send_json({"type": "unsubscribe", "trips": [made_up[1]]})
+    after = [made_up[0], *made_up[2:5], made_up[6]]
+    assert (await subscribe(a1, trips=[made_up[6]]))[-1]["trips"] == after
+    for ws in (a1, a2, b):
+        await ws.close()
+
+
+async def unsubscribe_calls(admin: aioredis.Redis) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_unsubscribe", {}).get("calls", 0))
+
+
+async def test_leaving_many_trips_is_one_unsubscribe(make_client, private_redis, redis_prefix):
+    """An unsubscribe message, and a close, cost Redis one UNSUBSCRIBE however many trips
+    they leave (a Redis of the test's own: its command counts are the test's alone)."""
+    client = await make_client(redis_url=private_redis.url)
+    await state_reached(client.server.app[ws_module.FANOUT].connected.is_set)
+    admin = aioredis.from_url(private_redis.url)
+    trips = [f"trip_{i}" for i in range(300)]
+
+    async def held() -> int:
+        return len(await admin.pubsub_channels(f"{redis_prefix}*"))
+
+    try:
+        ws = await connect(client)
+        for leave in ("unsubscribe", "close"):
+            await subscribe(ws, trips=trips)
+            assert await held() == 300
+            before = await unsubscribe_calls(admin)
+            if leave == "unsubscribe":
+                await ws.send_json({"type": "unsubscribe", "trips": trips})
+            else:
+                await ws.close()
+            for _ in range(200):
+                if not await held():
+                    break
+                await asyncio.sleep(0.01)
+            assert await held() == 0, leave
+            assert await unsubscribe_calls(admin) - before == 1, leave
+    finally:
+        await admin.aclose()
+
+
+async def test_following_a_trip_then_its_fleet_gets_each_message_once(
+    make_client, private_redis, redis_prefix
+):
+    """The socket follows trip_1, then subscribes to the fleet. Redis is paused so that one
+    message is published before the fleet pattern's PSUBSCRIBE and one after it, both
+    delivered in one go: the first arrives through the trip channel only (it must not be
+    skipped), the second through both (it must be sent once)."""
+    client = await make_client(redis_url=private_redis.url, ws_subscribe_timeout_s=10)
+    fanout = client.server.app[ws_module.FANOUT]
+    await state_reached(fanout.connected.is_set)
+    ws = await connect(client)
+    await subscribe(ws, trips=["trip_1"])
+    channel = keys.trip_channel(redis_prefix, "org_1", "trip_1")
+    pause, before, after = (aioredis.from_url(private_redis.url) for _ in range(3))
+    try:
+        for r in (pause, before, after):
+            await r.ping()  # connected before the pause
+        await pause.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+        body = '{"type":"locations","tripId":"trip_1","seq":%d}'
+        first = asyncio.ensure_future(before.publish(channel, body % 1))
+        await asyncio.sleep(0.1)  # read (and held) by Redis
+        await ws.send_json({"type": "subscribe", "fleet": True})
+        await state_reached(lambda: bool(fanout.patterns))
+        await asyncio.sleep(0.1)  # the PSUBSCRIBE too
+        second = asyncio.ensure_future(after.publish(channel, body % 2))
+        # Received by the trip channel; then by the trip channel and the pattern: in order.
+        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [1, 2]
+        got = await quiet(ws, 0.5)
+    finally:
+        for r in (pause, before, after):
+            await r.aclose()
+    assert {"type": "subscribed", "trips": ["trip_1"], "fleet": True} in got
+    assert [m["seq"] for m in got if m["type"] == "locations"] == [1, 2]
 
 
 # -- nothing after the Close frame ----------------------------------------------------------
@@ -448,3 +550,25 @@ async def test_fleet_snapshot_never_fills_the_send_buffer(make_client, redis, re
         raw.close()
     assert metrics.WS_SLOW_CLOSED._value.get() == closed_before
     assert snapshots == n and live > 0
+
+
+async def test_snapshot_unavailable_names_no_redis_address(make_client, private_redis, caplog):
+    """Redis refusing connections when a snapshot is read: the client is told so in fixed
+    words (redis-py's error names Redis's host and port); the error is logged here."""
+    client = await make_client(redis_url=private_redis.url)
+    await state_reached(client.server.app[ws_module.FANOUT].connected.is_set)
+    first = await connect(client)
+    await subscribe(first, trips=["trip_1"])
+    private_redis.stop()
+    # trip_1's channel is held already: the subscribe needs no Redis, its snapshot does.
+    second = await connect(client, dispatcher_token(sub="disp_2"))
+    await subscribe(second, trips=["trip_1"])
+    msg = await next_message(second, timeout=10)
+    assert msg["type"] == "error" and msg["error"] == "snapshot_unavailable", msg
+    port = str(private_redis.url.rsplit(":", 1)[1].split("/")[0])
+    assert "127.0.0.1" not in msg["detail"] and port not in msg["detail"], msg
+    assert "connect" not in msg["detail"].lower(), msg
+    logged = [r for r in caplog.records if r.getMessage() == "snapshot_failed"]
+    assert logged and port in logged[0].error  # type: ignore[attr-defined]
+    for ws in (first, second):
+        await ws.close()
