@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from aiohttp import web
 
-from .reads import run_read
+from .reads import rows_readable, run_read
 from .responses import retry_later
 from .schema import storable_id
 from .typedefs import POOL
@@ -29,13 +29,17 @@ _MS = timedelta(milliseconds=1)
 DRIVER, LAT, LON, TS, SPEED, ALTITUDE = range(6)
 
 
-_PAGE_SQL = """
+# Keyed by whether a driver token reads (reads.rows_readable): $1 org, $2 trip, $3 driver.
+_PAGE_SQL = {
+    by_driver: f"""
 SELECT "driverId", "latitude", "longitude", "timestamp", "speed", "altitude"
 FROM "TripLocation"
-WHERE "orgId" = $1 AND "tripId" = $2 AND ($3::text IS NULL OR "driverId" = $3)
+WHERE "orgId" = $1 AND "tripId" = $2 AND {rows_readable("$1", "$2", "$3", by_driver=by_driver)}
   AND "timestamp" >= $4 AND "timestamp" < $5
 ORDER BY "timestamp" LIMIT $6
 """
+    for by_driver in (False, True)
+}
 
 
 async def pages(
@@ -55,7 +59,7 @@ async def pages(
     lower = start
     while True:
         rows: list[asyncpg.Record] = await pool.fetch(
-            _PAGE_SQL, org, trip, driver, lower, end, page_rows
+            _PAGE_SQL[driver is not None], org, trip, driver, lower, end, page_rows
         )
         if not rows:
             return

@@ -48,6 +48,7 @@ PING = "/api/v1/tracking/ping"
 LATEST = "/api/v1/tracking/trips/{}/latest"
 HISTORY = "/api/v1/tracking/trips/{}/locations"
 HANDOVER = "/api/v1/tracking/trips/{}/driver"
+SUMMARY = "/api/v1/tracking/trips/{}/summary"
 OWNTRACKS = "/api/v1/ingest/owntracks"
 OSMAND = "/api/v1/ingest/osmand"
 OVERLAND = "/api/v1/ingest/overland"
@@ -695,23 +696,26 @@ async def test_a_driver_asking_for_a_colleagues_trip_reads_none_of_its_pings(cli
     """A driver token naming a colleague's trip is told 404 without PostgreSQL walking the
     trip's pings for its own (one heap fetch each: seconds for a long trip, on the pool that
     ingest uses); a driver the trip was handed over from still reads the pings it drove."""
+    from ingest import trip_pages
     from ingest.read_api import _EXISTS_SQL, _LATEST_SQL, _PAGE_SQL
 
     start = second()
     assert await stored_as(client, batch(3, TRIP, DRIVER, start), A) == (3, 0)
-    args = (TRIP, A, OTHER)
-    page = (*args, _EPOCH, datetime(9999, 1, 1, tzinfo=UTC), _EPOCH, 10)
-    for sql, params in ((_LATEST_SQL, args), (_PAGE_SQL, page), (_EXISTS_SQL, args)):
+    args, end = (TRIP, A, OTHER), datetime(9999, 1, 1, tzinfo=UTC)
+    page = (*args, _EPOCH, end, _EPOCH, 10)
+    whole = (A, TRIP, OTHER, _EPOCH, end, 10)  # summaries and exports
+    for sql, params in (
+        (_LATEST_SQL, args), (_PAGE_SQL, page), (_EXISTS_SQL, args), (trip_pages._PAGE_SQL, whole)
+    ):  # fmt: skip
         for mode in ("force_custom_plan", "force_generic_plan"):
             await db.execute(f"SET plan_cache_mode = {mode}")
             explained = await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql[True]}", *params)
             assert _pings_read(json.loads(explained)) == 0, explained
-            mine = await db.fetchval(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) {sql[True]}", *params[:2], DRIVER, *params[3:]
-            )
+            own = tuple(DRIVER if p == OTHER else p for p in params)
+            mine = await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql[True]}", *own)
             assert _pings_read(json.loads(mine)) > 0  # (the test can see a scan)
     await db.execute("RESET plan_cache_mode")
-    for template in (LATEST, HISTORY):
+    for template in (LATEST, HISTORY, HISTORY + "?format=gpx", SUMMARY):
         colleague = await client.get(template.format(TRIP), headers=auth("driver", OTHER, A))
         assert colleague.status == 404, await colleague.text()
 
