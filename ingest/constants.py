@@ -15,7 +15,8 @@ LIVE_CHANNEL = "live:"
 # fleet:{org}             sorted set tripId -> latest ts (ms), for fleet snapshots
 FLEET_KEY = "fleet:"
 # geo:{org}               GEO set tripId -> latest position, for nearby (trips silent for
-#                         longer than NEARBY_MAX_AGE_S are swept out on read)
+#                         longer than NEARBY_MAX_AGE_S are swept out on read, and with the
+#                         fleet set's, after LATEST_TTL_S, by the flushes: live.py)
 GEO_KEY = "geo:"
 # geoswept:{org}          the fleet score up to which the GEO set was last swept
 GEO_SWEPT_KEY = "geoswept:"

@@ -52,6 +52,9 @@ _JSON = msgspec.json.Encoder()
 # older ping (a late upload) might be older than what PostgreSQL holds, if Redis lost the key
 # (restart without persistence, failover, TTL): then PostgreSQL's latest is looked up first.
 TRUST_MISSING_MS = 120_000  # 2 min
+# Fleet (and GEO) members pruned per script call at most: a flush, so many calls a second,
+# each a few hundred small ZREMs at most; steady state removes only the trips ended since.
+PRUNE_PER_CALL = 256
 
 # ARGV[1]: msgpack list of
 #   [latest key, ts ms, latest JSON, channel, message, fleet key, trip, org (unused by Lua),
@@ -60,18 +63,28 @@ TRUST_MISSING_MS = 120_000  # 2 min
 # ARGV[4]: PUBLISH, or SPUBLISH in a cluster. An empty channel publishes nothing.
 # ARGV[5]: a latest that moves forward enters the GEO set only with a fleet score >= this
 #   (now - NEARBY_MAX_AGE_S): a late upload never puts a silent truck back into nearby.
+# ARGV[6]: fleet scores below this (now - max(TTL, NEARBY_MAX_AGE_S)) are pruned, ARGV[7]
+#   members at most per call, from each touched fleet set and its bucket's GEO set (same slot).
 # Returns {updated, skipped, {indexes left unset}}.
 # The fleet score is min(ts, the time it was written), raised only (GT): a clock running ahead
 # ranks a trip as "now", never above the trucks that report after it. It is raised whether or
 # not the latest moved (a trip whose latest lies ahead still reports now); the latest itself
 # compares ping timestamps only, so the score never makes it go back.
+# Pruning: every write refreshes the TTL of the whole fleet and GEO keys, so an org that never
+# stops reporting would keep every trip it ever had. Its members silent for longer than the
+# latest key lives are dropped here (fleet_trips hides them already; nearby never answers them),
+# a bounded number per call since every flush calls this. A pruned trip that reports again is
+# added back as new, as after its keys expired.
 _UPDATE_AND_PUBLISH = """
 local items = cmsgpack.unpack(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local trust_from = tonumber(ARGV[3])
 local publish = ARGV[4]
 local geo_from = tonumber(ARGV[5])
+local prune_below = '(' .. ARGV[6]
+local prune_left = tonumber(ARGV[7])
 local updated, skipped, unsure = 0, 0, {}
+local fleets, geo_of = {}, {}
 -- Every read before any write: on a cluster whose slot map the client had stale, a key this
 -- node no longer serves fails the call here, having changed nothing, so a retry is safe.
 local seen = {}
@@ -105,6 +118,21 @@ for i, it in ipairs(items) do
   end
   if it[10] ~= '' then
     redis.call(publish, it[10], it[5])
+  end
+  if not geo_of[it[6]] then
+    geo_of[it[6]] = it[11]
+    fleets[#fleets + 1] = it[6]
+  end
+end
+-- After the writes: this call's own members are judged by their new scores. The reads here
+-- are of slots the HGETs above already found on this node.
+for _, fleet in ipairs(fleets) do
+  if prune_left <= 0 then break end
+  local gone = redis.call('ZRANGE', fleet, '-inf', prune_below, 'BYSCORE', 'LIMIT', 0, prune_left)
+  if #gone > 0 then
+    redis.call('ZREM', fleet, unpack(gone))
+    redis.call('ZREM', geo_of[fleet], unpack(gone))
+    prune_left = prune_left - #gone
   end
 end
 return {updated, skipped, unsure}
@@ -211,6 +239,10 @@ class Live:
 
     def _geo_from(self) -> int:
         return int((time.time() - self.nearby_max_age_s) * 1000)
+
+    def _prune_below(self) -> int:
+        # Past NEARBY_MAX_AGE_S too, should it exceed the TTL: pruning never changes nearby.
+        return int((time.time() - max(self.ttl, self.nearby_max_age_s)) * 1000)
 
     @property
     def repair_pending(self) -> int:
@@ -319,6 +351,8 @@ class Live:
                         trust_from_ms,
                         "PUBLISH",
                         self._geo_from(),
+                        self._prune_below(),
+                        PRUNE_PER_CALL,
                     ]
                 )
             except Exception as exc:
@@ -359,6 +393,8 @@ class Live:
                     trust_from_ms,
                     "SPUBLISH",
                     self._geo_from(),
+                    self._prune_below(),
+                    PRUNE_PER_CALL,
                 ],
             )
             for g in groups.values()

@@ -151,6 +151,104 @@ async def test_fleet_ranks_a_clock_running_ahead_as_now_not_first(client, redis,
     )
 
 
+# -- fleet and GEO sets bounded by the live trips ----------------------------------------
+# Written for both keyspaces (test_redis_cluster runs them again): on a cluster a flush prunes
+# the bucket sets of the trips it carries, so the old trips are taken from the live one's bucket.
+
+
+def bucket_mates(live, org: str, trip: str, n: int, stem: str) -> list[str]:
+    """``n`` trip ids whose fleet and GEO sets are ``trip``'s (all of them, standalone)."""
+    key = live.keys.fleet_set(org, trip)
+    ids = (f"{stem}_{i}" for i in itertools.count())
+    return list(itertools.islice((t for t in ids if live.keys.fleet_set(org, t) == key), n))
+
+
+async def seed(live, org: str, trips: list[str], score: int, lat: float = 12.9,
+               lon: float = 77.5) -> None:  # fmt: skip
+    """Put ``trips`` in their fleet set with ``score`` and in their GEO set, as the live step
+    left them when they last reported (every one in one bucket)."""
+    fleet, geo = live.keys.fleet_set(org, trips[0]), live.keys.geo_set(org, trips[0])
+    await live.redis.zadd(fleet, dict.fromkeys(trips, score))
+    await live.redis.geoadd(geo, [v for t in trips for v in (lon, lat, t)])
+
+
+async def set_sizes(live, org: str, trip: str) -> tuple[int, int]:
+    """(fleet set, GEO set) member counts of ``trip``'s bucket."""
+    r, keys = live.redis, live.keys
+    return await r.zcard(keys.fleet_set(org, trip)), await r.zcard(keys.geo_set(org, trip))
+
+
+async def report(client, trip: str, org: str = "org_1") -> None:
+    """A ping of ``trip`` at now, once the live step has written it (so one flush is done)."""
+    body = batch(1, trip=trip, start_ms=now_ms())
+    await ping(client, body, org=org)
+    want = datetime.fromisoformat(body["locations"][0]["timestamp"])
+    live = client.server.app[LIVE]
+    for _ in range(200):
+        latest = await live.latest(org, trip)
+        if latest and datetime.fromisoformat(json.loads(latest)["location"]["timestamp"]) == want:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{trip} at {want} never published")
+
+
+async def test_old_trips_leave_the_fleet_and_geo_sets_a_bounded_number_per_flush(client):
+    """Every write refreshes the whole set's TTL: an org that never stops reporting kept every
+    trip it ever had. Its trips silent for longer than LATEST_TTL_S now leave both sets, at most
+    PRUNE_PER_CALL per script call."""
+    live = client.server.app[LIVE]
+    old = bucket_mates(live, "org_1", "live", 600, "old")
+    await seed(live, "org_1", old, now_ms(-2 * live.ttl))
+    await seed(live, "org_1", old[:5], now_ms(-live.ttl - 5))  # just past the TTL
+    assert await set_sizes(live, "org_1", "live") == (600, 600)
+    sizes = [(600, 600)]
+    for _ in range(10):
+        await report(client, "live")
+        sizes.append(await set_sizes(live, "org_1", "live"))
+        if sizes[-1] == (1, 1):
+            break
+    assert sizes[-1] == (1, 1), sizes  # the live trip only
+    # One script call per flush here: the first one added "live" and pruned the most it may.
+    assert sizes[1] == (601 - live_module.PRUNE_PER_CALL,) * 2, sizes
+    assert all(f == g for f, g in sizes), sizes  # both sets, always together
+    assert await live.fleet_trips("org_1", 10) == ["live"]
+
+
+async def test_pruning_one_org_never_touches_another_with_the_same_trip_ids(client):
+    live = client.server.app[LIVE]
+    old = bucket_mates(live, "org_1", "live", 50, "old")  # a bucket is the trip's, any org
+    for org in ("org_1", "org_2"):
+        await seed(live, org, old, now_ms(-2 * live.ttl))
+        await seed(live, org, ["live"], now_ms())  # org_2's own "live" reports too
+    await report(client, "live", org="org_1")
+    assert await set_sizes(live, "org_1", "live") == (1, 1)
+    assert await set_sizes(live, "org_2", "live") == (51, 51)
+    await report(client, "live", org="org_2")
+    assert await set_sizes(live, "org_2", "live") == (1, 1)
+
+
+async def test_a_live_trip_is_never_pruned(client):
+    """Pruned: silent for longer than the latest key lives. Kept: every trip that reported
+    within it, however long ago within it or whatever its ping time, in both sets."""
+    live = client.server.app[LIVE]
+    a, b, quiet = bucket_mates(live, "org_1", "live", 3, "kept")
+    old = bucket_mates(live, "org_1", "live", 100, "old")
+    await seed(live, "org_1", old, now_ms(-live.ttl - 60))
+    await seed(live, "org_1", [quiet], now_ms(-live.ttl + 60))  # silent most of the TTL
+    await ping(client, batch(1, trip=a, start_ms=now_ms(-30)))  # a late ping: scored 30 s ago
+    await report(client, b)
+    await report(client, "live")
+    assert await set_sizes(live, "org_1", "live") == (4, 4)
+    trips = ["live", b, a, quiet]
+    assert await live.fleet_trips("org_1", 10) == trips
+    assert None not in await live.redis.geopos(live.keys.geo_set("org_1", "live"), *trips)
+    # GT still: a trip scored now keeps its score when an older ping comes in late.
+    before = await live.redis.zscore(live.keys.fleet_set("org_1", b), b)
+    await ping(client, batch(1, trip=b, start_ms=now_ms(-300)))
+    await report(client, "live")
+    assert await live.redis.zscore(live.keys.fleet_set("org_1", b), b) == before
+
+
 # -- history -----------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from ingest.trip_summary import EARTH_RADIUS_M
 from ingest.typedefs import LIVE
 
 from .conftest import auth, iso, now_ms, post_ping
+from .test_live import bucket_mates, seed, set_sizes
 
 NEARBY = "/api/v1/tracking/nearby"
 DEG_M = EARTH_RADIUS_M * math.pi / 180  # one degree of latitude
@@ -125,6 +126,32 @@ async def test_a_truck_that_falls_silent_drops_out_and_is_swept(make_client, red
     _, answer = await nearby(client)
     assert answer == {"trips": []}
     assert await redis.zscore(geo, "t1") is None  # swept out by that read
+
+
+async def test_nearby_answers_the_same_once_old_trips_are_pruned(client):
+    """The live step prunes trips silent for longer than LATEST_TTL_S from the fleet and GEO
+    sets together; the sweep, which walks fleet scores, then simply does not meet them. A trip
+    silent within the TTL is still left out and swept by the read, and a pruned trip that
+    reports again is near again."""
+    live = client.server.app[LIVE]
+    old = bucket_mates(live, "org_1", "near", 300, "old")
+    far, quiet = bucket_mates(live, "org_1", "near", 2, "kept")
+    await seed(live, "org_1", old, now_ms(-2 * live.ttl), north(20), LON0)  # nearest of all
+    await seed(live, "org_1", [quiet], now_ms(-1200), north(30), LON0)  # silent 20 min
+    await put_truck(client, far, north(3000))
+    for _ in range(20):  # flushes of one live truck prune the old ones, a bounded number each
+        await put_truck(client, "near", north(100), ms=now_ms())
+        await asyncio.sleep(0.05)
+        if await set_sizes(live, "org_1", "near") == (3, 3):
+            break
+    assert await set_sizes(live, "org_1", "near") == (3, 3)  # near, far, quiet
+    trips = await nearby_until(client, lambda x: len(x) == 2)
+    assert ids(trips) == ["near", far]
+    assert [t["distanceM"] for t in trips] == pytest.approx([100, 3000], rel=1e-3)
+    assert await set_sizes(live, "org_1", "near") == (3, 2)  # quiet swept from GEO only
+    await put_truck(client, old[0], north(10))
+    trips = await nearby_until(client, lambda x: len(x) == 3)
+    assert ids(trips) == [old[0], "near", far]
 
 
 async def test_trucks_beyond_the_geo_latitudes_are_stored_but_not_near(client, redis):

@@ -41,16 +41,20 @@ from .test_geofences import (
     test_events_go_live_to_the_fleet_subscribers_of_the_org_only,
 )
 from .test_live import (
+    test_a_live_trip_is_never_pruned,
     test_fleet_and_trip_subscription_deliver_once,
     test_fleet_subscriber_sees_only_its_org,
     test_history_pages_across_a_month_boundary,
     test_latest_never_moves_backwards,
     test_message_is_encoded_once_whatever_the_subscribers,
+    test_old_trips_leave_the_fleet_and_geo_sets_a_bounded_number_per_flush,
+    test_pruning_one_org_never_touches_another_with_the_same_trip_ids,
     test_subscriber_gets_exactly_the_committed_pings_of_its_trips,
 )
 from .test_nearby import (
     test_a_silent_truck_is_left_out_and_never_brought_back_by_a_late_upload,
     test_a_truck_moves_and_a_late_upload_never_moves_it_back,
+    test_nearby_answers_the_same_once_old_trips_are_pruned,
     test_nearest_first_within_the_radius_and_limit,
     test_two_orgs_with_the_same_ids_see_only_their_own_trucks,
 )
@@ -69,6 +73,9 @@ CONTRACT = [
     test_latest_never_moves_backwards,
     test_message_is_encoded_once_whatever_the_subscribers,
     test_subscriber_gets_exactly_the_committed_pings_of_its_trips,
+    test_old_trips_leave_the_fleet_and_geo_sets_a_bounded_number_per_flush,
+    test_pruning_one_org_never_touches_another_with_the_same_trip_ids,
+    test_a_live_trip_is_never_pruned,
     test_future_timestamps_cannot_crowd_a_truck_out_of_the_fleet_snapshot,
     test_org_b_with_the_same_ids_never_touches_org_a,
     test_org_ids_with_a_colon_do_not_meet_in_redis,
@@ -78,6 +85,7 @@ CONTRACT = [
     test_a_truck_moves_and_a_late_upload_never_moves_it_back,
     test_nearest_first_within_the_radius_and_limit,
     test_two_orgs_with_the_same_ids_see_only_their_own_trucks,
+    test_nearby_answers_the_same_once_old_trips_are_pruned,
     test_consecutive_batches_on_two_pods_make_each_event_once,
     test_events_go_live_to_the_fleet_subscribers_of_the_org_only,
 ]
