@@ -103,6 +103,10 @@ class _Connection(RequestHandler):
             self._head_timer = None
         if guard is not None:
             guard.lost(self)
+        # The payload refers back to this protocol: a cycle only the cyclic GC would free,
+        # and gc.freeze() with a high threshold (cli.py) leaves it for hundreds of thousands
+        # of connections, their buffers with them.
+        self._body = None
 
     def data_received(self, data: bytes) -> None:
         if self._payload_parser is not None or self._upgraded:

@@ -7,6 +7,7 @@ runs), on a real socket; the attackers are raw sockets.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import time
@@ -288,3 +289,30 @@ async def test_a_flood_past_the_open_files_limit_leaves_readyz_answering(
         close_all(attack)
         await service.stop()
     assert "Traceback" not in service.log_text()
+
+
+async def test_a_closed_connection_is_freed_at_once_not_left_to_the_cyclic_gc(
+    serve: Serve,
+) -> None:
+    """The pod freezes its startup objects and collects cycles rarely (cli.py: gc.freeze(),
+    a threshold of 20,000): a connection that outlived its socket in a reference cycle kept
+    its buffers until a full collection, minutes and hundreds of MB later under churn (phones
+    that open a connection per upload). Closed connections must go by reference counting."""
+    url = await serve()
+    gc.collect()
+    gc.disable()  # as good as the pod's rare full collections
+    try:
+        for _ in range(20):  # a request each, then the client hangs up (or resets)
+            async with aiohttp.ClientSession() as session:
+                resp = await session.post(url + PING, json=batch(1), headers=auth())
+                assert resp.status == 200
+        async with aiohttp.ClientSession() as session:  # a socket still open is kept
+            assert (await session.get(url + "/healthz")).status == 200
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                conns = [c for c in gc.get_objects() if isinstance(c, http_server._Connection)]
+                if len(conns) <= 1:
+                    break
+            assert [c.transport is not None for c in conns] == [True]
+    finally:
+        gc.enable()
