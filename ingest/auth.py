@@ -8,7 +8,6 @@ Tokens are verified once and then served from the Verifier's cache until they ex
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import math
 import time
@@ -106,7 +105,8 @@ def _basic_password(value: str) -> str:
     """The password of Basic credentials (base64 of "user:password"); the user is ignored."""
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and the plain ValueError of
+        # text that is not ASCII: aiohttp decodes header bytes as UTF-8 (surrogate-escaped).
         raise AuthError("malformed Basic credentials") from None
     _, colon, password = decoded.partition(":")
     if not colon:
@@ -182,6 +182,11 @@ class Verifier:
             if self.disabled:
                 return _DEV_FOREVER
             raise AuthError("invalid token: no JWT_SECRET or JWT_PUBLIC_KEY to verify it with")
+        if not token.isascii():
+            # A JWT is base64url and dots. PyJWT encodes the text to UTF-8 first, which raises
+            # UnicodeEncodeError (no PyJWTError) for the surrogates aiohttp decodes bytes that
+            # are not UTF-8 to: a 500, unchecked. Cached tokens passed this already.
+            raise AuthError("invalid token: not ASCII")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,

@@ -18,6 +18,7 @@ _MAX = 1.7976931348623157e308
 _fromiso = datetime.fromisoformat
 _fromts = datetime.fromtimestamp
 _EXACT_MS = 2**33 * 1000
+_YEAR_4 = timedelta(days=1461)  # 0000-01-01 to 0004-01-01
 # text[4:17:3] of an RFC 3339 date-time: the date's dashes, the separator msgspec took
 # between date and time ('T', 't' or a space), the time's colons.
 _HEADS = frozenset({"--T::", "--t::", "-- ::"})
@@ -30,7 +31,8 @@ class BatchError(ValueError):
 
 def parse_rfc3339(text: str) -> datetime:
     """An RFC 3339 date-time with an offset, its digits below the millisecond cut off first
-    (``.2509999`` is ``.250``; ``.9999999`` stays in its second), in the text's own offset.
+    (``.2509999`` is ``.250``; ``.9999999`` stays in its second), in the text's own offset
+    (but see the year 0000 below).
 
     Accepts what msgspec's datetime accepted: 'T', 't' or a space between date and time, any
     number of fraction digits, 'Z', 'z', '+HH:MM' or '+HHMM'; no leap second (:60), no 24:00.
@@ -38,6 +40,9 @@ def parse_rfc3339(text: str) -> datetime:
     basic format, a missing offset or seconds, any separator, "+05", "+05:60", "+05.5"), and
     it ends the text at a NUL after a 'Z' ("10:Z\x00:00Z" is 10:00Z), so the layout is checked
     here and fromisoformat checks the digits and ranges. Raises ValueError.
+
+    The year 0000 is valid RFC 3339, but not a datetime: such a time is given in UTC, where
+    it is the year 1 at most (OverflowError if earlier, like astimezone beyond the year 1).
     """
     head = text[4:17:3]
     if head not in _HEADS or "\x00" in text:
@@ -63,7 +68,13 @@ def parse_rfc3339(text: str) -> datetime:
         main = main[:23]  # digits below the millisecond: dropped, never rounded
     if head[2] != "T":
         main = f"{main[:10]}T{main[11:]}"
-    return _fromiso(main + offset)
+    try:
+        return _fromiso(main + offset)
+    except ValueError:
+        if main[:4] != "0000":
+            raise
+    # Read as the year 4, which is a leap year too (same valid dates), then moved back.
+    return _fromiso(f"0004{main[4:]}{offset}").astimezone(UTC) - _YEAR_4
 
 
 def rfc3339_problem(text: str) -> str:
@@ -128,6 +139,20 @@ def _reason(loc: Location, ts_ok: bool, skew_s: int, age_days: int) -> tuple[str
     return "other", "invalid ping"  # pragma: no cover - the fast check and this agree
 
 
+def _unusual(raw: str, i: int, lo: datetime, hi: datetime) -> tuple[datetime, bool]:
+    """(time, in the window) of a text to_records' parse refused: the year 0000, which its
+    fast path's fromisoformat refuses and parse_rfc3339 reads; else BatchError (malformed)."""
+    if raw[:4] == "0000":
+        try:
+            ts = parse_rfc3339(raw)
+            return ts, lo <= ts <= hi
+        except OverflowError:
+            return lo, False
+        except ValueError:
+            pass
+    raise BatchError(f"$.locations[{i}].timestamp: {rfc3339_problem(raw)}") from None
+
+
 def to_records(
     batch: PingBatch,
     org: str | None,
@@ -169,7 +194,7 @@ def to_records(
                         ts = ts.astimezone(UTC)
                 ts_ok = lo <= ts <= hi
             except ValueError:
-                raise BatchError(f"$.locations[{i}].timestamp: {rfc3339_problem(raw)}") from None
+                ts, ts_ok = _unusual(raw, i, lo, hi)
             except OverflowError:
                 ts, ts_ok = lo, False
         else:

@@ -3,10 +3,12 @@ exact answer; HS256, RS256 and ES256 tokens; issuer and audience; the token cach
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from ingest.auth import AuthError, Principal, Verifier, issue_token
 from ingest.jwt_keys import load_public_key
+from ingest.logs import JsonFormatter
 from ingest.settings import SettingsError, load_settings
 from ingest.typedefs import SETTINGS
 
@@ -139,6 +142,72 @@ async def test_bad_token_in_access_token_query_is_401(client):
         sep = "&" if "?" in path else "?"
         got = await answer(client, method, f"{path}{sep}access_token=abc", {})
         assert got == (401, unauthorized("invalid token: Not enough segments")), path
+
+
+async def raw_request(client, method: str, path: str, head: bytes) -> tuple[int, bytes, Any]:
+    """Status, WWW-Authenticate and JSON body of a request whose header lines ``head`` are
+    sent as raw bytes (aiohttp's client refuses header text beyond Latin-1)."""
+    body = json.dumps(batch(1)).encode() if method == "POST" else b""
+    start = f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(start.encode() + head + b"Connection: close\r\n\r\n" + body)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    top, _, content = answer.partition(b"\r\n\r\n")
+    lines = top.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    assert headers.get(b"Content-Type") == b"application/json", (path, answer)
+    return int(lines[0].split()[1]), headers.get(b"WWW-Authenticate", b""), json.loads(content)
+
+
+# Credentials that are not ASCII, as the bytes a client sends: aiohttp decodes header values
+# as UTF-8 with surrogateescape, so \xff becomes '\udcff', which PyJWT cannot encode (a
+# UnicodeEncodeError) and b64decode refuses with a plain ValueError, as it does 'é'.
+NOT_ASCII = "invalid token: not ASCII"
+BASIC_PASSWORD = base64.b64encode("drv_1:é.leak4.x".encode())
+RAW_CREDENTIALS = [  # (Authorization value, detail of an API endpoint, of a phone-app one)
+    (b"Bearer \xff\xfe.leak1.x", NOT_ASCII, NOT_ASCII),
+    (b"Bearer \xc3\xa9.leak2.x", NOT_ASCII, NOT_ASCII),
+    (
+        b"Basic \xc3\xa9",
+        "Authorization header must be 'Bearer <token>'",
+        "malformed Basic credentials",
+    ),
+    (b"Basic \xff", "Authorization header must be 'Bearer <token>'", "malformed Basic credentials"),
+    (b"Basic " + BASIC_PASSWORD, "Authorization header must be 'Bearer <token>'", NOT_ASCII),
+]
+# The query forms: yarl decodes bytes that are not UTF-8 to U+FFFD (no surrogates).
+RAW_QUERIES = ["access_token=%FF%FE.leak3.x", "access_token=%C3%A9.leak3.x", "token=%ED%B3%BF"]
+UPGRADE = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+
+
+async def test_credentials_that_are_not_ascii_are_401_everywhere_never_500(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    for method, path in ENDPOINTS + PHONE_ENDPOINTS:
+        phone = "/ingest/" in path
+        challenge = b'Basic realm="ingest", charset="UTF-8"' if "owntracks" in path else b"Bearer"
+        upgrade = UPGRADE if path == LIVE else b""  # the WebSocket handshake itself
+        for credential, api_detail, phone_detail in RAW_CREDENTIALS:
+            head = upgrade + b"Authorization: " + credential + b"\r\n"
+            got = await raw_request(client, method, path, head)
+            want = unauthorized(phone_detail if phone else api_detail)
+            assert got == (401, challenge, want), (method, path, credential)
+        sep = "&" if "?" in path else "?"
+        for query in RAW_QUERIES:
+            if query.startswith("token=") and not phone:
+                continue  # ?token= is the phone apps' alone
+            got = await raw_request(client, method, f"{path}{sep}{query}", upgrade)
+            assert got == (401, challenge, unauthorized(NOT_ASCII)), (method, path, query)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    for record in caplog.records:  # the credential in no log line, as written
+        line = JsonFormatter().format(record)
+        assert "leak" not in line and BASIC_PASSWORD.decode() not in line, line
 
 
 async def test_expiry_has_a_small_leeway(client):

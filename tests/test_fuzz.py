@@ -250,7 +250,24 @@ _BEYOND_US = re.compile(r"(?<=:[0-9]{2}\.[0-9]{6})[0-9]+")
 @given(text=timestamp_texts)
 def test_timestamps_are_read_as_msgspec_did_but_cut_to_the_ms(text):
     """parse_rfc3339 and to_records (with its fast path) accept exactly what msgspec's
-    datetime took, with the same instant and offset, the digits below the ms dropped."""
+    datetime took, with the same instant and offset, the digits below the ms dropped. Except
+    the year 0000, which msgspec refused (a 400 for the batch) and the contract makes that
+    ping's rejection: read in UTC where it is the year 1, else out of range (OverflowError)."""
+    if text.startswith("0000"):
+        batch = PingBatch("trip_1", "drv_1", [Location(1.0, 2.0, text)])
+        try:
+            year_0 = parse_rfc3339(text)
+        except ValueError:  # malformed: the batch's 400
+            with pytest.raises(BatchError):
+                to_records(batch, "org_1", None, datetime.now(UTC), SKEW_S, 10**5)
+            return
+        except OverflowError:  # before the year 1 in UTC
+            pass
+        else:
+            assert year_0.year == 1 and year_0.utcoffset() == timedelta(0), (text, year_0)
+        records, rejected = to_records(batch, "org_1", None, datetime.now(UTC), SKEW_S, 10**5)
+        assert not records and len(rejected) == 1, text
+        return
     try:
         old: datetime | None = msgspec.json.decode(
             msgspec.json.encode(_BEYOND_US.sub("", text)), type=datetime

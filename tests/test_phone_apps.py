@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
+import itertools
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,9 +21,15 @@ import asyncpg
 import pytest
 
 from ingest import metrics
+from ingest.phone_apps.common import fold
+from ingest.phone_apps.osmand import MAX_FORM_BYTES, MAX_FORM_FIELDS
+from ingest.phone_apps.owntracks import MAX_HELD_PER_DRIVER
+from ingest.ratelimit import RateLimiter
+from ingest.schema import Location, PingBatch
+from ingest.submit import Submitted
 from ingest.typedefs import BUFFER
 
-from .conftest import auth, token
+from .conftest import auth, state_reached, token
 
 FIXTURES = Path(__file__).parent / "fixtures" / "phone_apps"
 OWNTRACKS = "/api/v1/ingest/owntracks"
@@ -567,3 +575,199 @@ async def test_overland_out_of_range_points_are_dropped_the_rest_stored(make_cli
     assert await resp.json() == {"result": "ok"}
     assert (resp.headers["X-Ingest-Accepted"], resp.headers["X-Ingest-Rejected"]) == ("1", "1")
     assert await count(db) == 1
+
+
+async def test_overland_year_0000_is_that_points_rejection_not_a_400(make_client, db):
+    """The contract: a timestamp of any year outside the window is the ping's rejection."""
+    client = await make_client()
+    body = load("overland/batch_minimal.json")
+    now = datetime.now(UTC)
+    body["locations"][0]["properties"]["timestamp"] = (now - timedelta(minutes=5)).isoformat()
+    body["locations"][1]["properties"]["timestamp"] = "0000-12-31T23:59:59-05:00"
+    resp = await client.post(OVERLAND, json=body, headers=auth())
+    assert await resp.json() == {"result": "ok"}
+    assert (resp.headers["X-Ingest-Accepted"], resp.headers["X-Ingest-Rejected"]) == ("1", "1")
+    assert await count(db) == 1
+
+
+# -- hostile and mixed requests ----------------------------------------------------------------
+
+
+async def test_osmand_form_bomb_is_400_naming_the_limit_and_stores_nothing(make_client, db):
+    """A gzipped form of 1 KB inflating to 1 MiB of fields ('a&' * 524288) or of '%' took
+    0.3-0.5 s of the event loop in parse_qsl; now refused by size before it is parsed."""
+    client = await make_client(**OLD_OK)
+    url = f"{OSMAND}?token={token()}"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    gzipped = {**form, "Content-Encoding": "gzip"}
+    for inflated in (b"a&" * 524288, b"id=t&lat=" + b"%" * 1_000_000):
+        resp = await client.post(url, data=gzip.compress(inflated), headers=gzipped)
+        assert resp.status == 400
+        detail = (await resp.json())["detail"]
+        assert detail.startswith("form body:") and f"at most {MAX_FORM_BYTES}" in detail, detail
+    fix = queries("osmand/traccar_client.query")[0]
+    resp = await client.post(url, data=fix + "&a" * MAX_FORM_FIELDS, headers=form)
+    assert resp.status == 400
+    assert f"form body: more than {MAX_FORM_FIELDS} fields" in (await resp.json())["detail"]
+    assert await count(db) == 0
+    resp = await client.post(url, data=fix + "&a" * 50, headers=form)  # extra fields: ignored
+    assert resp.status == 200, await resp.text()
+    assert await count(db) == 1
+
+
+async def test_overland_feature_bomb_is_400_naming_the_limit_and_stores_nothing(make_client, db):
+    client = await make_client(max_pings_per_batch=10, max_trips_per_request=2, **OLD_OK)
+    fixes = load("overland/batch_ios.json")["locations"]  # 3 fixes, 2 ignored features
+    headers = {**auth(), "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    for padding in (57_000, 20 - len(fixes) + 1):  # ~1 MiB of {"properties":{}}; one too many
+        body = json.dumps({"locations": fixes + [{"properties": {}}] * padding}, separators=",:")
+        resp = await client.post(OVERLAND, data=gzip.compress(body.encode()), headers=headers)
+        assert resp.status == 400
+        detail = (await resp.json())["detail"]
+        assert "at most 20 (MAX_PINGS_PER_BATCH x MAX_TRIPS_PER_REQUEST)" in detail, detail
+    assert await count(db) == 0
+    body = {"locations": fixes + [{"properties": {}}] * (20 - len(fixes))}  # at the limit
+    resp = await client.post(OVERLAND, json=body, headers=auth())
+    assert await resp.json() == {"result": "ok"}
+    assert await count(db) == 3
+
+
+async def test_owntracks_holds_few_requests_per_driver_hangs_up_on_the_rest(make_client, db):
+    """One token cannot pin the pod's connections: beyond MAX_HELD_PER_DRIVER requests
+    waiting for its rate limit, the rest are hung up on at once (kept on the phone), while
+    other drivers, of this org or another, are served."""
+    client = await make_client(rate_limit_per_s=2, rate_limit_burst=1, **OLD_OK)
+    message = load("owntracks/location_ios.json")
+
+    def post(i: int, sub: str = "drv_1", org: str = "org_1") -> Any:
+        return owntracks(
+            client,
+            {**message, "tst": message["tst"] + i},
+            {**basic(sub, org=org), "X-Limit-D": sub},
+        )
+
+    await assert_owntracks_ok(await post(0))  # the bucket's one token
+    extra = 3
+    tasks = [asyncio.ensure_future(post(i)) for i in range(1, MAX_HELD_PER_DRIVER + extra + 1)]
+    await state_reached(lambda: sum(t.done() for t in tasks) >= extra)
+    hung_up = [t for t in tasks if t.done()]
+    assert len(hung_up) == extra
+    for t in hung_up:
+        assert isinstance(t.exception(), aiohttp.ClientConnectionError), t.exception()
+    await assert_owntracks_ok(await post(100, sub="drv_2"))
+    await assert_owntracks_ok(await post(100, org="org_2"))
+    for t in tasks:
+        if t not in hung_up:
+            await assert_owntracks_ok(await t)  # each woken once its token is due
+    got = await db.fetch('SELECT "orgId", "driverId" FROM "TripLocation"')
+    assert sorted(map(tuple, got)) == sorted(
+        [("org_1", "drv_1")] * (1 + MAX_HELD_PER_DRIVER) + [("org_1", "drv_2"), ("org_2", "drv_1")]
+    )
+
+
+def overland_fixes(*devices: tuple[str, int]) -> dict[str, Any]:
+    """An Overland body: one fix per (device id, second)."""
+    return {
+        "locations": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [77.59 + s / 1000, 12.97]},
+                "properties": {"timestamp": f"2026-06-01T12:00:{s:02}Z", "device_id": d},
+            }
+            for d, s in devices
+        ]
+    }
+
+
+async def test_overland_batch_partly_refused_for_good_is_ok_and_stores_only_the_rest(
+    make_client, db
+):
+    """A batch holding fixes of the driver's trip and of a trip it may not post to (another
+    driver's; a new trip beyond its daily limit): the rest is stored and published before the
+    flush refuses that part, so the answer is ok (an error would have Overland resend the
+    batch forever), the refused fixes dropped and counted. Refused whole, nothing stored: 403
+    / 429 as natively. Another org using the same ids is untouched."""
+    client = await make_client(max_trips_per_driver_per_day=2, **OLD_OK)
+    mixed = overland_fixes(("trip_a", 1), ("trip_b", 2), ("trip_a", 3), ("trip_b", 4))
+    org_2 = auth("driver", "drv_1", "org_2")
+    assert await (await client.post(OVERLAND, json=mixed, headers=org_2)).json() == {"result": "ok"}
+    before = await db.fetch("""SELECT * FROM "TripLocation" WHERE "orgId" = 'org_2' ORDER BY 1""")
+    resp = await client.post(
+        OVERLAND, json=overland_fixes(("trip_b", 9)), headers=auth("driver", "drv_2")
+    )
+    assert await resp.json() == {"result": "ok"}  # drv_2 owns org_1's trip_b
+
+    for duplicates in (0, 2):  # and its resend
+        resp = await client.post(OVERLAND, json=mixed, headers=auth())
+        assert resp.status == 200 and await resp.json() == {"result": "ok"}
+        assert resp.headers["X-Ingest-Accepted"] == str(2 - duplicates)
+        assert resp.headers["X-Ingest-Duplicates"] == str(duplicates)
+        assert resp.headers["X-Ingest-Refused"] == "2"
+    got = await db.fetch(
+        """SELECT "tripId", "driverId", extract(second FROM "timestamp")::int AS s
+           FROM "TripLocation" WHERE "orgId" = 'org_1' ORDER BY 1, 3"""
+    )
+    assert [tuple(r) for r in got] == [
+        ("trip_a", "drv_1", 1),
+        ("trip_a", "drv_1", 3),
+        ("trip_b", "drv_2", 9),
+    ]
+
+    resp = await client.post(OVERLAND, json=overland_fixes(("trip_b", 5)), headers=auth())
+    assert resp.status == 403  # nothing of it stored: refused whole, as on /tracking/ping
+    assert (await resp.json())["error"] == "trip_owned_by_another_driver"
+
+    # The daily limit (2): trip_a and trip_c are drv_1's trips of the day, trip_d one too many.
+    resp = await client.post(OVERLAND, json=overland_fixes(("trip_c", 10)), headers=auth())
+    assert await resp.json() == {"result": "ok"}
+    resp = await client.post(
+        OVERLAND, json=overland_fixes(("trip_a", 11), ("trip_d", 12)), headers=auth()
+    )
+    assert await resp.json() == {"result": "ok"}
+    assert (resp.headers["X-Ingest-Accepted"], resp.headers["X-Ingest-Refused"]) == ("1", "1")
+    resp = await client.post(OVERLAND, json=overland_fixes(("trip_d", 13)), headers=auth())
+    assert resp.status == 429 and (await resp.json())["error"] == "too_many_trips"
+
+    assert (
+        await db.fetchval(
+            """SELECT count(*) FROM "TripLocation" WHERE "orgId" = 'org_1' AND "tripId" IN ('trip_b', 'trip_d')
+           AND "driverId" = 'drv_1'"""
+        )
+        == 0
+    )
+    after = await db.fetch("""SELECT * FROM "TripLocation" WHERE "orgId" = 'org_2' ORDER BY 1""")
+    assert len(before) == 4 and [dict(r) for r in after] == [dict(r) for r in before]
+
+
+def test_a_part_to_resend_wins_over_a_part_refused_for_good():
+    """Overland must resend while any part is not stored (503, 500), whatever another part
+    was refused for: what was stored comes back as duplicates, and nothing acked is lost."""
+    part = PingBatch("t", "drv_1", [Location(1.0, 1.0, 1780308000000)])
+    stored = Submitted(200, None, [], accepted=1)
+    owned = Submitted(403, None, [], error=("trip_owned_by_another_driver", "x"))
+    too_many = Submitted(429, None, [], error=("too_many_trips", "x"))
+    later = Submitted(503, None, [], error=("storage_unavailable", "x"))
+    broken = Submitted(500, None, [], error=("storage_error", "x"))
+    for results, status in [
+        ([stored, owned], 200),
+        ([stored, too_many, owned], 200),
+        ([owned, stored, later], 503),
+        ([later, owned, stored], 503),
+        ([stored, owned, broken], 500),
+        ([owned], 403),
+        ([too_many], 429),
+    ]:
+        out = fold([(part, r) for r in results], "overland")
+        assert out.status == status, results
+        assert out.refused == (sum(r.status in (403, 429) for r in results) if status == 200 else 0)
+
+
+def test_rate_reservations_hold_at_most_n_requests_each_woken_once_due():
+    limiter = RateLimiter(rate_per_s=2, burst=1)
+    waits = [limiter.reserve("k", MAX_HELD_PER_DRIVER / 2) for _ in range(MAX_HELD_PER_DRIVER + 3)]
+    assert waits[0] == 0.0 and None not in waits[: MAX_HELD_PER_DRIVER + 1]
+    assert waits[MAX_HELD_PER_DRIVER + 1 :] == [None, None]  # refused, nothing spent
+    due = waits[1 : MAX_HELD_PER_DRIVER + 1]  # one token each, 1/rate apart: no herd
+    assert [round(b - a, 2) for a, b in itertools.pairwise(due)] == [0.5] * (len(due) - 1)
+    assert limiter.take("k") == pytest.approx(due[-1] + 0.5, abs=0.01)  # no overtaking
+    assert limiter.take("other") == 0.0

@@ -198,7 +198,8 @@ async def test_malformed_timestamps_are_400_naming_the_path(client, db):
         "2026-02-30T00:00:00Z",
         "2026-01-01T24:00:00Z",
         "2026-01-01T00:00:60Z",  # leap seconds: msgspec never took them
-        "0000-01-01T00:00:00Z",
+        "0000-02-30T00:00:00Z",  # the year 0000 is RFC 3339 (a ping's rejection), this day not
+        "0000-12-31T23:59:59",
         "+2026-01-01T00:00:00Z",
         "12026-01-01T00:00:00Z",
     ]:
@@ -212,6 +213,44 @@ async def test_malformed_timestamps_are_400_naming_the_path(client, db):
     status, resp = await post(client, body)
     assert status == 400 and "$.locations[1].timestamp" in resp["detail"], resp
     assert await stored(db) == []
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+async def test_the_year_0000_is_a_per_ping_rejection(client, db, fmt):
+    """Valid RFC 3339 that datetime cannot hold (fromisoformat refuses the year 0): outside
+    the accepted window like any far year, never a 400 for the whole batch."""
+    year_0 = [
+        "0000-12-31T23:59:59-05:00",  # 0001-01-01T04:59:59Z in UTC
+        "0000-01-01T00:00:00.000Z",  # the driver app's form (the fast path)
+        "0000-02-29 23:59:59.9999+23:59",  # a leap year; before the year 1 in UTC
+    ]
+    body = batch(len(year_0) + 1)
+    for loc, text in zip(body["locations"][1:], year_0, strict=True):
+        loc["timestamp"] = text
+    status, resp = await post(client, body, fmt)
+    assert status == 200 and resp["accepted"] == 1, resp
+    assert [r["index"] for r in resp["rejected"]] == [1, 2, 3], resp
+    assert all("timestamp outside the accepted window" in r["reason"] for r in resp["rejected"])
+    assert await stored(db) == [at(body["locations"][0]["timestamp"].replace("Z", "+00:00"))]
+
+    alone = batch(1)
+    alone["locations"][0]["timestamp"] = "0000-01-01T00:00:00Z"
+    status, resp = await post(client, alone, fmt)
+    assert status == 422 and resp["error"] == "no_valid_pings", resp
+    assert [r["index"] for r in resp["rejected"]] == [0], resp
+
+
+def test_the_parser_reads_the_year_0000_in_utc() -> None:
+    from ingest.validate import parse_rfc3339
+
+    assert parse_rfc3339("0000-12-31T23:59:59.2509-05:00") == at("0001-01-01T04:59:59.250Z")
+    assert parse_rfc3339("0000-12-31 23:59:59-0100").utcoffset() == timedelta(0)
+    for earlier in ("0000-01-01T00:00:00Z", "0000-12-31T23:59:59.999z", "0000-12-31T23:59:59+0001"):
+        with pytest.raises(OverflowError):  # before the year 1 in UTC
+            parse_rfc3339(earlier)
+    for malformed in ("0000-02-30T00:00:00Z", "0000-12-31T00:30Z", "0000-12-31T23:59:59"):
+        with pytest.raises(ValueError):
+            parse_rfc3339(malformed)
 
 
 def test_the_parser_matches_msgspec_where_msgspec_was_exact() -> None:
@@ -234,6 +273,7 @@ async def test_history_from_and_to_out_of_range_are_400_naming_the_parameter(cli
     url = HISTORY.format("trip_1")
     for value in [
         "0001-01-01T00:00:00+01:00",  # beyond the years 1-9999 once in UTC
+        "0000-01-01T00:00:00Z",
         "9999-12-31T23:59:59-01:00",
         "0001-01-01T00:00:00.999+23:59",
         "9999-12-31T23:59:59.9999999-23:59",
@@ -260,6 +300,7 @@ async def test_history_from_and_to_out_of_range_are_400_naming_the_parameter(cli
     for value in (
         "0001-01-01T00:00:00Z",
         "0001-01-01T00:00:00-23:59",
+        "0000-12-31T23:59:59-05:00",  # 0001-01-01T04:59:59Z
         "9999-12-31T23:59:59.9999999Z",
         "9999-12-31T23:59:59.999+23:59",
         "-62135596800000",

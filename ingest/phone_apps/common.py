@@ -116,6 +116,9 @@ def _decimal_ms(sign: str, whole: str, fraction: str) -> int:
     return -ms if sign == "-" else ms
 
 
+_FOUR_YEARS_MS = 1461 * 86_400_000
+
+
 def datetime_ms(value: datetime) -> int:
     if value.tzinfo is None:  # no offset given: UTC
         value = value.replace(tzinfo=UTC)
@@ -129,7 +132,14 @@ def iso_ms(text: str) -> int:
     NUL after a 'Z' ("10:Z\x00:00Z" would be 10:00Z)."""
     if "\x00" in text:
         raise ValueError(text)
-    return datetime_ms(datetime.fromisoformat(text))
+    try:
+        return datetime_ms(datetime.fromisoformat(text))
+    except ValueError:
+        if not text.startswith("0000"):
+            raise
+    # The year 0000 (datetime's range starts at 1): read as the year 4, a leap year too, and
+    # moved back; far outside the accepted window, so that ping's rejection, not a 400.
+    return datetime_ms(datetime.fromisoformat("0004" + text[4:])) - _FOUR_YEARS_MS
 
 
 def time_ms(text: str, field: str) -> int:
@@ -177,13 +187,14 @@ async def read_body(request: web.Request) -> bytes | web.Response:
 class Outcome:
     """What became of every ping of one app request, however many batches it took."""
 
-    __slots__ = ("accepted", "duplicates", "error", "queued", "rejected", "status")
+    __slots__ = ("accepted", "duplicates", "error", "queued", "refused", "rejected", "status")
 
     def __init__(self) -> None:
         self.status = 200
         self.accepted = 0
         self.duplicates = 0
         self.queued = 0
+        self.refused = 0  # pings of parts the flush refused for good, answered as done (fold)
         self.rejected: list[Rejected] = []  # pings dropped by a range rule (batch indexes)
         self.error: tuple[str, str] = ("", "")
 
@@ -201,6 +212,8 @@ class Outcome:
         }
         if self.queued:
             out["X-Ingest-Queued"] = str(self.queued)
+        if self.refused:
+            out["X-Ingest-Refused"] = str(self.refused)
         if ignored:
             out["X-Ingest-Ignored"] = str(ignored)
         return out
@@ -236,32 +249,63 @@ def batches(
 
 
 async def submit_all(
-    app: web.Application, principal: Principal, parts: Iterable[PingBatch], source: str
+    app: web.Application, principal: Principal, parts: list[PingBatch], source: str
 ) -> Outcome:
     """Submit every batch at once and fold the results into one Outcome."""
     results = await asyncio.gather(*(submit(app, principal, b, None) for b in parts))
-    return fold(results, source)
+    return fold(zip(parts, results, strict=True), source)
 
 
-def fold(results: Iterable[Submitted], source: str) -> Outcome:
+# Why the flush refuses a batch for good (buffer.Refused): its trip is another driver's, or
+# would be a new trip beyond the driver's daily limit. Resending the same points cannot help.
+_REFUSALS = frozenset({"trip_owned_by_another_driver", "too_many_trips"})
+
+
+def fold(results: Iterable[tuple[PingBatch, Submitted]], source: str) -> Outcome:
     """One Outcome for all the batches of a request.
 
     A batch whose every ping broke a range rule (422 natively) counts as done: those pings
     can never be stored, and an error would make the app resend them forever, holding up
     everything queued behind them on the phone. They are logged and counted in metrics.
+
+    A batch the flush refused for good (another driver's trip, too many new trips) is the
+    answer (403 / 429, as natively) only if nothing of the request is stored. If another
+    batch of it is (an Overland request with several device ids), the request is done and
+    the refused pings dropped, logged and counted (ingest_batches_refused_total): their
+    trip was decided at the flush, after the rest was committed and published, and an error
+    would make Overland resend the whole request forever. Anything else not done (503, 500)
+    wins: the app resends, and what was stored comes back as duplicates.
     """
     out = Outcome()
     any_queued = False
-    for r in results:
+    refusal: Submitted | None = None
+    refused = 0
+    refused_rejected: list[Rejected] = []
+    for batch, r in results:
         if r.status in (200, 202, 422):
             out.accepted += r.accepted
             out.duplicates += r.duplicates
             out.queued += r.queued
             out.rejected.extend(r.rejected)
             any_queued = any_queued or r.status == 202
+        elif r.error is not None and r.error[0] in _REFUSALS:
+            refusal = refusal or r
+            refused += len(batch.locations) - len(r.rejected)
+            refused_rejected.extend(r.rejected)
         elif out.status not in (500, 503) or r.status == 503:  # retry-later wins over 500
             out.status = r.status
             out.error = r.error or ("internal_error", "")
+    if refusal is not None and refusal.error is not None and out.status == 200:
+        if out.accepted or out.duplicates or out.queued:  # a part is stored: cannot undo it
+            out.refused = refused
+            out.rejected.extend(refused_rejected)
+            log.warning(
+                "phone_app_pings_refused",
+                extra={"app": source, "count": refused, "reason": refusal.error[0]},
+            )
+        else:  # nothing stored: refused whole, as on the native endpoint
+            out.status = refusal.status
+            out.error = refusal.error
     if any_queued and out.status == 200:
         out.status = 202
     if out.rejected:

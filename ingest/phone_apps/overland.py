@@ -2,7 +2,9 @@
 
 Overland deletes a batch from the phone only when the answer is `{"result": "ok"}` and
 sends it again at the next interval otherwise; so "ok" is answered once every point is
-committed, and anything else (503 + Retry-After, 500, 4xx) makes it retry.
+committed, or dropped for good (out of range; another device id's trip refused by the flush
+while the rest was stored: common.fold), and anything else (503 + Retry-After, 500, 4xx)
+makes it retry.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ PATH = "/api/v1/ingest/overland"
 _OK = b'{"result":"ok"}'
 
 
-class Point(msgspec.Struct):
+# gc=False: never in a cycle, and 1 MiB of tiny features is ~100k objects: with the
+# collector running over them, decoding took ~5x as long.
+class Point(msgspec.Struct, gc=False):
     type: str
     coordinates: list[float]  # GeoJSON order: [longitude, latitude(, altitude)]
 
 
-class Properties(msgspec.Struct):
+class Properties(msgspec.Struct, gc=False):
     """Also: vertical_accuracy, motion, battery_state, battery_level, wifi, pauses,
     activity, desired_accuracy, deferred, significant_change, locations_in_payload...:
     all ignored."""
@@ -54,12 +58,12 @@ class Properties(msgspec.Struct):
     action: str | None = None  # set on app events and visits, which are not GPS fixes
 
 
-class Feature(msgspec.Struct):
+class Feature(msgspec.Struct, gc=False):
     properties: Properties
     geometry: Point | None = None
 
 
-class Body(msgspec.Struct):
+class Body(msgspec.Struct, gc=False):
     """`current` (the newest point, sent again later in a batch) and `trip` are ignored."""
 
     locations: list[Feature]
@@ -94,8 +98,21 @@ def to_location(f: Feature, where: str) -> Location:
     )
 
 
-def group(principal: Principal, body: Body) -> tuple[dict[tuple[str, str], list[Location]], int]:
-    """The fixes by (trip, driver), and how many features were not fixes."""
+def group(
+    principal: Principal, body: Body, max_features: int
+) -> tuple[dict[tuple[str, str], list[Location]], int]:
+    """The fixes by (trip, driver), and how many features were not fixes.
+
+    At most ``max_features`` features, ignored ones included (a 1 MiB body holds ~58k
+    `{"properties":{}}`): MAX_PINGS_PER_BATCH x MAX_TRIPS_PER_REQUEST, the most fixes one
+    request may be split into: ten times what MAX_BODY_BYTES holds of the app's features
+    (about 1000), so only a request the app never sends is refused (400).
+    """
+    if len(body.locations) > max_features:
+        raise FormatError(
+            f"$.locations: {len(body.locations)} features in one request; at most"
+            f" {max_features} (MAX_PINGS_PER_BATCH x MAX_TRIPS_PER_REQUEST)"
+        )
     groups: dict[tuple[str, str], list[Location]] = defaultdict(list)
     ignored = 0
     for i, f in enumerate(body.locations):
@@ -119,7 +136,8 @@ async def post_batch(request: web.Request) -> web.Response:
         return body
     settings = app[SETTINGS]
     try:
-        groups, ignored = group(principal, _body.decode(body))
+        most = settings.max_pings_per_batch * settings.max_trips_per_request
+        groups, ignored = group(principal, _body.decode(body), most)
         parts = batches(groups, settings.max_pings_per_batch, settings.max_trips_per_request)
     except (*DECODE_ERRORS, FormatError) as exc:
         return invalid(exc)

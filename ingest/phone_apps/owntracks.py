@@ -3,9 +3,10 @@
 OwnTracks drops a message once the endpoint answers anything, even a 5xx; only a request
 that gets no HTTP answer at all stays queued on the phone and is sent again. So `[]` (200)
 is sent only once the point is committed. When it cannot be committed now, the request is
-held instead: through the driver's rate limit and a full buffer for up to ACK_TIMEOUT_MS,
-then for the commit for up to ACK_TIMEOUT_MS more; if that fails too (database away,
-shutting down), the connection is closed without an answer.
+held instead: through the driver's rate limit (at most MAX_HELD_PER_DRIVER requests of a
+driver at once) and a full buffer for up to ACK_TIMEOUT_MS, then for the commit for up to
+ACK_TIMEOUT_MS more; if that fails too (database away, shutting down, too many held), the
+connection is closed without an answer.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from aiohttp import web
 from .. import auth
 from ..auth import Principal
 from ..schema import DECODE_ERRORS, Location, PingBatch
-from ..submit import Submitted, rate_wait, submit
-from ..typedefs import SETTINGS
+from ..submit import Submitted, submit
+from ..typedefs import RATE_LIMITER, SETTINGS
 from .common import (
     KMH,
     FormatError,
@@ -41,6 +42,10 @@ PATH = "/api/v1/ingest/owntracks"
 # OwnTracks reads a 200 body as a list of messages for the phone (friends' cards and
 # locations); we have none to send.
 _NOTHING = b"[]"
+# Requests of one driver held for its rate limit at once; more are hung up on at once. A
+# phone sends its queue one message after another, so this leaves room for a few phones
+# sharing a token, while one token cannot hold more than this many connections busy.
+MAX_HELD_PER_DRIVER = 4
 
 
 class _Envelope(msgspec.Struct):
@@ -104,14 +109,13 @@ def hang_up(request: web.Request, status: int, reason: str) -> web.Response:
     return web.Response(status=status)
 
 
-async def _take_rate(request: web.Request, principal: Principal, deadline: float) -> bool:
-    """Wait for the driver's rate limit within the deadline; False if it cannot be had."""
-    loop = asyncio.get_running_loop()
-    while wait := rate_wait(request.app, principal):
-        if loop.time() + wait > deadline:
-            return False
-        await asyncio.sleep(wait)
-    return True
+def _take_rate(request: web.Request, principal: Principal, deadline: float) -> float | None:
+    """The seconds to wait for the driver's rate limit (one sleep: the bucket reserves the
+    token, no polling), or None if that is past the deadline or MAX_HELD_PER_DRIVER of the
+    driver's requests already wait (so one token cannot pin the pod's connections)."""
+    limiter = request.app[RATE_LIMITER]
+    room = min(deadline - asyncio.get_running_loop().time(), MAX_HELD_PER_DRIVER / limiter.rate)
+    return limiter.reserve((principal.org, principal.sub), room)  # submit.rate_wait's key
 
 
 async def _submit_holding(
@@ -135,8 +139,11 @@ async def post_message(request: web.Request) -> web.Response:
     deadline = loop.time() + app[SETTINGS].ack_timeout_ms / 1000
     principal = auth.authenticate_app(request, auth.BASIC)
     auth.require(principal, auth.POST_PINGS)
-    if not await _take_rate(request, principal, deadline):
+    wait = _take_rate(request, principal, deadline)
+    if wait is None:  # the phone keeps the message and sends it again later
         return hang_up(request, 429, "rate_limited")
+    if wait:
+        await asyncio.sleep(wait)
     body = await read_body(request)
     if isinstance(body, web.Response):
         return body
@@ -153,7 +160,7 @@ async def post_message(request: web.Request) -> web.Response:
         return invalid(exc)
 
     result = await _submit_holding(app, principal, batch, deadline)
-    out = fold([result], "owntracks")
+    out = fold([(batch, result)], "owntracks")
     if out.done:
         return _answer(out)
     if out.status == 503:
