@@ -21,10 +21,25 @@ pods within that time are evaluated in time order:
 5. update the states and insert the events (their key is a second guard) in one statement,
    commit; then publish the events that were inserted.
 
+One org's fences can make an event per fence per ping (a million per request), and its walk
+can take seconds: a transaction is cut before the ping that would take it past
+EVENTS_PER_TRANSACTION events, or once it has walked for _TRANSACTION_WALK_S. Step 5 then
+stores the states of the trips walked, the one cut short at its last ping walked, and the
+rest (trips not walked first, then the remaining pings) goes through steps 1 to 5 again in
+another transaction, as a flush's rows do (the read-back then covers what another pod
+committed meanwhile). Each transaction commits its events with the states that account for
+them, so a later one failing loses or doubles nothing: the memory held, the statement's size
+and the time the org rows stay locked (fence changes wait for them) are bounded. A flush that
+failed is retried org by org (each in transactions of its own, locks released by the failed
+one), so that one org's failure never holds another org's events; so is the sweep's work.
+
 A sweep (one pod at a time, every few seconds) evaluates the trips with stored pings that no
 evaluation took in time: those of a pod that died between its commit and its evaluation, or
 of a flush given up or dropped. Dropping a flush makes the state rows its trips lack
-(evaluated never), so the sweep finds a new trip too. A replayed batch stores no ping, so it
+(evaluated never) and refreshes the time of the others, so the sweep finds a new trip, and one
+last evaluated long ago, too. A swept trip with nothing to evaluate (its pings older than
+every fence) has its state moved to the read-back's lower bound, so no later sweep finds it
+again (and trips of orgs sorting after it are reached). A replayed batch stores no ping, so it
 is never evaluated. A ping older than its trip's evaluated time (a late upload) makes no
 event: the crossing is noticed at the next evaluated ping instead.
 """
@@ -59,6 +74,15 @@ BACKLOG_FLUSHES = 256
 _UNMADE_MAX = 100_000  # trips of dropped flushes noted for their state rows, at most
 # At most this many rows are evaluated in one transaction.
 _GROUP_ROWS = 25_000
+# At most this many events are held at once and stored by one transaction (one statement, a
+# few MB and tens of ms): one org's fences can make up to GEOFENCE_MAX_PER_ORG events per ping,
+# a million per request. A transaction that would hold more is cut before the ping that would
+# pass the bound (it takes at least one ping: up to max(this, the org's fences) events), its
+# trips' states advanced to their last ping walked, and the rest goes to the next transaction.
+EVENTS_PER_TRANSACTION = 5_000
+# ... and one that has walked pings for this long is cut the same way: an evaluation holds its
+# locks (the org rows a fence change waits for) about this long at most, whatever the fences.
+_TRANSACTION_WALK_S = 0.5
 # Orgs with fences are looked up this often; a flush of other orgs costs no query. Shorter than
 # GEOFENCE_SETTLE_MS's default: the look-up an evaluation uses then follows its commit.
 ORGS_REFRESH_S = 1.0
@@ -115,6 +139,10 @@ ON CONFLICT ("orgId", "tripId") DO"""
 # A trip's first evaluation: its state row made, in autocommit, before the transaction that
 # locks it (sorted, holding no other lock: it waits at most for another pod's same insert).
 _MAKE_STATES = _INSERT_STATES + " NOTHING"
+# The trips of a dropped flush: made, or their time refreshed, so that the sweep (which looks
+# at rows updated within _SWEEP_WINDOW) finds a trip last evaluated long ago too. Rare: the
+# common path (_MAKE_STATES) makes no row version for an existing row.
+_REFRESH_STATES = _INSERT_STATES + ' UPDATE SET "updatedAt" = now()'
 # Only if a row made so is gone again when locked (retention deleted it): made and locked under
 # the locks (another pod's made meanwhile is locked and returned as it is).
 _NEW_STATES = (
@@ -137,17 +165,21 @@ CROSS JOIN LATERAL (
       AND "timestamp" > {_US_SQL.format("t.lo")} AND "timestamp" < {_US_SQL.format("t.hi")}
     ORDER BY "timestamp" DESC LIMIT $5) l
 """
-_TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+# Held by the sweep's connection (a session lock: the sweep is several transactions); asyncpg's
+# reset of a connection given back to the pool unlocks it too.
+_TRY_SWEEP_LOCK = "SELECT pg_try_advisory_lock($1)"
+_SWEEP_UNLOCK = "SELECT pg_advisory_unlock($1)"
 # Trips of orgs with fences, evaluated (or whose row was made, evaluated never) within
 # _SWEEP_WINDOW, with a ping stored more than the settle time ago and never evaluated: after
-# the evaluated time, or, evaluated never, after the org's oldest fence (as the read-back).
+# the evaluated time and after the org's oldest fence (as the read-back: a ping before every
+# fence has nothing to evaluate, and a trip found for it would be found by every sweep).
 _UNEVALUATED = """
 SELECT s."orgId", s."tripId" FROM "GeofenceState" s
 WHERE s."orgId" = ANY($1::text[]) AND s."updatedAt" > now() - $2::interval
   AND EXISTS (
     SELECT 1 FROM "TripLocation" t
     WHERE t."orgId" = s."orgId" AND t."tripId" = s."tripId"
-      AND t."timestamp" > coalesce(s."evaluatedTo",
+      AND t."timestamp" > greatest(s."evaluatedTo",
           (SELECT min(g."createdAt") FROM "Geofence" g WHERE g."orgId" = s."orgId"))
       AND t."createdAt" < now() - $3::interval)
 ORDER BY s."orgId", s."tripId" LIMIT $4
@@ -241,21 +273,33 @@ def crossings(
 ) -> tuple[list[Event], frozenset[str]]:
     """The enter and exit events of ``pings`` (one trip, time order) starting ``inside``
     those fences, and the fences inside after the last ping. Exits come before enters."""
+    events, inside, _ = _walk(org, pings, inside, fences, None)
+    return events, inside
+
+
+def _walk(
+    org: str, pings: Sequence[Record], inside: frozenset[str], fences: FenceSet,
+    room: int | None,
+) -> tuple[list[Event], frozenset[str], int]:  # fmt: skip
+    """crossings(), stopping before the ping whose events would make more than ``room``
+    (None: no bound); also the number of pings walked."""
     events: list[Event] = []
     containing = fences.index.containing
     newest = fences.newest
     # Usually every fence is older than the pings, and the index's answer stands.
     if newest is not None and pings and pings[0][TS] >= newest:
         newest = None
-    for ping in pings:
+    for n, ping in enumerate(pings):
         now = containing(ping[LAT], ping[LON])
         if newest is not None and now and ping[TS] < newest:
             now = fences.existing(now, ping[TS])
         if now != inside:
+            if room is not None and len(events) + len(inside ^ now) > room:
+                return events, inside, n
             events += [Event(org, f, "exit", ping) for f in sorted(inside - now)]
             events += [Event(org, f, "enter", ping) for f in sorted(now - inside)]
             inside = now
-    return events, inside
+    return events, inside, len(pings)
 
 
 def _us(ts: datetime) -> int:
@@ -325,10 +369,11 @@ class CommitBacklog:
 
     async def _make_states(self, pool: asyncpg.Pool) -> None:
         """Make the state rows (evaluated never) of the trips of dropped flushes that have
-        none; best effort, off the ack path: a trip with a row is found by the sweep."""
+        none, and refresh the others' time; best effort, off the ack path: a trip with a row
+        updated within _SWEEP_WINDOW is found by the sweep."""
         keys = sorted(self._unmade)
         try:
-            await pool.execute(_MAKE_STATES, [k[0] for k in keys], [k[1] for k in keys])
+            await pool.execute(_REFRESH_STATES, [k[0] for k in keys], [k[1] for k in keys])
         except Exception as exc:  # kept, for the next turn
             log.warning("geofence_states_not_made", extra={"trips": len(keys), "error": repr(exc)})
             return
@@ -409,10 +454,14 @@ class GeofenceEvaluator(CommitBacklog):
                 continue
             # The flushes due, evaluated together (one transaction, as a group commit shares
             # one COMMIT), as long as no two share a trip. After a failure, the oldest
-            # alone, so that whatever fails it holds up no other.
+            # alone, each org in transactions of its own, so that whatever fails it holds up
+            # no other flush, nor another org's events.
             group = [first] if failures else self._due(now)
             try:
-                await self.evaluate(group[0] if len(group) == 1 else [*itertools.chain(*group)])
+                if failures:
+                    await self.evaluate_by_org(first)
+                else:
+                    await self.evaluate(group[0] if len(group) == 1 else [*itertools.chain(*group)])
             except Exception as exc:
                 metrics.GEOFENCE_FAILURES.inc()
                 log.warning("geofence_evaluation_failed", extra={"error": repr(exc)})
@@ -478,15 +527,54 @@ class GeofenceEvaluator(CommitBacklog):
                 by_trip.setdefault(key, []).extend(run)
         if not by_trip:
             return 0
-        return await self._in_transaction(by_trip, None)
+        async with self.pool.acquire() as conn:
+            return await self._in_transactions(conn, by_trip)
+
+    async def evaluate_by_org(self, rows: list[Record]) -> int:
+        """evaluate(), each org's rows apart: a failure (a statement timed out) holds no
+        other org's events. What an earlier attempt stored is skipped (the states say so);
+        raises the first failure once every org was tried."""
+        by_org: dict[str | None, list[Record]] = {}
+        for row in rows:
+            by_org.setdefault(row[ORG], []).append(row)
+        stored, failed = 0, None
+        for org_rows in by_org.values():
+            try:
+                stored += await self.evaluate(org_rows)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+        return stored
 
     async def sweep(self) -> int:
-        """Evaluate trips whose stored pings no evaluation took (at most _SWEEP_MAX_TRIPS);
-        the number of events stored. One pod sweeps at a time."""
+        """Evaluate trips whose stored pings no evaluation took (at most _SWEEP_MAX_TRIPS),
+        each org's in transactions of its own; the number of events stored. One pod sweeps
+        at a time."""
         fenced = await self._fenced_orgs()
         if not fenced:
             return 0
-        return await self._in_transaction({}, sorted(fenced))
+        stored = 0
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval(_TRY_SWEEP_LOCK, GEOFENCE_SWEEP_LOCK_ID):
+                return 0  # another pod sweeps
+            try:
+                window = timedelta(seconds=self.settle_s + 1)
+                found = await conn.fetch(
+                    _UNEVALUATED, sorted(fenced), _SWEEP_WINDOW, window, _SWEEP_MAX_TRIPS
+                )
+                by_org: dict[str, dict[tuple[str, str], list[Record]]] = {}
+                for org, trip in found:
+                    by_org.setdefault(org, {})[(org, trip)] = []
+                for org, by_trip in by_org.items():
+                    try:
+                        stored += await self._in_transactions(conn, by_trip)
+                    except Exception as exc:  # the next sweep finds them again
+                        metrics.GEOFENCE_FAILURES.inc()
+                        log.warning("geofence_sweep_failed", extra={"org": org, "error": repr(exc)})
+            finally:
+                await conn.execute(_SWEEP_UNLOCK, GEOFENCE_SWEEP_LOCK_ID)
+        return stored
 
     async def _sweep_safely(self) -> None:
         try:
@@ -496,44 +584,43 @@ class GeofenceEvaluator(CommitBacklog):
             metrics.GEOFENCE_FAILURES.inc()
             log.warning("geofence_sweep_failed", extra={"error": repr(exc)})
 
-    async def _in_transaction(
-        self, by_trip: dict[tuple[str, str], list[Record]], sweep_orgs: list[str] | None
+    async def _in_transactions(
+        self, conn: asyncpg.Connection, by_trip: dict[tuple[str, str], list[Record]]
     ) -> int:
+        """Evaluate ``by_trip`` (steps 1 to 5), in as many transactions as the bounds take
+        (usually one), publishing each one's events once it is committed; the number stored.
+        Each commits its trips' states with its events: a later one failing loses or doubles
+        nothing (its retry starts from those states)."""
         started = time.perf_counter()
         made = False
-        async with self.pool.acquire() as conn:
-            while True:
-                try:
-                    async with conn.transaction():
-                        if sweep_orgs is not None:
-                            if not await conn.fetchval(_TRY_SWEEP_LOCK, GEOFENCE_SWEEP_LOCK_ID):
-                                return 0  # another pod sweeps
-                            window = timedelta(seconds=self.settle_s + 1)
-                            found = await conn.fetch(
-                                _UNEVALUATED, sweep_orgs, _SWEEP_WINDOW, window, _SWEEP_MAX_TRIPS
-                            )
-                            by_trip = {(r[0], r[1]): [] for r in found}
-                            if not by_trip:
-                                return 0
-                        events, updates = await self._evaluate(conn, by_trip, made)
-                        stored = await self._store(conn, events, updates)
-                    break
-                except _NoStates as new:  # rolled back: no lock held
-                    await conn.execute(_MAKE_STATES, *zip(*new.keys, strict=True))
-                    made = True
+        total = 0
+        while by_trip:
+            try:
+                async with conn.transaction():
+                    events, updates, rest = await self._evaluate(conn, by_trip, made)
+                    stored = await self._store(conn, events, updates)
+            except _NoStates as new:  # rolled back: no lock held
+                await conn.execute(_MAKE_STATES, *zip(*new.keys, strict=True))
+                made = True
+                continue
+            del events  # (only the stored ones are held while they are published)
+            if stored:
+                await self._publish(stored)
+                total += len(stored)
+            by_trip = rest
         self.observe_seconds(time.perf_counter() - started)
-        if stored:
-            await self._publish(stored)
-        return len(stored)
+        return total
 
     async def _evaluate(
         self, conn: asyncpg.Connection, by_trip: dict[tuple[str, str], list[Record]],
         made: bool = False,
-    ) -> tuple[list[Event], _Updates]:  # fmt: skip
-        """The events of ``by_trip``'s pings, and the trips' new states. A trip given no rows
-        (the sweep) is evaluated from its stored pings after its state, if it has one. Raises
-        _NoStates for trips with pings and no state row, unless ``made`` (they were made
-        before this transaction: one deleted since is made here)."""
+    ) -> tuple[list[Event], _Updates, dict[tuple[str, str], list[Record]]]:  # fmt: skip
+        """The events of ``by_trip``'s pings, the trips' new states, and what is left for
+        another transaction (see EVENTS_PER_TRANSACTION): the trips not walked, then the
+        pings of the one cut short. A trip given no rows (the sweep) is evaluated from its
+        stored pings after its state, if it has one. Raises _NoStates for trips with pings
+        and no state row, unless ``made`` (they were made before this transaction: one
+        deleted since is made here)."""
         updates: _Updates = ([], [], [], [])
         orgs = sorted({org for org, _ in by_trip})
         keys = sorted(by_trip)
@@ -557,6 +644,9 @@ class GeofenceEvaluator(CommitBacklog):
         sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
         pings: dict[tuple[str, str], list[Record]] = {}
         inside: dict[tuple[str, str], frozenset[str]] = {}
+        # A swept trip's lower bound of the read-back, if after its evaluated time: where its
+        # state goes if nothing is read back (no sweep finds it again for those pings).
+        swept_lo: dict[tuple[str, str], datetime] = {}
         gap_keys: list[tuple[str, str]] = []
         gap_lo: list[int] = []
         gap_hi: list[int] = []
@@ -577,8 +667,11 @@ class GeofenceEvaluator(CommitBacklog):
                 lo = evaluated_to
             else:  # a first evaluation: GAP_FIRST before its pings; the sweep's, all there are
                 lo = hi - GAP_FIRST if recs else fences.oldest
+            lo = max(lo, fences.oldest)
+            if not recs and (evaluated_to is None or lo > evaluated_to):
+                swept_lo[key] = lo
             gap_keys.append(key)
-            gap_lo.append(_us(max(lo, fences.oldest)))
+            gap_lo.append(_us(lo))
             gap_hi.append(_us(hi))
         if gap_keys:
             gap = await conn.fetch(
@@ -597,23 +690,65 @@ class GeofenceEvaluator(CommitBacklog):
                     recs.sort(key=_TS_OF)  # read newest first (the newest GAP_MAX_PINGS)
                     pings[key] = recs + pings[key]
         events: list[Event] = []
+        rest: dict[tuple[str, str], list[Record]] = {}
+        cut: tuple[tuple[str, str], list[Record]] | None = None
         evaluated = 0
         time_slice = _TimeSlice()
-        for (org, trip), recs in pings.items():
-            if not recs:
+        walk_until = time.perf_counter() + _TRANSACTION_WALK_S
+        # In the order given (the flush's): after a cut, the trips not walked come first in
+        # the next transaction, and the one cut short last (another org's trip waits for one
+        # transaction of it, not for all of them).
+        for key in by_trip:
+            if key not in pings:
                 continue
-            now_inside = inside[(org, trip)]
-            for i in range(0, len(recs), _CHUNK):
-                found, now_inside = crossings(org, recs[i : i + _CHUNK], now_inside, sets[org])
+            recs = pings[key]
+            if cut is not None:
+                if recs:
+                    rest[key] = recs
+                continue
+            org, trip = key
+            now_inside = inside[key]
+            if not recs:
+                if key in swept_lo:  # nothing to evaluate: found by no later sweep
+                    updates[0].append(org)
+                    updates[1].append(trip)
+                    updates[2].append(_us(swept_lo[key]))
+                    updates[3].append(" ".join(sorted(now_inside)))
+                continue
+            fences = sets[org]
+            walked = 0
+            if evaluated and time.perf_counter() > walk_until:
+                metrics.GEOFENCE_CUTS.labels("time").inc()
+                cut = (key, recs)
+                continue
+            while walked < len(recs):
+                # At least one ping per transaction: it makes at most one event per fence.
+                room = EVENTS_PER_TRANSACTION - len(events)
+                if not events:
+                    room = max(room, len(fences.fences))
+                chunk = recs[walked : walked + _CHUNK]
+                found, now_inside, n = _walk(org, chunk, now_inside, fences, room)
                 events += found
+                walked += n
+                if n < len(chunk):
+                    metrics.GEOFENCE_CUTS.labels("events").inc()
+                    break
                 await time_slice.check()
-            evaluated += len(recs)
-            updates[0].append(org)
-            updates[1].append(trip)
-            updates[2].append(_us(recs[-1][TS]))
-            updates[3].append(" ".join(sorted(now_inside)))
+                if walked < len(recs) and time.perf_counter() > walk_until:
+                    metrics.GEOFENCE_CUTS.labels("time").inc()
+                    break
+            if walked < len(recs):
+                cut = (key, recs[walked:])
+            evaluated += walked
+            if walked:
+                updates[0].append(org)
+                updates[1].append(trip)
+                updates[2].append(_us(recs[walked - 1][TS]))
+                updates[3].append(" ".join(sorted(now_inside)))
+        if cut is not None:
+            rest[cut[0]] = cut[1]
         metrics.GEOFENCE_EVALUATED.inc(evaluated)
-        return events, updates
+        return events, updates, rest
 
     async def _fence_set(self, conn: asyncpg.Connection, org: str, version: int) -> FenceSet:
         """The org's fences at ``version``: the cached set, or one read again. Fences never

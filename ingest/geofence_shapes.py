@@ -3,8 +3,10 @@
 POST /api/v1/geofences carries a GeoJSON Polygon, or a Point with "radiusM"; parse_shape turns
 it into a Shape or raises GeometryError naming the JSON path at fault (the HTTP layer's 400).
 After each commit every stored ping is checked against its org's fences (up to ~1000):
-FenceIndex answers with a grid cell lookup, a bounding-box check, then the exact test, so a
-ping far from every fence costs one dict lookup. Pure computation, no I/O.
+FenceIndex answers with a grid cell lookup per level of fence sizes, a bounding-box check, then
+the exact test, so a ping far from every fence costs a dict lookup or a few. Validation is
+linear in the positions but for the crossing check, which MAX_BAND_EDGES and
+MAX_PAIRS_PER_EDGE bound to a few times that. Pure computation, no I/O.
 
 Polygons are flat: their edges are straight lines in (longitude, latitude) degrees, as a web map
 draws them, not great-circle arcs. Over a city-sized fence the difference is below GPS noise.
@@ -38,10 +40,23 @@ EARTH_RADIUS_M = 6_371_008.8
 MIN_RADIUS_M = 1.0
 MAX_RADIUS_M = 50_000.0
 SUPPORTED = ("Polygon", "Point")
-# Edges one point may be tested against (a latitude band's): the cost of a ping in the fence.
-# A traced outline has a few dozen at most; a comb whose every tooth spans the fence's height
-# has as many as it has positions, and would cost ~65 us per ping per fence.
-MAX_BAND_EDGES = 256
+# Edges one point may be tested against (a latitude band's): the cost of a ping in the fence,
+# ~22 ns each. A latitude line crosses a depot or customer outline 2-6 times, but bands are
+# of equal height, so the flattest stretch of a finely traced outline puts more in one: 14 at
+# most for the bench's city fences (4-50 points), 21-50 for 1000-point outlines and circles,
+# 32 for a spiral of 5 turns, 34 for a block with 16 holes in a row. A comb whose every tooth
+# spans the fence's height has as many as it has positions. An org's fences stacked on one
+# spot then cost a ping at most GEOFENCE_MAX_PER_ORG * 64 edge tests (~1.5 ms at 1000).
+MAX_BAND_EDGES = 64
+# Bands of one polygon at most: a band list per band is kept for the fence's life.
+MAX_BANDS = 4096
+# A ring narrower than this (degrees, ~1 cm) in latitude or longitude holds no GPS position, and
+# a sub-representable one would make the band arithmetic overflow.
+MIN_EXTENT_DEG = 1e-7
+# Edge pairs the crossing check may look at per edge. Real outlines need 1-2 (the bench's
+# traced outline, spiral, block of holes, city fences); beyond it a polygon is refused as too
+# intricate, so that no body costs more than ~10 us of validation per position.
+MAX_PAIRS_PER_EDGE = 16
 
 BBox = tuple[float, float, float, float]  # (min_lat, min_lon, max_lat, max_lon), degrees
 LonLat = tuple[float, float]  # (lon, lat), GeoJSON's order
@@ -129,12 +144,10 @@ class Polygon(Shape):
                 if y1 != y2:  # a horizontal edge never counts under the half-open rule
                     edges.append((min(y1, y2), max(y1, y2), x1, y1, (x2 - x1) / (y2 - y1)))
         # Horizontal bands of the box, each holding the edges that reach into it, so that a
-        # 1000-vertex fence tests a handful of edges per point, not all of them. Bands thinner
-        # than a few mean edge heights would only copy each edge into more of them.
-        south, span = self.bbox[0], self.bbox[2] - self.bbox[0]
-        height = sum(e[1] - e[0] for e in edges) / len(edges) if edges else span
-        count = max(1, min(len(edges) // 2, 512, int(4 * span / height) if height > 0 else 1))
-        scale = self._band_scale = count / span if span > 0 else 0.0
+        # 1000-vertex fence tests a handful of edges per point, not all of them.
+        south = self.bbox[0]
+        count, scale = _band_grid(self.bbox[2] - south, [e[1] - e[0] for e in edges])
+        self._band_scale = scale
         bands: list[list[_CastEdge]] = [[] for _ in range(count)]
         for edge in edges:
             # The same rounding as contains(), monotonic in lat: an edge spanning a point's
@@ -161,6 +174,20 @@ class Polygon(Shape):
     def __repr__(self) -> str:
         sizes = ", ".join(str(len(r)) for r in self.rings)
         return f"Polygon(<rings of {sizes} points>, bbox={self.bbox!r})"
+
+
+def _band_grid(span: float, heights: list[float]) -> tuple[int, float]:
+    """(count, scale) of the latitude bands over a box ``span`` degrees high whose non-horizontal
+    edges are ``heights`` high: a latitude's band is int((lat - south) * scale), at most
+    count - 1. Finite for any finite input (a sub-representable span gets one band)."""
+    height = sum(heights) / len(heights) if heights else span
+    # Bands thinner than a few mean edge heights would only copy each edge into more of them.
+    wanted = 4 * span / height if height > 0 else 1.0  # may be inf: compared, never int()ed
+    count = max(1, min(len(heights) // 2, MAX_BANDS, int(min(wanted, MAX_BANDS))))
+    scale = count / span if span > 0 else 0.0
+    if not isfinite(scale):  # span / count underflows: int(0 * inf) would raise
+        return 1, 0.0
+    return count, scale
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -191,13 +218,17 @@ def parse_shape(geometry: object, radius_m: object, max_vertices: int) -> Shape:
         return Circle(lat, lon, _radius(radius_m))
     if radius_m is not None:
         raise GeometryError("$.radiusM", "only with a Point")
-    polygon = Polygon(_rings(coordinates, max_vertices))
+    rings = _rings(coordinates, max_vertices)
+    # The cheap checks first (linear): the crossing and hole checks below are bounded by the
+    # band sizes that this one caps, so no body a client can send costs more than that.
+    polygon = Polygon(rings)
     if polygon.busiest > MAX_BAND_EDGES:
         raise GeometryError(
             _COORDS,
             f"too intricate: a point would be tested against {polygon.busiest} edges (at most"
             f" {MAX_BAND_EDGES}); simplify it or split it into several fences",
         )
+    _check_crossings_and_holes(rings, polygon)
     return polygon
 
 
@@ -302,11 +333,29 @@ def _rings(value: object, max_vertices: int) -> list[list[LonLat]]:
                 "ring spans 180 degrees of longitude or more: it would cross the antimeridian"
                 " or span half the globe; split it",
             )
+        lats = [y for _, y in points]
+        if min(max(lons) - min(lons), max(lats) - min(lats)) < MIN_EXTENT_DEG:
+            raise GeometryError(
+                path, f"ring has zero area (narrower than {MIN_EXTENT_DEG:g} degrees, ~1 cm)"
+            )
         rings.append(points)
-    edges = [_ring_edges(points, r) for r, points in enumerate(rings)]
-    _check_crossings([e for ring_edges in edges for e in ring_edges])
-    _check_holes(rings)
     return rings
+
+
+def _check_crossings_and_holes(rings: list[list[LonLat]], polygon: Polygon) -> None:
+    """The rules between edges and between rings, checked within the polygon's latitude bands
+    (whose non-horizontal edges parse_shape has capped): two edges can only meet in a band
+    both reach into, and a ray from a point only crosses edges of the point's band."""
+    edges = [e for r, points in enumerate(rings) for e in _ring_edges(points, r)]
+    south, scale, count = polygon.bbox[0], polygon._band_scale, len(polygon._bands)
+    bands: list[list[_Banded]] = [[] for _ in range(count)]
+    for e in edges:
+        first = min(int((e[2] - south) * scale), count - 1)
+        item = (e[0], first, e)
+        for i in range(first, min(int((e[3] - south) * scale), count - 1) + 1):
+            bands[i].append(item)
+    _check_crossings(bands, MAX_PAIRS_PER_EDGE * len(edges))
+    _check_holes(rings, bands, south, scale)
 
 
 # A ring edge for the crossing sweep: (min lon, max lon, min lat, max lat, ring, index among
@@ -341,27 +390,55 @@ def _collinear(corners: list[LonLat]) -> bool:
     return all((bx - ax) * (y - ay) == (by - ay) * (x - ax) for x, y in corners)
 
 
-def _check_crossings(edges: list[_SweepEdge]) -> None:
-    """Refuses any contact between edges but the shared corner of consecutive edges.
+# A sweep edge in a latitude band: (its west end, the first band it reaches into, the edge).
+_Banded = tuple[float, int, _SweepEdge]
 
-    A sweep by west end: an edge is compared only with the edges whose lon range is still open
-    and whose lat range overlaps, so a typical ring costs O(n log n), not O(n^2).
+
+def _check_crossings(bands: list[list[_Banded]], budget: int) -> int:
+    """Refuses any contact between edges but the shared corner of consecutive edges; returns
+    the edge pairs looked at (what the check cost), and refuses the polygon as too intricate
+    when they pass ``budget``.
+
+    Two edges that meet share the band of the meeting point's latitude (the band index is
+    monotonic in latitude), and each pair is compared in the first band both reach into only.
+    Within a band, a sweep by west end compares an edge only with the edges whose lon range is
+    still open. A band holds at most MAX_BAND_EDGES sloped edges, and the horizontal ones at one
+    latitude end on sloped edges of the band or overlap (refused at the first such pair), so
+    the work grows with the edges times the band size, not with the edges squared; edges that
+    overlap in both latitude and longitude by the dozen (a herringbone) still cost that, hence
+    the budget.
     """
-    edges.sort(key=itemgetter(0))
-    active: list[_SweepEdge] = []
-    for e in edges:
-        west, south, north, ex1, ey1, ex2, ey2 = e[0], e[2], e[3], e[8], e[9], e[10], e[11]
-        active = [a for a in active if a[1] >= west]
-        for a in active:
-            if a[3] < south or north < a[2]:
-                continue
-            # Both ends of e strictly on one side of a's line: they cannot meet. Most pairs
-            # whose boxes overlap end here, before the full test.
-            ax, ay, dx, dy = a[8], a[9], a[10] - a[8], a[11] - a[9]
-            s1, s2 = dx * (ey1 - ay) - dy * (ex1 - ax), dx * (ey2 - ay) - dy * (ex2 - ax)
-            if not (s1 > 0 < s2 or s1 < 0 > s2):
-                _check_pair(a, e)
-        active.append(e)
+    pairs = 0
+    for i, band in enumerate(bands):
+        band.sort(key=itemgetter(0))
+        # Edges first met in this band, and those met in an earlier one: two of the latter
+        # were compared there.
+        new: list[_SweepEdge] = []
+        old: list[_SweepEdge] = []
+        for west, first, e in band:
+            new = [a for a in new if a[1] >= west]
+            old = [a for a in old if a[1] >= west]
+            others = new + old if first == i else new
+            pairs += len(others)
+            if pairs > budget:
+                raise GeometryError(
+                    _COORDS,
+                    f"too intricate: more than {budget} pairs of its edges overlap in latitude and"
+                    " longitude (a herringbone or comb); simplify it or split it into several"
+                    " fences",
+                )
+            south, north, ex1, ey1, ex2, ey2 = e[2], e[3], e[8], e[9], e[10], e[11]
+            for a in others:
+                if a[3] < south or north < a[2]:
+                    continue
+                # Both ends of e strictly on one side of a's line: they cannot meet. Most pairs
+                # whose boxes overlap end here, before the full test.
+                ax, ay, dx, dy = a[8], a[9], a[10] - a[8], a[11] - a[9]
+                s1, s2 = dx * (ey1 - ay) - dy * (ex1 - ax), dx * (ey2 - ay) - dy * (ex2 - ax)
+                if not (s1 > 0 < s2 or s1 < 0 > s2):
+                    _check_pair(a, e)
+            (new if first == i else old).append(e)
+    return pairs
 
 
 _CROSS, _TOUCH, _OVERLAP = "crosses", "touches", "overlaps"
@@ -440,34 +517,35 @@ def _inside_ring(ring: list[LonLat], x: float, y: float) -> bool:
     return inside
 
 
-def _check_holes(rings: list[list[LonLat]]) -> None:
+def _check_holes(
+    rings: list[list[LonLat]], bands: list[list[_Banded]], south: float, scale: float
+) -> None:
     """Holes inside the exterior and not inside one another. The rings neither cross nor touch,
-    so one corner of a ring tells on which side of another ring all of it lies."""
-    boxes = [
-        (min(y for _, y in r), min(x for x, _ in r), max(y for _, y in r), max(x for x, _ in r))
-        for r in rings
-    ]
-    exterior = rings[0]
-    for h in range(1, len(rings)):
-        if not _inside_ring(exterior, *rings[h][0]):
-            raise GeometryError(
-                f"{_COORDS}[{h}]", f"hole lies outside the exterior ring ({_COORDS}[0])"
-            )
-    for h in range(1, len(rings)):
-        for g in range(1, len(rings)):
-            if g != h and _box_within(boxes[h], boxes[g]) and _inside_ring(rings[g], *rings[h][0]):
+    so one corner of a ring tells on which side of another ring all of it lies.
+
+    Each hole's corner is cast against its band only: inside the exterior's edges an odd number
+    of times, and the other holes' an even number. Holes nest as a tree, so if any hole is
+    inside another, one is inside exactly one other, and its count is odd.
+    """
+    last = len(bands) - 1
+    for nested in (False, True):
+        for h in range(1, len(rings)):
+            x, y = rings[h][0]
+            odd = False
+            for _, _, e in bands[min(int((y - south) * scale), last)]:
+                if (e[4] != 0) is nested and e[4] != h and e[2] <= y < e[3]:
+                    x1, y1, x2, y2 = e[8], e[9], e[10], e[11]
+                    if x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+                        odd = not odd
+            if not nested and not odd:
+                raise GeometryError(
+                    f"{_COORDS}[{h}]", f"hole lies outside the exterior ring ({_COORDS}[0])"
+                )
+            if nested and odd:  # name the hole: a refusal may cost a loop over the rings
+                g = next(g for g in range(1, len(rings)) if g != h and _inside_ring(rings[g], x, y))
                 raise GeometryError(
                     f"{_COORDS}[{h}]", f"hole lies inside another hole ({_COORDS}[{g}])"
                 )
-
-
-def _box_within(inner: BBox, outer: BBox) -> bool:
-    return (
-        outer[0] <= inner[0]
-        and outer[1] <= inner[1]
-        and inner[2] <= outer[2]
-        and inner[3] <= outer[3]
-    )
 
 
 # --- the index ---------------------------------------------------------------------------------
@@ -475,21 +553,29 @@ def _box_within(inner: BBox, outer: BBox) -> bool:
 # (min lat, min lon, max lat, max lon, the shape's contains, fence id, {fence id})
 _Entry = tuple[float, float, float, float, Callable[[float, float], bool], str, frozenset[str]]
 
-MAX_CELLS = 64  # a box needing more cells goes in the list checked for every point
+MAX_CELLS = 64  # a box needing more cells of a level goes to a coarser level
 MIN_CELL_DEG = 0.001  # ~111 m of latitude
 MAX_CELL_DEG = 10.0
+LEVEL_FACTOR = 4  # each level's cell is this many times the one below's
+
+# A grid level: (1 / cell size, row offset, column offset, columns, {row * columns + col: [...]}).
+_Level = tuple[float, float, float, int, dict[int, tuple[_Entry, ...]]]
 
 
 class FenceIndex:
     """The fences of one org, for "which of them contain this point".
 
-    A uniform lat/lon grid whose cell is half the median fence box (clamped), so a typical
-    fence sits in a few cells; a fence too big for MAX_CELLS cells is checked by its box for
-    every point instead. A circle across the antimeridian is registered as two boxes.
-    Immutable: build a new one when the fences change.
+    A hierarchy of lat/lon grids. The finest has a cell of half the median fence box (clamped),
+    so a typical fence sits in a few cells; each coarser one's cell is LEVEL_FACTOR times
+    larger, up to one that covers the globe in a few cells. Each fence is registered at the
+    finest level where its box needs at most MAX_CELLS cells, and a point looks up one cell
+    per level that holds any fence: a few dict lookups whatever the mix of sizes (a fence far
+    larger than the rest is not checked for every point, as in a single grid). A circle
+    across the antimeridian is registered as two boxes. Immutable: build a new one when the
+    fences change.
     """
 
-    __slots__ = ("_cells", "_columns", "_count", "_inverse", "_lat0", "_lon0", "_wide", "cell_deg")
+    __slots__ = ("_count", "_levels", "cell_deg")
 
     def __init__(self, fences: Iterable[tuple[str, Shape]]) -> None:
         fences = list(fences)
@@ -497,30 +583,38 @@ class FenceIndex:
         sizes = sorted(max(s.bbox[2] - s.bbox[0], s.bbox[3] - s.bbox[1]) for _, s in fences)
         median = sizes[len(sizes) // 2] if sizes else 1.0
         self.cell_deg = min(max(median / 2, MIN_CELL_DEG), MAX_CELL_DEG)
-        inverse = self._inverse = 1 / self.cell_deg
-        # Cell (row, column) = floor(lat * inverse + _lat0), floor(lon * inverse + _lon0),
-        # one formula for registering and looking up, so rounding never splits them.
-        self._lat0, self._lon0 = 90 * inverse, 180 * inverse
-        self._columns = floor(360 * inverse + self._lon0) + 1
-        cells: dict[int, list[_Entry]] = {}
-        wide: list[_Entry] = []
+        grids: list[tuple[float, float, float, int]] = []
+        cell = self.cell_deg
+        while True:  # up to a cell of 360 degrees or more: every box fits in 2 x 2 cells
+            inverse = 1 / cell
+            # Cell (row, column) = floor(lat * inverse + lat0), floor(lon * inverse + lon0),
+            # one formula for registering and looking up, so rounding never splits them.
+            lat0, lon0 = 90 * inverse, 180 * inverse
+            grids.append((inverse, lat0, lon0, floor(360 * inverse + lon0) + 1))
+            if cell >= 360:
+                break
+            cell *= LEVEL_FACTOR
+        cells: list[dict[int, list[_Entry]]] = [{} for _ in grids]
+        top = len(grids) - 1
         for fence_id, shape in fences:
             single = frozenset((fence_id,))
             for south, west, north, east in _boxes(shape.bbox):
                 entry = (south, west, north, east, shape.contains, fence_id, single)
-                row0, col0 = self._cell(south, west)
-                row1, col1 = self._cell(north, east)
-                if (row1 - row0 + 1) * (col1 - col0 + 1) > MAX_CELLS:
-                    wide.append(entry)
-                    continue
+                for level, (inverse, lat0, lon0, _) in enumerate(grids):
+                    row0, col0 = floor(south * inverse + lat0), floor(west * inverse + lon0)
+                    row1, col1 = floor(north * inverse + lat0), floor(east * inverse + lon0)
+                    if (row1 - row0 + 1) * (col1 - col0 + 1) <= MAX_CELLS or level == top:
+                        break
+                registered, columns = cells[level], grids[level][3]
                 for row in range(row0, row1 + 1):
                     for col in range(col0, col1 + 1):
-                        cells.setdefault(row * self._columns + col, []).append(entry)
-        self._cells = {key: tuple(entries) for key, entries in cells.items()}
-        self._wide = tuple(wide)
-
-    def _cell(self, lat: float, lon: float) -> tuple[int, int]:
-        return floor(lat * self._inverse + self._lat0), floor(lon * self._inverse + self._lon0)
+                        registered.setdefault(row * columns + col, []).append(entry)
+        # Only the levels that hold a fence are looked up, finest first.
+        self._levels: tuple[_Level, ...] = tuple(
+            (*grid, {key: tuple(entries) for key, entries in level_cells.items()})
+            for grid, level_cells in zip(grids, cells, strict=True)
+            if level_cells
+        )
 
     def __len__(self) -> int:
         return self._count
@@ -529,30 +623,22 @@ class FenceIndex:
         """Ids of the fences containing the point (lat in [-90, 90], lon in [-180, 180]).
 
         Runs once per stored ping, so it allocates nothing when no fence or one fence matches
-        (each fence's one-id set is made up front) and no fence is too big for the grid.
+        (each fence's one-id set is made up front).
         """
-        if not self._count:
-            return _EMPTY
-        inverse = self._inverse
-        entries = self._cells.get(
-            floor(lat * inverse + self._lat0) * self._columns + floor(lon * inverse + self._lon0)
-        )
-        if entries is None:
-            entries = self._wide
-            if not entries:
-                return _EMPTY  # most pings: in no fence's cell
-        elif self._wide:
-            entries += self._wide
         found = _EMPTY
         more: list[str] | None = None
-        for south, west, north, east, contains, fence_id, single in entries:
-            if south <= lat <= north and west <= lon <= east and contains(lat, lon):
-                if more is not None:
-                    more.append(fence_id)
-                elif found:
-                    more = [*found, fence_id]
-                else:
-                    found = single
+        for inverse, lat0, lon0, columns, cells in self._levels:
+            entries = cells.get(floor(lat * inverse + lat0) * columns + floor(lon * inverse + lon0))
+            if entries is None:
+                continue  # most pings: in no fence's cell
+            for south, west, north, east, contains, fence_id, single in entries:
+                if south <= lat <= north and west <= lon <= east and contains(lat, lon):
+                    if more is not None:
+                        more.append(fence_id)
+                    elif found:
+                        more = [*found, fence_id]
+                    else:
+                        found = single
         return found if more is None else frozenset(more)
 
 

@@ -93,6 +93,7 @@ _REPORT = msgspec.msgpack.Decoder(Report)
 REPORTED: tuple[Counter, ...] = (
     metrics.GEOFENCE_EVENTS, metrics.GEOFENCE_EVALUATED, metrics.GEOFENCE_GAP_PINGS,
     metrics.GEOFENCE_FAILURES, metrics.GEOFENCE_DROPPED, metrics.REDIS_ERRORS,
+    metrics.GEOFENCE_CUTS,
 )  # fmt: skip
 _COUNTERS = {family.name: c for c in REPORTED for family in c.describe()}
 

@@ -8,20 +8,24 @@ evaluation that is using the fence. A fence's events go with it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import asyncpg
 import msgspec
 from aiohttp import web
 
-from . import auth, metrics
+from . import auth, maintenance, metrics
 from .body import read_body
 from .geofence_shapes import Circle, GeometryError, geojson, parse_shape, vertices
 from .query import MAX_TIME, MIN_TIME, BadQuery, parse_limit, parse_time
-from .responses import error, json_response
+from .responses import error, json_response, retry_later
 from .schema import (
     DECODE_ERRORS,
     Geofence,
@@ -43,6 +47,11 @@ _NO_STORE = {"Cache-Control": "no-store"}
 _BEFORE_ALL = (MIN_TIME - timedelta(days=1), "", "")
 _decoder = msgspec.json.Decoder(GeofenceIn)
 _json = msgspec.json.Encoder()
+# Polygon validation (up to GEOFENCE_MAX_VERTICES * ~10 us of pure Python) runs here, not on
+# the event loop. It holds the GIL, but the loop takes it back within the switch interval
+# (5 ms) whenever it has work, so it keeps at least half the core; one thread, so that a burst
+# of creates queues behind it instead of crowding the loop out with more threads.
+_VALIDATION = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geofence-validation")
 
 # The org's row, made if need be, then locked: creates and deletes of one org run one at a
 # time, each checks what is committed, and each changes the version with the counts.
@@ -53,6 +62,12 @@ ON CONFLICT ("orgId") DO NOTHING
 # Evaluations lock it (FOR SHARE) before inserting events that refer to a fence: the same order
 # as a delete's, so no deadlock, and a delete waits for an evaluation using the fence.
 _LOCK_ORG = 'SELECT "fences", "vertices" FROM "GeofenceOrg" WHERE "orgId" = $1 FOR UPDATE'
+# A create or delete waits at most this long (and at most half FLUSH_TIMEOUT_S, the command
+# timeout) for a lock: evaluations hold the org row for a transaction of about 0.5 s at most
+# (geofence_events._TRANSACTION_WALK_S), but several pods' may follow one another. Then 503
+# with Retry-After, never the command timeout's 500.
+CHANGE_LOCK_WAIT_S = 2.0
+_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
 _CHANGE = """
 UPDATE "GeofenceOrg"
 SET "version" = "version" + 1, "fences" = "fences" + $2, "vertices" = "vertices" + $3
@@ -95,12 +110,37 @@ def _too_many(detail: str) -> web.Response:
     return error(409, "too_many_geofences", detail)
 
 
+async def _bound_lock_wait(conn: asyncpg.Connection, request: web.Request) -> None:
+    wait_s = min(CHANGE_LOCK_WAIT_S, request.app[SETTINGS].flush_timeout_s / 2)
+    await conn.execute(_LOCK_TIMEOUT, f"{max(1, round(wait_s * 1000))}ms")
+
+
+def _busy_is_503(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A lock not had within the bound (or a statement timed out): 503 and Retry-After."""
+    operation = handler.__name__
+
+    @functools.wraps(handler)
+    async def bounded(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except (asyncpg.LockNotAvailableError, TimeoutError):
+            metrics.GEOFENCE_CHANGES_BUSY.labels(operation).inc()
+            return retry_later(
+                "geofence_busy", "the org's geofences are being evaluated or changed; retry"
+            )
+
+    return bounded
+
+
 def _dispatcher(request: web.Request) -> auth.Principal:
     principal = auth.authenticate(request)
     auth.require(principal, auth.DISPATCH)
     return principal
 
 
+@_busy_is_503
 async def create(request: web.Request) -> web.Response:
     p = _dispatcher(request)
     settings = request.app[SETTINGS]
@@ -109,7 +149,9 @@ async def create(request: web.Request) -> web.Response:
         return body
     try:
         fence = _decoder.decode(body)
-        shape = parse_shape(fence.geometry, fence.radiusM, settings.geofence_max_vertices)
+        shape = await asyncio.get_running_loop().run_in_executor(
+            _VALIDATION, parse_shape, fence.geometry, fence.radiusM, settings.geofence_max_vertices
+        )
     except (*DECODE_ERRORS, GeometryError) as exc:
         return error(400, "invalid_payload", str(exc))
     fence_id = "gf_" + secrets.token_urlsafe(12)
@@ -118,6 +160,7 @@ async def create(request: web.Request) -> web.Response:
     geometry = _json.encode(geojson(shape))
     size = vertices(shape)
     async with request.app[POOL].acquire() as conn, conn.transaction():
+        await _bound_lock_wait(conn, request)
         await conn.execute(_ORG_ROW, p.org)
         count, total = await conn.fetchrow(_LOCK_ORG, p.org)
         # Refused before any change: the version stays, so no pod reloads the org's fences.
@@ -155,19 +198,26 @@ async def get_one(request: web.Request) -> web.Response:
     return json_response(_fence(row), headers=_NO_STORE)
 
 
+@_busy_is_503
 async def delete(request: web.Request) -> web.Response:
     p = _dispatcher(request)
     fence_id = request.match_info["id"]
     if not storable_id(fence_id):
         return _not_found(fence_id)
-    async with request.app[POOL].acquire() as conn, conn.transaction():
-        # An unknown id changes nothing (no version bump: every pod would reload the org's set).
-        await conn.execute(_LOCK_ORG, p.org)
-        size = await conn.fetchval(_VERTICES, p.org, fence_id)
-        if size is None:
-            return _not_found(fence_id)
-        await conn.execute(_DELETE, p.org, fence_id)
-        await conn.execute(_CHANGE, p.org, -1, -size)
+    async with request.app[POOL].acquire() as conn:
+        # A busy fence's events first, a chunk per transaction: the DELETE's cascade would take
+        # them in one statement, past the command timeout (a fence that could never be deleted).
+        # The cascade then meets only those stored meanwhile. Scoped by org like the rest.
+        await maintenance.delete_fence_events(conn, p.org, fence_id)
+        async with conn.transaction():
+            await _bound_lock_wait(conn, request)
+            # An unknown id changes nothing (no version bump: every pod would reload the org's set).
+            await conn.execute(_LOCK_ORG, p.org)
+            size = await conn.fetchval(_VERTICES, p.org, fence_id)
+            if size is None:
+                return _not_found(fence_id)
+            await conn.execute(_DELETE, p.org, fence_id)
+            await conn.execute(_CHANGE, p.org, -1, -size)
     metrics.GEOFENCE_CHANGES.labels("delete").inc()
     log.info("geofence_deleted", extra={"geofence": fence_id})
     return web.Response(status=204)

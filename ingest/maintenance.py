@@ -1,7 +1,7 @@
 """Periodic upkeep run by every ingest pod, made safe by advisory locks: partitions ahead of
 need, partitions past retention dropped (with the geofence states of trips last evaluated
-before them and the owners of trips with no ping left), expired batch-id and flush-id records
-deleted; and,
+before them, the geofence events of those months and the owners of trips with no ping left),
+expired batch-id and flush-id records deleted; and,
 beside it, the indexes of a month no ping can go to any more rebuilt (packed).
 
 Every pod runs it every MAINTENANCE_INTERVAL_S; whichever gets the lock does the work, the
@@ -78,6 +78,39 @@ WITH gone AS (
 )
 SELECT (SELECT count(*) FROM gone)::int, (SELECT count(*) FROM states)::int
 """
+# Geofence events hold drivers' positions: they go with the pings of their month. Found through
+# the key ("orgId", "geofenceId", "timestamp", ...), where a fence's old events begin its range:
+# a fence with none costs one index descent. No index on "timestamp": migrate.py runs each file
+# in a transaction, where CREATE INDEX CONCURRENTLY cannot run, and a plain build would hold the
+# events' inserts (evaluation) for as long as it reads the table. Every event has its fence (the
+# events of a deleted fence went with it), so the fences are walked in key order, FENCE_PAGE at a
+# time (each once per run, as "IngestTrip" below); a page's old events go EVENT_CHUNK at a time,
+# each DELETE a short transaction of its own. ORDER BY: the page is read through the fences'
+# key, not by scanning the table.
+EVENT_CHUNK = _EXPIRE_CHUNK
+FENCE_PAGE = 1_000
+_FENCE_PAGE_END = """
+SELECT * FROM (
+    (SELECT "orgId", "id", false AS last FROM "Geofence" WHERE ("orgId", "id") > ($1, $2)
+     ORDER BY 1, 2 OFFSET $3 LIMIT 1)
+    UNION ALL
+    (SELECT "orgId", "id", true FROM "Geofence" ORDER BY 1 DESC, 2 DESC LIMIT 1)
+) e ORDER BY last LIMIT 1
+"""
+_EXPIRE_EVENTS = """
+DELETE FROM "GeofenceEvent" WHERE ctid = ANY (ARRAY(
+    SELECT e.ctid FROM "Geofence" g CROSS JOIN LATERAL (
+        SELECT ctid FROM "GeofenceEvent" e
+        WHERE e."orgId" = g."orgId" AND e."geofenceId" = g."id" AND e."timestamp" < $1
+        LIMIT $6) e
+    WHERE (g."orgId", g."id") > ($2, $3) AND (g."orgId", g."id") <= ($4, $5)
+    ORDER BY g."orgId", g."id" LIMIT $6))
+"""
+# One fence's events, for its delete: through the key's ("orgId", "geofenceId") prefix.
+_DELETE_FENCE_EVENTS = """
+DELETE FROM "GeofenceEvent" WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM "GeofenceEvent" WHERE "orgId" = $1 AND "geofenceId" = $2 LIMIT $3))
+"""
 # Flush ids (flush.py) are needed only while a flush resolves a lost COMMIT reply: minutes.
 FLUSH_ID_TTL_S = 6 * 3600
 _EXPIRE_FLUSHES = 'DELETE FROM "IngestFlush" WHERE "id" < $1'
@@ -100,8 +133,8 @@ WHERE x.indrelid = to_regclass($1) AND NOT x.indisvalid AND ic.relname ~ '_cc(ne
 async def run_once(
     conn: asyncpg.Connection, settings: Settings, now: datetime | None = None
 ) -> dict[str, object]:
-    """One maintenance pass; returns what it did: ``created`` and ``dropped`` partition names
-    and ``batch_ids_expired``. (Packing runs beside it: pack_forever.)"""
+    """One maintenance pass; returns what it did: ``created`` and ``dropped`` partition names,
+    and the rows expired. (Packing runs beside it: pack_forever.)"""
     now = now or datetime.now(UTC)
     months = partitions.needed_months(
         now, settings.max_ping_age_days, settings.partitions_ahead_months
@@ -121,12 +154,16 @@ async def run_once(
     cutoff_ms = int((now.timestamp() - FLUSH_ID_TTL_S) * 1000)
     await conn.execute(_EXPIRE_FLUSHES, cutoff_ms << 20)  # by primary-key range: cheap
     await update_partition_metrics(conn, now)
-    if first_kept is not None:  # last: it reads the whole "IngestTrip" table
+    events = 0
+    if first_kept is not None:
+        events = await expire_geofence_events(conn, first_kept)
+        # Last: it reads the whole "IngestTrip" table.
         trips, trip_states = await expire_trips(conn, first_kept)
         states += trip_states
     return {
         "created": created, "dropped": dropped, "batch_ids_expired": expired,
-        "geofence_states_expired": states, "trips_expired": trips,
+        "geofence_states_expired": states, "geofence_events_expired": events,
+        "trips_expired": trips,
     }  # fmt: skip
 
 
@@ -203,6 +240,49 @@ async def expire_geofence_states(conn: asyncpg.Connection, before: datetime) -> 
     expired = await _delete_in_chunks(conn, _EXPIRE_STATES, before)
     metrics.GEOFENCE_STATES_EXPIRED.inc(expired)
     return expired
+
+
+async def expire_geofence_events(conn: asyncpg.Connection, before: datetime) -> int:
+    """Delete the geofence events that happened before ``before`` (the first month kept), a
+    page of fences at a time, in chunks, under the maintenance lock (0 if another connection
+    holds it). Ingest and evaluation go on: they insert newer events, which no chunk locks."""
+    after = ("", "")  # the last fence of the pages before (fence ids are never empty)
+    end: asyncpg.Record | None = None  # the last fence of this page, and whether it is the last
+
+    async def chunk() -> tuple[int, bool]:
+        nonlocal after, end
+        if end is None:
+            end = await conn.fetchrow(_FENCE_PAGE_END, *after, FENCE_PAGE - 1)
+            if end is None:  # no fence at all
+                return 0, False
+        status = await conn.execute(_EXPIRE_EVENTS, before, *after, end[0], end[1], EVENT_CHUNK)
+        n = int(status.split()[-1])
+        if n == EVENT_CHUNK:  # this page may have more
+            return n, True
+        if end[2]:
+            return n, False
+        after, end = (end[0], end[1]), None
+        return n, True
+
+    expired = await _in_chunks(conn, chunk)
+    metrics.GEOFENCE_EVENTS_EXPIRED.inc(expired)
+    return expired
+
+
+async def delete_fence_events(conn: asyncpg.Connection, org_id: str, fence_id: str) -> int:
+    """Delete every event of one fence, EVENT_CHUNK at a time, each DELETE a transaction of its
+    own; the rows deleted. For a fence's delete, before it: its ON DELETE CASCADE would otherwise
+    delete them all in one statement, which for a busy fence outlasts the command timeout. Events
+    stored meanwhile still go with the fence. Must not run inside a transaction."""
+    if conn.is_in_transaction():
+        raise RuntimeError("delete_fence_events: one transaction per chunk, not one for all")
+    deleted = 0
+    while True:
+        status = await conn.execute(_DELETE_FENCE_EVENTS, org_id, fence_id, EVENT_CHUNK)
+        n = int(status.split()[-1])
+        deleted += n
+        if n < EVENT_CHUNK:
+            return deleted
 
 
 async def expire_trips(conn: asyncpg.Connection, before: datetime) -> tuple[int, int]:
@@ -300,7 +380,10 @@ async def run_forever(pool: asyncpg.Pool, settings: Settings) -> None:
         else:
             metrics.MAINTENANCE_RUNS.labels("ok").inc()
             metrics.MAINTENANCE_LAST_SUCCESS.set(time.time())
-            if done["created"] or done["dropped"] or done["batch_ids_expired"]:
+            if (
+                done["created"] or done["dropped"] or done["batch_ids_expired"]
+                or done["geofence_events_expired"]
+            ):  # fmt: skip
                 # Not extra=done: "created" is a LogRecord attribute and may not be overwritten.
                 log.info(
                     "maintenance",
@@ -308,6 +391,7 @@ async def run_forever(pool: asyncpg.Pool, settings: Settings) -> None:
                         "partitions_created": done["created"],
                         "partitions_dropped": done["dropped"],
                         "batch_ids_expired": done["batch_ids_expired"],
+                        "geofence_events_expired": done["geofence_events_expired"],
                     },
                 )
             delay = settings.maintenance_interval_s

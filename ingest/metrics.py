@@ -178,6 +178,17 @@ GEOFENCE_WORKER_STARTS = Counter(
     "ingest_geofence_worker_starts_total",
     "Geofence worker processes started (GEOFENCE_EVALUATION=process): more than one, it died",
 )
+GEOFENCE_CUTS = Counter(
+    "ingest_geofence_transactions_cut_total",
+    "Geofence evaluations cut into one more transaction, by the bound reached: events"
+    " (EVENTS_PER_TRANSACTION held) or time (pings walked for 0.5 s)",
+    ["reason"],
+)
+GEOFENCE_CHANGES_BUSY = Counter(
+    "ingest_geofence_changes_busy_total",
+    "Geofence creates and deletes answered 503: the org's row stayed locked (evaluations)",
+    ["operation"],
+)
 GEOFENCE_SECONDS = Histogram(
     "ingest_geofence_evaluation_seconds",
     "Time to evaluate the pings of one flush, or of the flushes due together, commit included",
@@ -234,6 +245,19 @@ for _counter, _values in (
     (BATCHES_REFUSED, ("trip_owned_by_another_driver", "too_many_trips")),
     (COMMITS_RESOLVED, ("committed", "aborted")),
     (WS_REFUSED, ("too_many_sockets", "too_many_subscriptions")),
+):
+    for _value in _values:
+        _counter.labels(_value)
+
+# -- Retention of geofence events (ingest/maintenance.py) -----------------------------------
+GEOFENCE_EVENTS_EXPIRED = Counter(
+    "ingest_geofence_events_expired_total",
+    "Geofence events deleted: they happened before the oldest month kept (RETENTION_MONTHS)",
+)
+
+for _counter, _values in (
+    (GEOFENCE_CUTS, ("events", "time")),
+    (GEOFENCE_CHANGES_BUSY, ("create", "delete")),
 ):
     for _value in _values:
         _counter.labels(_value)

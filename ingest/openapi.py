@@ -293,6 +293,10 @@ def _paths() -> dict[str, Any]:
                     **_AUTH_ERRORS,
                     "403": _err("Not a dispatcher token"),
                     "409": _err("GEOFENCE_MAX_PER_ORG reached"),
+                    "503": {
+                        **_err("The org's geofences stayed locked by evaluations (geofence_busy)"),
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                    },
                 },
             },
             "get": {
@@ -326,6 +330,10 @@ def _paths() -> dict[str, Any]:
                     **_AUTH_ERRORS,
                     "403": _err("Not a dispatcher token"),
                     "404": _err("Unknown geofence (or another org's)"),
+                    "503": {
+                        **_err("The org's geofences stayed locked by evaluations (geofence_busy)"),
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                    },
                 },
             },
         },

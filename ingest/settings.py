@@ -77,7 +77,9 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Nearby leaves out trips silent for longer than this (the same on every pod).
     nearby_max_age_s: PositiveInt = 600
     # Geofences (docs/api.md#geofences): positions of a polygon (all rings), fences per org.
-    geofence_max_vertices: Annotated[int, msgspec.Meta(ge=4, le=100_000)] = 1000
+    # Validation costs up to ~10 us per position (geofence_shapes.MAX_PAIRS_PER_EDGE): 10,000
+    # keeps one request within ~0.1 s of the validation thread.
+    geofence_max_vertices: Annotated[int, msgspec.Meta(ge=4, le=10_000)] = 1000
     geofence_max_per_org: PositiveInt = 1000
     # Positions of all an org's fences together (a circle counts one): bounds what every pod
     # holds and tests per ping for the org.

@@ -8,9 +8,14 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ingest import geofence_shapes
 from ingest.geofence_shapes import (
     EARTH_RADIUS_M,
+    MAX_BAND_EDGES,
+    MAX_CELLS,
     Circle,
     FenceIndex,
     GeometryError,
@@ -98,6 +103,9 @@ CASES = [
     ("two distinct positions", {"type": POLY, "coordinates": [[[0, 0], [1, 0], [1, 0], [0, 0]]]}, None, 100, f"{C}[0]", "zero area"),
     ("one position repeated", {"type": POLY, "coordinates": [[[5, 5]] * 4]}, None, 100, f"{C}[0]", "zero area"),
     ("collinear ring", {"type": POLY, "coordinates": [[[0, 0], [1, 1], [2, 2], [0, 0]]]}, None, 100, f"{C}[0]", "zero area"),
+    # A subnormal height once made the band scale inf and int(0 * inf) a 500.
+    ("subnormal height", {"type": POLY, "coordinates": [[[0, 0], [1, 0], [0.5, 1e-310], [0, 0]]]}, None, 100, f"{C}[0]", "zero area (narrower than 1e-07 degrees"),
+    ("sliver of a hole", {"type": POLY, "coordinates": [square(0, 0, 4, 4), [[1, 1], [2, 1], [1.5, 1 + 1e-9], [1, 1]]]}, None, 100, f"{C}[1]", "zero area"),
     ("bowtie", {"type": POLY, "coordinates": [BOWTIE]}, None, 100, f"{C}[0]", "ring crosses itself (edges 0 and 2)"),
     # Edges are numbered as given: edge i joins positions i and i + 1, repeats included.
     ("bowtie with a repeat", {"type": POLY, "coordinates": [[[0, 0], [0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}, None, 100, f"{C}[0]", "ring crosses itself (edges 1 and 3)"),
@@ -111,6 +119,7 @@ CASES = [
     ("hole outside the exterior", {"type": POLY, "coordinates": [square(0, 0, 4, 4), square(5, 5, 6, 6)]}, None, 100, f"{C}[1]", "hole lies outside the exterior ring"),
     ("exterior inside the hole", {"type": POLY, "coordinates": [square(1, 1, 2, 2), square(0, 0, 4, 4)]}, None, 100, f"{C}[1]", "outside the exterior"),
     ("hole in a hole", {"type": POLY, "coordinates": [square(0, 0, 9, 9), square(1, 1, 8, 8), square(2, 2, 3, 3)]}, None, 100, f"{C}[2]", "hole lies inside another hole ($.geometry.coordinates[1])"),
+    ("comb of 62 teeth", {"type": POLY, "coordinates": "COMB_252"}, None, 1000, C, "too intricate: a point would be tested against 125 edges (at most 64)"),
     ("too many vertices", {"type": POLY, "coordinates": [square(0, 0, 4, 4), square(1, 1, 2, 2)]}, None, 8, C, "10 positions over all rings; at most 8"),
     ("too many, checked before positions", {"type": POLY, "coordinates": [[["x"]] * 9]}, None, 8, C, "9 positions"),
     ("ring across the antimeridian", {"type": POLY, "coordinates": [[[170, 0], [-170, 0], [-170, 10], [170, 10], [170, 0]]]}, None, 100, f"{C}[0]", "antimeridian or span half the globe; split it"),
@@ -130,12 +139,55 @@ CASES = [
 ]  # fmt: skip
 
 
+def comb(teeth: int, slant: float = 0.0, unit: float = 0.1) -> list[list[float]]:
+    """A closed ring: ``teeth`` teeth 1 high and ``unit`` apart (half solid) on a back, each
+    leaning ``slant`` units eastward (then they overlap in longitude), so every tooth edge
+    spans nearly the whole height and a latitude band holds two per tooth."""
+    ring: list[list[float]] = [[0, 1]]
+    for i in range(teeth):
+        ring += [[(i + slant) * unit, 1], [(i + slant + 0.5) * unit, 1]]
+        ring += [[(i + 0.5) * unit, 0.01], [(i + 1) * unit, 0.01]]
+    return [*ring, [teeth * unit, -1], [0, -1], [0, 1]]
+
+
+def _comb_of(positions: int) -> list[list[float]]:
+    ring = comb((positions - 4) // 4)
+    return ring + [ring[0]] * (positions - len(ring))  # repeats are allowed: pad to the size
+
+
+def herringbone(ribs: int, per_band: int) -> list[list[float]]:
+    """A spine at x = 0 with ``ribs`` parallel ribs 1 long, slanting so that about
+    ``per_band`` of them overlap at any latitude: each rib overlaps its neighbours in both
+    latitude and longitude, a crossing check comparing every pair that does costs
+    ribs * per_band."""
+    d = 0.01
+    ring = []
+    for k in range(ribs):
+        ring += [[0, k * d], [1, k * d + per_band * d], [1, (k + per_band) * d + 0.004]]
+        ring += [[0, k * d + 0.004]]
+    ring += [[-1, (ribs - 1) * d + 0.004], [-1, 0], [0, 0]]
+    return ring
+
+
+def hair_comb(positions: int) -> list[list[float]]:
+    """A valid comb of horizontal teeth 1 long, stacked: every tooth overlaps every other in
+    longitude, but a latitude band holds a few (the sweep of all edges by longitude compared
+    each with all of them)."""
+    ring = []
+    for i in range((positions - 3) // 4):
+        ring += [[0, i * 0.01], [1, i * 0.01], [1, i * 0.01 + 0.005], [0, i * 0.01 + 0.005]]
+    ring += [[0, len(ring) // 4 * 0.01], [-0.1, len(ring) // 4 * 0.01], [-0.1, 0]]
+    return [*ring, ring[0]]
+
+
 @pytest.mark.parametrize(
     ("geometry", "radius", "max_vertices", "field", "words"),
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
 def test_bad_geometry_names_its_field(geometry, radius, max_vertices, field, words):
+    if isinstance(geometry, dict) and geometry.get("coordinates") == "COMB_252":
+        geometry = {"type": POLY, "coordinates": [_comb_of(252)]}
     with pytest.raises(GeometryError) as caught:
         parse_shape(geometry, radius, max_vertices)
     assert caught.value.field == field
@@ -195,6 +247,70 @@ def test_holes_may_sit_side_by_side_and_touch_nothing():
     assert [
         shape.contains(lat, lon) for lon, lat in ((0.5, 0.5), (2, 2), (5, 2), (3.5, 2), (5, 5))
     ] == [True, False, False, True, False]
+
+
+def test_a_comb_is_refused_by_its_band_size_before_any_crossing_check(monkeypatch):
+    """The band check is linear; the crossing check, which once ran first, is never reached
+    (a 1000-position comb of overlapping teeth cost 70 ms of the event loop to refuse)."""
+
+    def never(*args: object) -> int:
+        raise AssertionError("the crossing check ran")
+
+    monkeypatch.setattr(geofence_shapes, "_check_crossings", never)
+    for teeth, slant in ((249, 0.0), (249, 30.0), (40, 30.0)):
+        with pytest.raises(GeometryError, match=r"too intricate: a point would be tested against"):
+            polygon([*comb(teeth, slant)], max_vertices=1000)
+
+
+def test_within_the_band_limit_a_comb_is_accepted():
+    teeth = (MAX_BAND_EDGES - 2) // 2  # two sloped edges per tooth, and the back's one
+    shape = polygon(comb(teeth, slant=3.0))
+    assert shape.busiest <= MAX_BAND_EDGES
+    west = (1 + 3.0 * (0.5 - 0.01) / 0.99) * 0.1  # the second tooth's west edge at lat 0.5
+    assert shape.contains(0.5, west + 0.025) and not shape.contains(0.5, west + 0.075)
+
+
+def test_the_crossing_check_compares_edges_of_one_band_only(monkeypatch):
+    """A comb of 2,499 horizontal teeth (9,999 positions), each overlapping all the others in
+    longitude: a sweep over all edges compared ~12 million pairs (1.5 s); within bands, a few
+    per edge."""
+    looked_at: list[int] = []
+    check = geofence_shapes._check_crossings
+
+    def counted(*args: object) -> int:
+        pairs = check(*args)  # type: ignore[arg-type]
+        looked_at.append(pairs)
+        return pairs
+
+    monkeypatch.setattr(geofence_shapes, "_check_crossings", counted)
+    shape = polygon(hair_comb(9999), max_vertices=10_000)
+    assert shape.contains(0.002, 0.5) and not shape.contains(0.007, 0.5)
+    assert looked_at and looked_at[0] <= 4 * 9999, looked_at
+
+
+def test_edges_overlapping_by_the_dozen_are_refused_by_the_work_budget():
+    """A herringbone of 249 ribs, 24 overlapping at any latitude: within the band limit, but
+    ~50 edge pairs per edge to compare. Refused once MAX_PAIRS_PER_EDGE is spent."""
+    ring = herringbone(249, 24)
+    with pytest.raises(
+        GeometryError, match=r"^\$\.geometry\.coordinates: too intricate: more than"
+    ):
+        polygon(ring)
+    polygon(herringbone(249, 2))  # the same with 2 per latitude is a valid, cheap polygon
+
+
+def test_many_holes_are_checked_against_their_band_only():
+    """Holes inside the exterior and not inside one another, found by casting each hole's
+    corner against its band's edges (a loop over every pair of holes was quadratic)."""
+    side = 16
+    holes = [square(i % side + 0.2, i // side + 0.2, i % side + 0.8, i // side + 0.8)
+             for i in range(150)]  # fmt: skip
+    shape = polygon(square(0, 0, side, side), *holes)
+    assert not shape.contains(0.5, 0.5) and shape.contains(0.1, 0.1)
+    with pytest.raises(GeometryError, match=r"\[151\]: hole lies inside another hole .*\[1\]"):
+        polygon(square(0, 0, side, side), *holes, square(0.3, 0.3, 0.4, 0.4))
+    with pytest.raises(GeometryError, match=r"\[151\]: hole lies outside the exterior"):
+        polygon(square(0, 0, side, side), *holes, square(20, 20, 21, 21))
 
 
 def _crosses(a, b, c, d) -> bool:
@@ -385,7 +501,7 @@ def test_the_index_agrees_with_a_loop_over_every_fence():
             fences.append((f"p{i}", polygon(ring, *holes)))
     index = FenceIndex(fences)
     assert len(index) == 1000
-    assert 0 < len(index._wide) < 50 and len(index._cells) > 1000  # both paths are exercised
+    assert len(index._levels) >= 2  # the huge ones on a coarser level: both are exercised
     centres = [s.bbox for _, s in fences]
     hits = 0
     for _ in range(3000):
@@ -398,3 +514,64 @@ def test_the_index_agrees_with_a_loop_over_every_fence():
         assert index.containing(lat, lon) == expected, (lat, lon)
         hits += len(expected)
     assert hits > 3000  # the comparison saw real matches, not only empty sets
+
+
+def _registrations(index: FenceIndex) -> dict[str, int]:
+    """How many cells each fence is registered in, over all levels."""
+    counts: dict[str, int] = {}
+    for *_, cells in index._levels:
+        for entries in cells.values():
+            for entry in entries:
+                counts[entry[5]] = counts.get(entry[5], 0) + 1
+    return counts
+
+
+# An org's mix of sizes once degraded the grid: 500 one-metre circles made the cell ~100 m, every
+# large fence then needed more than MAX_CELLS cells and was checked for every ping of the org.
+_TINY = [
+    (f"tiny{i}", Circle(12.5 + (i % 25) * 0.04, 77.5 + (i // 25) * 0.05, 1.0)) for i in range(500)
+]
+_LARGE = [
+    ("comb", polygon(_comb_of(120))),
+    ("herring", polygon(herringbone(60, 4))),
+    ("ring", polygon(square(77.0, 12.0, 78.5, 13.5), square(77.2, 12.2, 77.4, 12.4))),
+    ("disc", Circle(13.0, 77.9, 40_000)),
+    ("pole", Circle(89.9, 0.0, 30_000)),
+    ("antimeridian", Circle(0.0, 179.99, 10_000)),
+]  # fmt: skip
+_MIXED = FenceIndex(_TINY + _LARGE)
+
+
+def test_a_mix_of_tiny_and_large_fences_checks_no_fence_for_every_ping():
+    counts = _registrations(_MIXED)
+    assert set(counts) == {fid for fid, _ in _TINY + _LARGE}
+    # No per-ping list: each fence sits in at most MAX_CELLS cells of one level (two boxes
+    # across the antimeridian), and a ping looks up one cell per level.
+    assert max(counts.values()) <= 2 * MAX_CELLS, counts
+    assert len(_MIXED._levels) <= 10  # of 0.001 degrees, 4 times coarser each, to 360
+    far = _MIXED.containing(-40.0, -60.0)
+    assert far == frozenset()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(11.9, 13.7),
+    st.floats(76.9, 78.6),
+    st.sampled_from(["anywhere", "tiny", "antimeridian", "pole"]),
+)
+def test_the_index_of_a_mixed_set_agrees_with_a_loop_over_every_fence(lat, lon, near):
+    if near == "tiny":  # within a metre or so of a tiny circle
+        i = int(abs(lat * 1000)) % 500
+        lat, lon = (
+            12.5 + (i % 25) * 0.04 + (lat % 1) * 2e-5,
+            77.5 + (i // 25) * 0.05 + (lon % 1) * 2e-5,
+        )
+    elif near == "antimeridian":
+        lat, lon = (
+            (lat - 12.8) / 10,
+            -180 + (lon - 76.9) / 10 if lon > 77.7 else 180 - (lon - 76.9) / 10,
+        )
+    elif near == "pole":
+        lat, lon = 89.7 + (lat - 11.9) / 10, (lon - 76.9) * 200 - 180
+    expected = {fid for fid, shape in _TINY + _LARGE if shape.contains(lat, lon)}
+    assert _MIXED.containing(lat, lon) == expected, (lat, lon)

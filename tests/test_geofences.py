@@ -175,6 +175,26 @@ async def test_bad_input_is_a_400_naming_the_field(client, body, named):
     assert named in answer["detail"], answer
 
 
+async def test_degenerate_and_intricate_polygons_are_a_400_not_a_500(client):
+    """A subnormal latitude once made the band scale inf (int(0 * inf): a 500); a comb whose
+    teeth span its height, a polygon every ping would test against 250 edges, is refused by the
+    band rule (linear) before the crossing check, off the event loop."""
+    sliver = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [0.5, 1e-310], [0, 0]]]}
+    status, answer = await create(client, {"name": "sliver", "geometry": sliver})
+    assert status == 400 and answer["error"] == "invalid_payload", answer
+    assert answer["detail"].startswith("$.geometry.coordinates[0]: ring has zero area"), answer
+    west, south, step = LON0 - 0.05, LAT0 - 0.05, 0.1 / 124
+    ring = [[west, south]]
+    for i in range(124):
+        ring += [[west + i * step, south + 0.1], [west + (i + 0.5) * step, south + 0.001]]
+    ring += [[west + 0.1, south + 0.1], [west + 0.1, south], [west, south]]
+    status, answer = await create(client, {"name": "comb", "geometry": {
+        "type": "Polygon", "coordinates": [ring]}})  # fmt: skip
+    assert status == 400, answer
+    assert answer["detail"].startswith("$.geometry.coordinates: too intricate: a point would be")
+    assert await list_ids(client) == []
+
+
 async def test_hostile_bodies_and_ids(make_client):
     client = await make_client(geofence_max_vertices=10, geofence_max_per_org=2)
     ring = [[LON0 + 0.01 * i, LAT0 + (0.01 if i % 2 else 0)] for i in range(12)]

@@ -97,3 +97,13 @@ def test_an_orgs_share_of_the_pods_subscriptions_defaults_to_a_fifth():
     assert share(WS_MAX_SUBSCRIPTIONS_PER_POD="1000", WS_MAX_SUBSCRIPTIONS_PER_ORG="7") == 7
     with pytest.raises(SettingsError, match="WS_MAX_SUBSCRIPTIONS_PER_ORG"):
         share(WS_MAX_SUBSCRIPTIONS_PER_ORG="0")
+
+
+def test_a_geofence_polygon_holds_at_most_10000_positions():
+    """Validation costs up to ~10 us per position (geofence_shapes.MAX_PAIRS_PER_EDGE): the
+    bound keeps one create within ~0.1 s of the validation thread."""
+    env = {"AUTH_DISABLED": "true"}
+    assert load_settings(env).geofence_max_vertices == 1000
+    assert load_settings({**env, "GEOFENCE_MAX_VERTICES": "10000"}).geofence_max_vertices == 10_000
+    with pytest.raises(SettingsError, match="invalid setting GEOFENCE_MAX_VERTICES"):
+        load_settings({**env, "GEOFENCE_MAX_VERTICES": "10001"})

@@ -107,6 +107,8 @@ def markdown(res: dict[str, Any]) -> str:
               f" {ov['max_inflight']} requests in flight (beyond that the generator sheds). Answers: {t}."
               f" 2xx latency p50 {lat['p50']} ms, p99 {lat['p99']} ms. Service CPU {ov['server_cpu_util']:.0%} of a core"
               f" (machine busy {ov['machine_busy_cores']} of {res['machine']['cores']} cores);"
+              f" acknowledged (stored) meanwhile {_f(round(t.get('200', 0) * ov['batch'] / ov['duration_s']))} pings/s,"
+              f" {_f(t.get('200', 0) * ov['batch'] / ov['duration_s'] / ov['rate_pings_s'] * 3, '{:.0%}')} of the sustainable rate;"
               f" generator CPU {ov['loadgen_cpu_s']} s. Peak RSS {ov['peak_rss_mib']} MiB; last {ov['tail_window_s']:.0f} s"
               f" {ov['tail_rss_min_mib']}-{ov['tail_rss_max_mib']} MiB."]  # fmt: skip
         if inside := ov.get("service_metrics"):

@@ -10,12 +10,15 @@ containing() runs once per stored ping. Each figure is the best of several round
 other work on the machine inflates it as little as possible. Four polygons of 1000 positions
 are validated: a traced outline (the realistic one), a spiky star (long edges whose boxes
 overlap many others: the crossing sweep's bad case), a spiral band of five turns, and a block
-with 199 holes.
+with 199 holes. Last, a hostile org within the limits: 500 one-metre circles beside 500
+overlapping combs whose bands hold MAX_BAND_EDGES edges each, with pings inside all the combs
+(the worst exact-test cost per ping) and pings anywhere else around them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import random
@@ -23,7 +26,14 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from ingest.geofence_shapes import FenceIndex, Shape, parse_shape
+from ingest.geofence_shapes import (
+    MAX_BAND_EDGES,
+    Circle,
+    FenceIndex,
+    GeometryError,
+    Shape,
+    parse_shape,
+)
 
 from ..load.city import CENTER, fence_geometries, outline, tracks
 
@@ -83,6 +93,36 @@ def holes(count: int) -> list[list[list[float]]]:
     return [square(0, 0, 16)] + [square(i % 16 + 0.2, i // 16 + 0.2, 0.6) for i in range(count)]
 
 
+def _parse_or_refuse(geometry: dict[str, object]) -> None:
+    with contextlib.suppress(GeometryError):
+        parse_shape(geometry, None, 1000)
+
+
+def hostile(
+    rng: random.Random,
+) -> tuple[FenceIndex, list[tuple[float, float]], list[tuple[float, float]]]:
+    """500 tiny circles and 500 copies of the most intricate comb parse_shape accepts, ~11 km
+    wide at the centre; pings inside every comb, and pings within 50 km but outside them."""
+    lat, lon = CENTER
+    teeth = (MAX_BAND_EDGES - 2) // 2
+    step = 0.1 / teeth
+    ring = [[lon, lat - 0.01]]
+    for i in range(teeth):  # teeth spanning the fence's height: two edges per tooth per band
+        ring += [[lon + i * step, lat + 0.1], [lon + (i + 0.5) * step, lat + 0.001]]
+    ring += [[lon + 0.1, lat + 0.1], [lon + 0.1, lat - 0.01], [lon, lat - 0.01]]
+    comb = parse_shape({"type": "Polygon", "coordinates": [ring]}, None, 1000)
+    fences: list[tuple[str, Shape]] = [(f"comb_{i}", comb) for i in range(500)]
+    fences += [
+        (f"tiny_{i}", Circle(lat + rng.uniform(-0.4, 0.4), lon + rng.uniform(-0.4, 0.4), 1.0))
+        for i in range(500)
+    ]
+    inside = [(lat - 0.005, lon + rng.uniform(0, 0.1)) for _ in range(200)]
+    around = [
+        (lat + rng.uniform(-0.45, -0.02), lon + rng.uniform(-0.45, 0.45)) for _ in range(20_000)
+    ]
+    return FenceIndex(fences), inside, around
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -110,8 +150,20 @@ def main() -> None:
     }
     for name, rings in cases.items():
         geometry = {"type": "Polygon", "coordinates": rings}
-        ms = best_ms(partial(parse_shape, geometry, None, 1000), args.rounds)
-        print(f"parse_shape, 1000 positions, {name + ':':<10} {ms:6.2f} ms")
+        try:
+            parse_shape(geometry, None, 1000)
+            verdict = "accepted"
+        except GeometryError as exc:  # the spiky star: its bands hold too many edges
+            verdict = f"refused ({exc.problem[:40]}...)"
+        ms = best_ms(partial(_parse_or_refuse, geometry), args.rounds)
+        print(f"parse_shape, 1000 positions, {name + ':':<10} {ms:6.2f} ms, {verdict}")
+    index, inside, around = hostile(rng)
+    found = len(index.containing(*inside[0]))
+    print(
+        f"containing(), hostile org (500 combs of {MAX_BAND_EDGES} edges per band, 500 1 m"
+        f" circles): {best_ns_per_call(index, inside, 3) / 1000:6.0f} us/call inside the combs"
+        f" ({found} fences), {best_ns_per_call(index, around, args.rounds):5.0f} ns/call around"
+    )
 
 
 if __name__ == "__main__":
