@@ -52,6 +52,11 @@ _json = msgspec.json.Encoder()
 # (5 ms) whenever it has work, so it keeps at least half the core; one thread, so that a burst
 # of creates queues behind it instead of crowding the loop out with more threads.
 _VALIDATION = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geofence-validation")
+# ... and at most this many of one org's validations queued or running there: beyond, 503
+# geofence_busy, so that one org's burst of creates never holds the thread from the others.
+VALIDATIONS_PER_ORG = 2
+_validating: dict[str, int] = {}
+_COUNT = 'SELECT "fences" FROM "GeofenceOrg" WHERE "orgId" = $1'
 
 # The org's row, made if need be, then locked: creates and deletes of one org run one at a
 # time, each checks what is committed, and each changes the version with the counts.
@@ -149,11 +154,29 @@ async def create(request: web.Request) -> web.Response:
         return body
     try:
         fence = _decoder.decode(body)
+    except DECODE_ERRORS as exc:
+        return error(400, "invalid_payload", str(exc))
+    # An org at its limit is told so before its polygon costs the validation thread anything.
+    count = await request.app[POOL].fetchval(_COUNT, p.org)
+    if count is not None and count >= settings.geofence_max_per_org:
+        return _too_many(f"the org has {count} geofences, the most GEOFENCE_MAX_PER_ORG allows")
+    if _validating.get(p.org, 0) >= VALIDATIONS_PER_ORG:
+        metrics.GEOFENCE_CHANGES_BUSY.labels("create").inc()
+        return retry_later(
+            "geofence_busy", "this org's other geofences are being validated; retry", 1
+        )
+    _validating[p.org] = _validating.get(p.org, 0) + 1
+    try:
         shape = await asyncio.get_running_loop().run_in_executor(
             _VALIDATION, parse_shape, fence.geometry, fence.radiusM, settings.geofence_max_vertices
         )
-    except (*DECODE_ERRORS, GeometryError) as exc:
+    except GeometryError as exc:
         return error(400, "invalid_payload", str(exc))
+    finally:
+        if held := _validating[p.org] - 1:
+            _validating[p.org] = held
+        else:
+            del _validating[p.org]
     fence_id = "gf_" + secrets.token_urlsafe(12)
     radius = shape.radius_m if isinstance(shape, Circle) else None
     # Only what the shape is: a member the client added (a NUL, a megabyte of junk) is not kept.

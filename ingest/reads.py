@@ -30,19 +30,27 @@ log = logging.getLogger("ingest.reads")
 T = TypeVar("T")
 
 
+# Handovers are dated from migration 006 on: a trip made before it may have been handed over
+# undated (NULL), so it is read as one handed over (NULL here: no trip is taken for sure).
+_HANDOVERS_KNOWN_FROM = (
+    'SELECT "appliedAt" FROM "_ingest_migrations" WHERE "name" = \'006_trip_handed_over_at.sql\''
+)
+
+
 def rows_readable(org: str, trip: str, driver: str, *, by_driver: bool) -> str:
     """SQL: which of a trip's "TripLocation" rows a token may read, given the statement's
     parameters for the org, trip and (NULL for a dispatcher) driver. A driver reads only its
     own pings. Only a trip handed over holds pings of a driver other than its owner (a post
     to another driver's trip is refused whole), so on any other trip that is not the
     driver's, the one-time filter below answers at once: without it, PostgreSQL would walk
-    every ping of a colleague's trip, one heap fetch each, to find none of this driver's."""
+    every ping of a colleague's trip, one heap fetch each, to find none of this driver's
+    (still so for a trip older than handovers' dates: _HANDOVERS_KNOWN_FROM)."""
     if not by_driver:
         return f'({driver}::text IS NULL OR "driverId" = {driver})'
     return (
         f'"driverId" = {driver} AND NOT EXISTS (SELECT 1 FROM "IngestTrip" i WHERE'
         f' i."orgId" = {org} AND i."tripId" = {trip} AND i."driverId" <> {driver}'
-        ' AND i."handedOverAt" IS NULL)'
+        f' AND i."handedOverAt" IS NULL AND i."createdAt" > ({_HANDOVERS_KNOWN_FROM}))'
     )
 
 

@@ -228,11 +228,12 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
 
 def _splits(url: str) -> bool:
     """Whether a URL's user, password, hosts and ports come apart as its client reads them:
-    ports that are numbers, and no '@' after the hosts (an unescaped '/', '?' or '#' in a
-    password ends the hosts early, leaving the rest of it in the path)."""
+    ports that are numbers, and no '@' after the hosts before a query's first value (an
+    unescaped '/', '?' or '#' in a password ends the hosts early, leaving the rest of it in
+    the path)."""
     rest = url.partition("://")[2]
     end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    if "@" in rest[end:]:
+    if "@" in rest[end:].partition("=")[0]:  # (a query's values may hold one: ?user=a@corp)
         return False
     for host in rest[:end].rpartition("@")[2].split(","):  # libpq's several hosts
         port = host.rpartition("]")[2] if host.startswith("[") else host

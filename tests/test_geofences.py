@@ -579,3 +579,26 @@ async def test_an_evaluation_waiting_for_a_trips_state_reads_it_as_committed_mea
         await other.close()
     await settled(client)
     assert await events(client, fid) == []  # inside since t + 1000: no enter at t + 2000
+
+
+async def test_one_orgs_burst_of_creates_does_not_hold_the_validation_from_another(make_client):
+    """Polygons are validated on one thread per pod (up to tens of ms each): an org may have
+    at most VALIDATIONS_PER_ORG of them queued or running there; beyond, 503 geofence_busy,
+    and another org's create is validated as soon as the thread is free."""
+    from ingest.geofences_api import VALIDATIONS_PER_ORG
+
+    from .test_geofence_shapes import hair_comb
+
+    client = await make_client(geofence_max_vertices=10_000)
+    # Valid, and about the slowest there is to validate.
+    big = {"name": "big", "geometry": {"type": "Polygon", "coordinates": [hair_comb(9_999)]}}
+    burst = [client.post(FENCES, json=big, headers=dispatcher("org_a")) for _ in range(8)]
+    answers = await asyncio.gather(*burst)
+    got = [(r.status, await r.text()) for r in answers]
+    assert all(status in (201, 503) for status, _ in got), got
+    busy = [r for r in answers if r.status == 503]
+    assert len(busy) >= 8 - 2 * VALIDATIONS_PER_ORG, got
+    for r in busy:
+        assert (await r.json())["error"] == "geofence_busy" and r.headers["Retry-After"] == "1"
+    r = await client.post(FENCES, json=big, headers=dispatcher("org_b"))
+    assert r.status == 201, await r.text()

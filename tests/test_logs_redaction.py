@@ -268,6 +268,7 @@ def test_a_url_whose_password_would_be_misread_is_refused_at_start_without_it(
         "postgresql://app:pw@h1:5432,h2:5433/ingest?target_session_attrs=read-write",
         "postgresql:///ingest?host=/var/run/postgresql",
         "postgresql://app:pw@[::1]:5432/ingest",
+        "postgresql://app:pw@db/ingest?sslrootcert=/etc/ssl/a@b.pem&user=a@corp",
     ],
 )
 def test_urls_that_split_cleanly_are_accepted(url: str) -> None:

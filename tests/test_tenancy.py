@@ -732,6 +732,18 @@ async def test_a_driver_asking_for_a_colleagues_trip_reads_none_of_its_pings(cli
         stranger = await client.get(template.format(TRIP), headers=auth("driver", "drv_3", A))
         assert stranger.status == 404, await stranger.text()
 
+    # A trip handed over before handovers were dated (migration 006) reads as handed over.
+    assert await stored_as(client, batch(2, "trip_old", DRIVER, start), A) == (2, 0)
+    await db.execute(
+        """UPDATE "IngestTrip" SET "driverId" = $3, "createdAt" = (SELECT "appliedAt"
+        - interval '1 day' FROM "_ingest_migrations" WHERE "name" LIKE '006%')
+        WHERE "orgId" = $1 AND "tripId" = $2""",
+        A, "trip_old", OTHER,
+    )  # fmt: skip
+    resp = await client.get(HISTORY.format("trip_old"), headers=auth("driver", DRIVER, A))
+    assert resp.status == 200, await resp.text()
+    assert len((await resp.json())["locations"]) == 2
+
 
 async def test_an_empty_cursor_does_not_make_an_unknown_trip_a_200(client):
     for trip in (TRIP, "no_such_trip"):  # another org's, and nobody's

@@ -256,9 +256,10 @@ async def submit_all(
     return fold(zip(parts, results, strict=True), source)
 
 
-# Why the flush refuses a batch for good (buffer.Refused): its trip is another driver's, or
-# would be a new trip beyond the driver's daily limit. Resending the same points cannot help.
-_REFUSALS = frozenset({"trip_owned_by_another_driver", "too_many_trips"})
+# Why the flush refuses a batch for good (buffer.Refused): its trip is another driver's;
+# resending the same points cannot help. Not too_many_trips: the limit is over the last 24
+# hours, so a resend later can store them (a 429 makes the app resend, nothing is dropped).
+_REFUSALS = frozenset({"trip_owned_by_another_driver"})
 
 
 def fold(results: Iterable[tuple[PingBatch, Submitted]], source: str) -> Outcome:
@@ -268,13 +269,14 @@ def fold(results: Iterable[tuple[PingBatch, Submitted]], source: str) -> Outcome
     can never be stored, and an error would make the app resend them forever, holding up
     everything queued behind them on the phone. They are logged and counted in metrics.
 
-    A batch the flush refused for good (another driver's trip, too many new trips) is the
-    answer (403 / 429, as natively) only if nothing of the request is stored. If another
+    A batch the flush refused for good (another driver's trip) is the answer (403, as
+    natively) only if nothing of the request is stored. If another
     batch of it is (an Overland request with several device ids), the request is done and
     the refused pings dropped, logged and counted (ingest_batches_refused_total): their
     trip was decided at the flush, after the rest was committed and published, and an error
     would make Overland resend the whole request forever. Anything else not done (503, 500)
-    wins: the app resends, and what was stored comes back as duplicates.
+    wins, and so does a 429 (too many new trips today: a resend later can store them): the
+    app resends, and what was stored comes back as duplicates.
     """
     out = Outcome()
     any_queued = False
