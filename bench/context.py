@@ -44,6 +44,7 @@ class Context:
             PORT=str(port), HOST="127.0.0.1", DATABASE_URL=self.db.url,
             REDIS_URL=self.redis_url, REDIS_PREFIX=self.redis_prefix, JWT_SECRET=self.secret,
             RATE_LIMIT_PER_S="1000000", RATE_LIMIT_BURST="1000000", FLUSH_INTERVAL_MS="50",
+            GEOFENCE_CHANGES_PER_S="1000000", GEOFENCE_CHANGES_BURST="1000000",
             LOG_LEVEL="WARNING",
         )  # fmt: skip
         return clean_env(**{**base, **self.settings, **settings})

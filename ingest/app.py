@@ -60,6 +60,7 @@ from .typedefs import (
     EXPORT_SLOTS,
     FANOUT,
     FLUSHER,
+    GEOFENCE_CHANGES_LIMITER,
     GEOFENCES,
     LIFECYCLE,
     LIVE,
@@ -253,6 +254,9 @@ def create_app(settings: Settings) -> web.Application:
     app[LIFECYCLE] = Lifecycle()
     app[VERIFIER] = Verifier(settings)
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app[GEOFENCE_CHANGES_LIMITER] = RateLimiter(
+        settings.geofence_changes_per_s, settings.geofence_changes_burst
+    )
     app[SOCKETS] = set()
     app[EXPORT_SLOTS] = Slots(settings.export_max_concurrent)
     app.cleanup_ctx.append(pg_context)

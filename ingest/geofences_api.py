@@ -12,6 +12,7 @@ import asyncio
 import base64
 import functools
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from .schema import (
     StoredLocation,
     storable_id,
 )  # fmt: skip
-from .typedefs import POOL, SETTINGS
+from .typedefs import GEOFENCE_CHANGES_LIMITER, POOL, SETTINGS
 
 log = logging.getLogger("ingest.geofences")
 
@@ -145,9 +146,23 @@ def _dispatcher(request: web.Request) -> auth.Principal:
     return principal
 
 
+def _change_limited(request: web.Request, org: str) -> web.Response | None:
+    """Spend one of the org's fence changes: None, or the 429 saying when one is free."""
+    wait = request.app[GEOFENCE_CHANGES_LIMITER].take(org)
+    if not wait:
+        return None
+    metrics.RATE_LIMITED.inc()
+    return error(
+        429, "rate_limited", "too many geofence changes for this org (GEOFENCE_CHANGES_PER_S)",
+        headers={"Retry-After": str(math.ceil(wait))},
+    )  # fmt: skip
+
+
 @_busy_is_503
 async def create(request: web.Request) -> web.Response:
     p = _dispatcher(request)
+    if limited := _change_limited(request, p.org):
+        return limited
     settings = request.app[SETTINGS]
     body = await read_body(request, settings.max_body_bytes)
     if isinstance(body, web.Response):
@@ -227,6 +242,8 @@ async def delete(request: web.Request) -> web.Response:
     fence_id = request.match_info["id"]
     if not storable_id(fence_id):
         return _not_found(fence_id)
+    if limited := _change_limited(request, p.org):
+        return limited
     async with request.app[POOL].acquire() as conn:
         # A busy fence's events first, a chunk per transaction: the DELETE's cascade would take
         # them in one statement, past the command timeout (a fence that could never be deleted).

@@ -54,6 +54,10 @@ _AUTH_ERRORS = {
         "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
     }
 }
+_CHANGES_LIMITED = {
+    **_err("Over the org's GEOFENCE_CHANGES_PER_S (rate_limited)"),
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+}
 _FENCE = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _TRIP = {"name": "tripId", "in": "path", "required": True, "schema": {"type": "string"}}
 _GEO_LAT = {"type": "number", "minimum": -85.05112878, "maximum": 85.05112878}
@@ -293,6 +297,7 @@ def _paths() -> dict[str, Any]:
                     **_AUTH_ERRORS,
                     "403": _err("Not a dispatcher token"),
                     "409": _err("GEOFENCE_MAX_PER_ORG reached"),
+                    "429": _CHANGES_LIMITED,
                     "503": {
                         **_err("The org's geofences stayed locked by evaluations (geofence_busy)"),
                         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
@@ -330,6 +335,7 @@ def _paths() -> dict[str, Any]:
                     **_AUTH_ERRORS,
                     "403": _err("Not a dispatcher token"),
                     "404": _err("Unknown geofence (or another org's)"),
+                    "429": _CHANGES_LIMITED,
                     "503": {
                         **_err("The org's geofences stayed locked by evaluations (geofence_busy)"),
                         "headers": {"Retry-After": {"schema": {"type": "integer"}}},

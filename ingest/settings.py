@@ -84,6 +84,10 @@ class Settings(msgspec.Struct, frozen=True, rename="upper", kw_only=True):
     # Positions of all an org's fences together (a circle counts one): bounds what every pod
     # holds and tests per ping for the org.
     geofence_max_vertices_per_org: PositiveInt = 100_000
+    # Creates and deletes per org, per pod (token bucket; more: 429). Each one makes every pod
+    # read and index the org's fences again, so a script churning them costs every pod.
+    geofence_changes_per_s: PositiveFloat = 10.0
+    geofence_changes_burst: PositiveInt = 100
     # A commit is evaluated this long after it, so that a trip's batches committed out of order
     # on two pods within it are evaluated in time order (docs/api.md#geofences).
     geofence_settle_ms: NonNegInt = 2000

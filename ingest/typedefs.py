@@ -35,6 +35,8 @@ NEARBY: web.AppKey[NearbySearch] = web.AppKey("nearby")
 FANOUT: web.AppKey[Fanout] = web.AppKey("fanout")
 VERIFIER: web.AppKey[Verifier] = web.AppKey("verifier")
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
+# Geofence creates and deletes, per org: each one makes every pod reload the org's fences.
+GEOFENCE_CHANGES_LIMITER: web.AppKey[RateLimiter] = web.AppKey("geofence_changes_limiter")
 # Draining or not, requests in flight, background tasks: what the shutdown sequence reads.
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 # Open live WebSockets, closed with 1001 at shutdown.

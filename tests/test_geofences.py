@@ -602,3 +602,25 @@ async def test_one_orgs_burst_of_creates_does_not_hold_the_validation_from_anoth
         assert (await r.json())["error"] == "geofence_busy" and r.headers["Retry-After"] == "1"
     r = await client.post(FENCES, json=big, headers=dispatcher("org_b"))
     assert r.status == 201, await r.text()
+
+
+async def test_an_orgs_fence_changes_are_rate_limited_and_another_orgs_are_not(make_client):
+    """Each create or delete makes every pod read and index the org's fences again: a script
+    churning them is told 429 with Retry-After once the org's bucket is empty; deletes spend
+    it too; another org's bucket is its own, and reads are never limited."""
+    client = await make_client(geofence_changes_per_s=0.5, geofence_changes_burst=3)
+    ids = [await fence(client, name=f"f{i}", org="org_a") for i in range(2)]
+    r = await client.delete(f"{FENCES}/{ids[0]}", headers=dispatcher("org_a"))
+    assert r.status == 204
+    status, answer = await create(client, {"name": "f3", "geometry": SQUARE}, "org_a")
+    assert status == 429 and answer["error"] == "rate_limited", answer
+    assert "GEOFENCE_CHANGES_PER_S" in answer["detail"]
+    r = await client.delete(f"{FENCES}/{ids[1]}", headers=dispatcher("org_a"))
+    assert r.status == 429 and r.headers["Retry-After"] in ("1", "2"), await r.text()
+    assert await list_ids(client, "org_a") == [ids[1]]  # refused: nothing changed
+    for i in range(3):  # the same dispatcher id in another org: its own bucket
+        await fence(client, name=f"b{i}", org="org_b")
+    assert len(await list_ids(client, "org_b")) == 3
+    await asyncio.sleep(2.1)  # one change is free again
+    r = await client.delete(f"{FENCES}/{ids[1]}", headers=dispatcher("org_a"))
+    assert r.status == 204
