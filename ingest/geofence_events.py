@@ -94,6 +94,10 @@ _US = timedelta(microseconds=1)
 _US_SQL = "('epoch'::timestamptz + {} * interval '1 microsecond')"
 # At most this many pings read back per trip (the newest ones) after a long pause.
 GAP_MAX_PINGS = 10_000
+# ... and about this many per transaction (at most twice it): after an outage, 500 swept trips
+# (or a flush of hundreds) of GAP_MAX_PINGS each would be millions of rows in memory at once.
+# Trips past it are read in the next transaction.
+READ_BACK_MAX = 50_000
 _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 5.0
 # Pings walked through the index between looks at the clock, and the time after which the
 # evaluation lets the event loop run.
@@ -164,6 +168,7 @@ CROSS JOIN LATERAL (
     WHERE "orgId" = t.org AND "tripId" = t.trip
       AND "timestamp" > {_US_SQL.format("t.lo")} AND "timestamp" < {_US_SQL.format("t.hi")}
     ORDER BY "timestamp" DESC LIMIT $5) l
+LIMIT $6
 """
 # Held by the sweep's connection (a session lock: the sweep is several transactions); asyncpg's
 # reset of a connection given back to the pool unlocks it too.
@@ -266,6 +271,27 @@ class Event(msgspec.Struct, array_like=True, gc=False):
     fence: str
     kind: str  # enter | exit
     ping: Record
+
+
+async def _read_back(
+    conn: asyncpg.Connection, keys: list[tuple[str, str]], lo: list[int], hi: list[int]
+) -> tuple[list[tuple[int, asyncpg.Record]], int]:
+    """The pings stored between each trip's ``lo`` and ``hi`` (the newest GAP_MAX_PINGS of
+    each), as (index in ``keys``, row), and how many of ``keys`` they cover: all, unless
+    more than READ_BACK_MAX were found; then trips in groups until that many are read."""
+    orgs, trips = [o for o, _ in keys], [t for _, t in keys]
+    rows = await conn.fetch(_GAP, orgs, trips, lo, hi, GAP_MAX_PINGS, READ_BACK_MAX + 1)
+    if len(rows) <= READ_BACK_MAX:  # nearly always: a few or none
+        return [(r[0] - 1, r) for r in rows], len(keys)
+    out: list[tuple[int, asyncpg.Record]] = []
+    step = max(1, READ_BACK_MAX // GAP_MAX_PINGS)  # a group reads at most READ_BACK_MAX
+    done = 0
+    while done < len(keys) and len(out) < READ_BACK_MAX:
+        part = slice(done, done + step)
+        args = (orgs[part], trips[part], lo[part], hi[part], GAP_MAX_PINGS, READ_BACK_MAX)
+        out += [(done + r[0] - 1, r) for r in await conn.fetch(_GAP, *args)]
+        done += len(orgs[part])
+    return out, done
 
 
 def crossings(
@@ -673,16 +699,20 @@ class GeofenceEvaluator(CommitBacklog):
             gap_keys.append(key)
             gap_lo.append(_us(lo))
             gap_hi.append(_us(hi))
+        rest: dict[tuple[str, str], list[Record]] = {}
         if gap_keys:
-            gap = await conn.fetch(
-                _GAP, [o for o, _ in gap_keys], [t for _, t in gap_keys], gap_lo, gap_hi,
-                GAP_MAX_PINGS,
-            )  # fmt: skip
+            gap, read = await _read_back(conn, gap_keys, gap_lo, gap_hi)
+            if read < len(gap_keys):
+                metrics.GEOFENCE_CUTS.labels("read_back").inc()
+                for key in gap_keys[read:]:  # first in the next transaction
+                    del pings[key]
+                    swept_lo.pop(key, None)
+                    rest[key] = by_trip[key]
             if gap:
                 metrics.GEOFENCE_GAP_PINGS.inc(len(gap))
                 before: dict[tuple[str, str], list[Record]] = {}
-                for r in gap:
-                    org, trip = gap_keys[r[0] - 1]
+                for i, r in gap:
+                    org, trip = gap_keys[i]
                     before.setdefault((org, trip), []).append(
                         (trip, r[1], org, r[2], r[3], r[4], r[5], r[6], r[7], r[8], None)
                     )
@@ -690,7 +720,6 @@ class GeofenceEvaluator(CommitBacklog):
                     recs.sort(key=_TS_OF)  # read newest first (the newest GAP_MAX_PINGS)
                     pings[key] = recs + pings[key]
         events: list[Event] = []
-        rest: dict[tuple[str, str], list[Record]] = {}
         cut: tuple[tuple[str, str], list[Record]] | None = None
         evaluated = 0
         time_slice = _TimeSlice()

@@ -181,7 +181,8 @@ GEOFENCE_WORKER_STARTS = Counter(
 GEOFENCE_CUTS = Counter(
     "ingest_geofence_transactions_cut_total",
     "Geofence evaluations cut into one more transaction, by the bound reached: events"
-    " (EVENTS_PER_TRANSACTION held) or time (pings walked for 0.5 s)",
+    " (EVENTS_PER_TRANSACTION held), time (pings walked for 0.5 s) or read_back (pings read"
+    " back from PostgreSQL past READ_BACK_MAX, after an outage)",
     ["reason"],
 )
 GEOFENCE_CHANGES_BUSY = Counter(
@@ -256,7 +257,7 @@ GEOFENCE_EVENTS_EXPIRED = Counter(
 )
 
 for _counter, _values in (
-    (GEOFENCE_CUTS, ("events", "time")),
+    (GEOFENCE_CUTS, ("events", "time", "read_back")),
     (GEOFENCE_CHANGES_BUSY, ("create", "delete")),
 ):
     for _value in _values:

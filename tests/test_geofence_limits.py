@@ -285,3 +285,34 @@ async def test_a_dropped_flush_of_a_trip_evaluated_long_ago_is_swept(evaluator_o
     assert await evaluator.sweep() == 1
     assert await _events_of(db, "old") == [("enter", ping_at)]
     assert await db.fetchval('SELECT "geofenceId" FROM "GeofenceEvent"') == fid
+
+
+async def test_a_sweep_after_an_outage_reads_back_in_bounded_transactions(
+    evaluator_of, db, monkeypatch
+):
+    """Six trips whose last 30 pings no evaluation took (an outage: their flushes dropped),
+    each going in and out of the circle at every ping. The sweep reads them back at most
+    READ_BACK_MAX pings per transaction (scaled down: 60, GAP_MAX_PINGS 50), the other trips
+    in the next ones; every trip's 30 events are stored once, in time order (before: all 180
+    pings in one read, of up to 500 x 10,000 pings in production)."""
+    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
+    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
+    cuts = metrics.GEOFENCE_CUTS.labels("read_back")
+    cuts_before = cuts._value.get()
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "b", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    trips = [f"trip_{i}" for i in range(6)]
+    for trip in trips:
+        await db.execute(_STATE, "b", trip, now - timedelta(minutes=20), now)
+        await db.executemany(_PING, [
+            (trip, "b", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
+            for k in range(30)
+        ])  # fmt: skip
+    evaluator = evaluator_of(waited=True)
+    assert await evaluator.sweep() == 6 * 30
+    assert cuts._value.get() - cuts_before >= 2
+    for trip in trips:
+        assert await _events_of(db, trip) == [
+            ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(30)
+        ]
