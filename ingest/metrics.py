@@ -256,9 +256,9 @@ GEOFENCE_EVENTS_EXPIRED = Counter(
     "Geofence events deleted: they happened before the oldest month kept (RETENTION_MONTHS)",
 )
 
-for _counter, _values in (
+for _counter, _labels in (
     (GEOFENCE_CUTS, ("events", "time", "read_back")),
     (GEOFENCE_CHANGES_BUSY, ("create", "delete")),
 ):
-    for _value in _values:
+    for _value in _labels:
         _counter.labels(_value)
