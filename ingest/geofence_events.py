@@ -216,7 +216,6 @@ _Updates = tuple[list[str], list[str], list[int], list[str]]
 _EMPTY: frozenset[str] = frozenset()
 _TRIP_OF = operator.itemgetter(ORG, TRIP)
 _TS_OF = operator.itemgetter(TS)
-_STATE_KEY = operator.itemgetter(0, 1)
 
 
 class _NoStates(Exception):
@@ -283,6 +282,7 @@ async def _read_back(
     rows = await conn.fetch(_GAP, orgs, trips, lo, hi, GAP_MAX_PINGS, READ_BACK_MAX + 1)
     if len(rows) <= READ_BACK_MAX:  # nearly always: a few or none
         return [(r[0] - 1, r) for r in rows], len(keys)
+    del rows  # (the groups' rows replace them: at most 2 x READ_BACK_MAX held at once)
     out: list[tuple[int, asyncpg.Record]] = []
     step = max(1, READ_BACK_MAX // GAP_MAX_PINGS)  # a group reads at most READ_BACK_MAX
     done = 0
@@ -666,7 +666,6 @@ class GeofenceEvaluator(CommitBacklog):
                 raise _NoStates(new)
             if new:
                 states += await conn.fetch(_NEW_STATES, [o for o, _ in new], [t for _, t in new])
-                states.sort(key=_STATE_KEY)
         sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
         pings: dict[tuple[str, str], list[Record]] = {}
         inside: dict[tuple[str, str], frozenset[str]] = {}
@@ -676,11 +675,18 @@ class GeofenceEvaluator(CommitBacklog):
         gap_keys: list[tuple[str, str]] = []
         gap_lo: list[int] = []
         gap_hi: list[int] = []
-        for org, trip, evaluated_to, was_inside in states:
+        state_of = {(org, trip): (at, was) for org, trip, at, was in states}
+        del states
+        # In the flush's order, as the walk below: trips deferred by the read-back bound go
+        # first in the next transaction, so another org's live trip waits for one of them.
+        for key in by_trip:
+            if key not in state_of:
+                continue
+            org, trip = key
+            evaluated_to, was_inside = state_of[key]
             fences = sets.get(org)
             if fences is None:  # the org's last fence went meanwhile
                 continue
-            key = (org, trip)
             recs = sorted(by_trip[key], key=_TS_OF)
             if evaluated_to is not None:
                 recs = [r for r in recs if r[TS] > evaluated_to]  # older: a late upload

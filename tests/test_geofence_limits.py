@@ -316,3 +316,49 @@ async def test_a_sweep_after_an_outage_reads_back_in_bounded_transactions(
         assert await _events_of(db, trip) == [
             ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(30)
         ]
+
+
+async def test_a_read_back_cut_holds_another_orgs_live_trip_for_one_transaction(
+    evaluator_of, db, monkeypatch
+):
+    """One flush: org b's live trip (nothing to read back, one ping entering its circle),
+    first, and six trips of org a, each with 30 pings no evaluation took (a's outage). The
+    read-back bound (scaled down as above) cuts the evaluation into transactions; b's event
+    is stored in the first (before: the read-back followed the sorted trips, so b, sorting
+    after a, was deferred again in every transaction until all of a's catch-up was read)."""
+    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
+    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "a", now - timedelta(hours=3))
+    await circle_of(db, "b", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    flush_at = start + timedelta(seconds=30)
+    await db.execute(_STATE, "b", "live", now - timedelta(minutes=20), now)
+    await db.execute(_PING, "live", "b", *INSIDE, flush_at)
+    rows = [_row("live", "b", flush_at)]
+    a_trips = [f"trip_{i}" for i in range(6)]
+    for trip in a_trips:
+        await db.execute(_STATE, "a", trip, start - timedelta(minutes=10), now)
+        await db.executemany(_PING, [
+            (trip, "a", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
+            for k in range(30)
+        ])  # fmt: skip
+        await db.execute(_PING, trip, "a", *INSIDE, flush_at)
+        rows.append(_row(trip, "a", flush_at))
+    evaluator = evaluator_of(waited=True)
+    stored_orgs: list[set[str]] = []
+    store = evaluator._store
+
+    async def recording_store(conn, events, updates):  # type: ignore[no-untyped-def]
+        stored_orgs.append({e.org for e in events})
+        return await store(conn, events, updates)
+
+    monkeypatch.setattr(evaluator, "_store", recording_store)
+    assert await evaluator.evaluate(rows) == 1 + 6 * 31
+    assert len(stored_orgs) >= 3  # the bound did cut
+    assert "b" in stored_orgs[0], stored_orgs
+    assert await _events_of(db, "live") == [("enter", flush_at)]
+    for trip in a_trips:  # a's own events: once each, in time order
+        assert await _events_of(db, trip) == [
+            ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(31)
+        ]
