@@ -25,13 +25,15 @@ One org's fences can make an event per fence per ping (a million per request), a
 can take seconds: a transaction is cut before the ping that would take it past
 EVENTS_PER_TRANSACTION events, or once it has walked for _TRANSACTION_WALK_S. Step 5 then
 stores the states of the trips walked, the one cut short at its last ping walked, and the
-rest (trips not walked first, then the remaining pings) goes through steps 1 to 5 again in
-another transaction, as a flush's rows do (the read-back then covers what another pod
-committed meanwhile). Each transaction commits its events with the states that account for
-them, so a later one failing loses or doubles nothing: the memory held, the statement's size
-and the time the org rows stay locked (fence changes wait for them) are bounded. A flush that
-failed is retried org by org (each in transactions of its own, locks released by the failed
-one), so that one org's failure never holds another org's events; so is the sweep's work.
+rest (trips not walked first, then the one cut short) goes through steps 1 to 5 again in
+another transaction with the rows it was given, as a flush's rows do: the read-back then
+covers what was read but not walked, and what another pod committed meanwhile (never carried
+over, so the rows held stay bounded). Each transaction commits its events with the states
+that account for them, so a later one failing loses or doubles nothing: the memory held, the
+statement's size and the time the org rows stay locked (fence changes wait for them) are
+bounded. A flush that failed is retried org by org (each in transactions of its own, locks
+released by the failed one), so that one org's failure never holds another org's events; so
+is the sweep's work.
 
 A sweep (one pod at a time, every few seconds) evaluates the trips with stored pings that no
 evaluation took in time: those of a pod that died between its commit and its evaluation, or
@@ -96,7 +98,7 @@ _US_SQL = "('epoch'::timestamptz + {} * interval '1 microsecond')"
 GAP_MAX_PINGS = 10_000
 # ... and about this many per transaction (at most twice it): after an outage, 500 swept trips
 # (or a flush of hundreds) of GAP_MAX_PINGS each would be millions of rows in memory at once.
-# Trips past it are read in the next transaction.
+# Trips past it are read in the next transaction, first those of orgs given none in this one.
 READ_BACK_MAX = 50_000
 _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 5.0
 # Pings walked through the index between looks at the clock, and the time after which the
@@ -642,11 +644,11 @@ class GeofenceEvaluator(CommitBacklog):
         made: bool = False,
     ) -> tuple[list[Event], _Updates, dict[tuple[str, str], list[Record]]]:  # fmt: skip
         """The events of ``by_trip``'s pings, the trips' new states, and what is left for
-        another transaction (see EVENTS_PER_TRANSACTION): the trips not walked, then the
-        pings of the one cut short. A trip given no rows (the sweep) is evaluated from its
-        stored pings after its state, if it has one. Raises _NoStates for trips with pings
-        and no state row, unless ``made`` (they were made before this transaction: one
-        deleted since is made here)."""
+        another transaction (see EVENTS_PER_TRANSACTION and READ_BACK_MAX): the trips not
+        read back, the trips not walked, then the one cut short, each with the rows given.
+        A trip given no rows (the sweep) is evaluated from its stored pings after its state,
+        if it has one. Raises _NoStates for trips with pings and no state row, unless
+        ``made`` (they were made before this transaction: one deleted since is made here)."""
         updates: _Updates = ([], [], [], [])
         orgs = sorted({org for org, _ in by_trip})
         keys = sorted(by_trip)
@@ -710,7 +712,11 @@ class GeofenceEvaluator(CommitBacklog):
             gap, read = await _read_back(conn, gap_keys, gap_lo, gap_hi)
             if read < len(gap_keys):
                 metrics.GEOFENCE_CUTS.labels("read_back").inc()
-                for key in gap_keys[read:]:  # first in the next transaction
+                # First in the next transaction, orgs given no rows in this one before those
+                # that took them: one org's catch-up holds another's trips for one transaction
+                # wherever they are in the flush.
+                took = {gap_keys[i][0] for i, _ in gap}
+                for key in sorted(gap_keys[read:], key=lambda k: k[0] in took):
                     del pings[key]
                     swept_lo.pop(key, None)
                     rest[key] = by_trip[key]
@@ -738,8 +744,8 @@ class GeofenceEvaluator(CommitBacklog):
                 continue
             recs = pings[key]
             if cut is not None:
-                if recs:
-                    rest[key] = recs
+                if recs:  # as given, never with its read-back rows: read again from its state
+                    rest[key] = by_trip[key]
                 continue
             org, trip = key
             now_inside = inside[key]
@@ -754,7 +760,7 @@ class GeofenceEvaluator(CommitBacklog):
             walked = 0
             if evaluated and time.perf_counter() > walk_until:
                 metrics.GEOFENCE_CUTS.labels("time").inc()
-                cut = (key, recs)
+                cut = (key, by_trip[key])
                 continue
             while walked < len(recs):
                 # At least one ping per transaction: it makes at most one event per fence.
@@ -773,7 +779,7 @@ class GeofenceEvaluator(CommitBacklog):
                     metrics.GEOFENCE_CUTS.labels("time").inc()
                     break
             if walked < len(recs):
-                cut = (key, recs[walked:])
+                cut = (key, by_trip[key])  # its state moves on: what is left is read back
             evaluated += walked
             if walked:
                 updates[0].append(org)

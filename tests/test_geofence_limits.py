@@ -362,3 +362,92 @@ async def test_a_read_back_cut_holds_another_orgs_live_trip_for_one_transaction(
         assert await _events_of(db, trip) == [
             ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(31)
         ]
+
+
+async def test_a_read_back_cut_holds_a_later_orgs_live_trip_for_one_transaction(
+    evaluator_of, db, monkeypatch
+):
+    """As above, but org b's live ping comes last in the flush (requests arrive in any order;
+    an older flush of a's catch-up is chained before b's). Trips deferred by the cut go first
+    in the next transaction, orgs given no rows first: b's event is stored in the second
+    (before: behind a's remaining trips in every transaction, in the 5th of 5)."""
+    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
+    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "a", now - timedelta(hours=3))
+    await circle_of(db, "b", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    flush_at = start + timedelta(seconds=30)
+    rows = []
+    a_trips = [f"trip_{i}" for i in range(10)]
+    for trip in a_trips:
+        await db.execute(_STATE, "a", trip, start - timedelta(minutes=10), now)
+        await db.executemany(_PING, [
+            (trip, "a", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
+            for k in range(30)
+        ])  # fmt: skip
+        await db.execute(_PING, trip, "a", *INSIDE, flush_at)
+        rows.append(_row(trip, "a", flush_at))
+    await db.execute(_STATE, "b", "live", now - timedelta(minutes=20), now)
+    await db.execute(_PING, "live", "b", *INSIDE, flush_at)
+    rows.append(_row("live", "b", flush_at))  # last in the flush
+    evaluator = evaluator_of(waited=True)
+    stored_orgs: list[set[str]] = []
+    store = evaluator._store
+
+    async def recording_store(conn, events, updates):  # type: ignore[no-untyped-def]
+        stored_orgs.append({e.org for e in events})
+        return await store(conn, events, updates)
+
+    monkeypatch.setattr(evaluator, "_store", recording_store)
+    assert await evaluator.evaluate(rows) == 1 + 10 * 31
+    assert await _events_of(db, "live") == [("enter", flush_at)]
+    first_b = next(i for i, orgs in enumerate(stored_orgs) if "b" in orgs)
+    # At most one transaction of a's catch-up before b's event.
+    assert first_b <= 1, f"b's event waited for {first_b} transactions of a: {stored_orgs}"
+
+
+async def test_read_back_rows_held_stay_bounded_when_the_walk_is_cut_too(
+    evaluator_of, db, monkeypatch
+):
+    """A sweep after an outage (ten trips of 30 unevaluated pings, each ping a crossing) in
+    an org whose events cut every transaction (EVENTS_PER_TRANSACTION, scaled down to 10).
+    The trips read back and not walked go to the next transaction without their read-back
+    rows (read again from their states), so the rows held stay within 2 x READ_BACK_MAX
+    (before: carried over, 60, 110, 160, 210, 260 rows: in production the whole catch-up)."""
+    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
+    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
+    monkeypatch.setattr(geofence_events, "EVENTS_PER_TRANSACTION", 10)
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "b", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    trips = [f"trip_{i}" for i in range(10)]
+    for trip in trips:
+        await db.execute(_STATE, "b", trip, now - timedelta(minutes=20), now)
+        await db.executemany(_PING, [
+            (trip, "b", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
+            for k in range(30)
+        ])  # fmt: skip
+    evaluator = evaluator_of(waited=True)
+    held: list[int] = []  # rows per transaction: carried in + read back
+    read_back = geofence_events._read_back
+    evaluate = evaluator._evaluate
+
+    async def recording_evaluate(conn, by_trip, made=False):  # type: ignore[no-untyped-def]
+        held.append(sum(len(v) for v in by_trip.values()))
+        return await evaluate(conn, by_trip, made)
+
+    async def recording_read_back(conn, keys, lo, hi):  # type: ignore[no-untyped-def]
+        out, done = await read_back(conn, keys, lo, hi)
+        held[-1] += len(out)
+        return out, done
+
+    monkeypatch.setattr(evaluator, "_evaluate", recording_evaluate)
+    monkeypatch.setattr(geofence_events, "_read_back", recording_read_back)
+    assert await evaluator.sweep() == 10 * 30
+    for trip in trips:  # exactly once, in order: this holds
+        assert await _events_of(db, trip) == [
+            ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(30)
+        ]
+    bound = 2 * geofence_events.READ_BACK_MAX
+    assert max(held) <= bound, f"rows held per transaction: {held}"
