@@ -98,7 +98,7 @@ _US_SQL = "('epoch'::timestamptz + {} * interval '1 microsecond')"
 GAP_MAX_PINGS = 10_000
 # ... and about this many per transaction (at most twice it): after an outage, 500 swept trips
 # (or a flush of hundreds) of GAP_MAX_PINGS each would be millions of rows in memory at once.
-# Trips past it are read in the next transaction, first those of orgs given none in this one.
+# Trips past it are read in the next transaction.
 READ_BACK_MAX = 50_000
 _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 5.0
 # Pings walked through the index between looks at the clock, and the time after which the
@@ -708,15 +708,12 @@ class GeofenceEvaluator(CommitBacklog):
             gap_lo.append(_us(lo))
             gap_hi.append(_us(hi))
         rest: dict[tuple[str, str], list[Record]] = {}
+        work: dict[str, int] = dict.fromkeys(orgs, 0)  # rows read back and pings walked
         if gap_keys:
             gap, read = await _read_back(conn, gap_keys, gap_lo, gap_hi)
             if read < len(gap_keys):
                 metrics.GEOFENCE_CUTS.labels("read_back").inc()
-                # First in the next transaction, orgs given no rows in this one before those
-                # that took them: one org's catch-up holds another's trips for one transaction
-                # wherever they are in the flush.
-                took = {gap_keys[i][0] for i, _ in gap}
-                for key in sorted(gap_keys[read:], key=lambda k: k[0] in took):
+                for key in gap_keys[read:]:
                     del pings[key]
                     swept_lo.pop(key, None)
                     rest[key] = by_trip[key]
@@ -728,17 +725,18 @@ class GeofenceEvaluator(CommitBacklog):
                     before.setdefault((org, trip), []).append(
                         (trip, r[1], org, r[2], r[3], r[4], r[5], r[6], r[7], r[8], None)
                     )
+                del gap  # (its records are copied: not held twice during the walk)
                 for key, recs in before.items():
                     recs.sort(key=_TS_OF)  # read newest first (the newest GAP_MAX_PINGS)
-                    pings[key] = recs + pings[key]
+                    work[key[0]] += len(recs)
+                    recs += pings[key]
+                    pings[key] = recs
+                del before
         events: list[Event] = []
         cut: tuple[tuple[str, str], list[Record]] | None = None
         evaluated = 0
         time_slice = _TimeSlice()
         walk_until = time.perf_counter() + _TRANSACTION_WALK_S
-        # In the order given (the flush's): after a cut, the trips not walked come first in
-        # the next transaction, and the one cut short last (another org's trip waits for one
-        # transaction of it, not for all of them).
         for key in by_trip:
             if key not in pings:
                 continue
@@ -781,6 +779,7 @@ class GeofenceEvaluator(CommitBacklog):
             if walked < len(recs):
                 cut = (key, by_trip[key])  # its state moves on: what is left is read back
             evaluated += walked
+            work[org] += walked
             if walked:
                 updates[0].append(org)
                 updates[1].append(trip)
@@ -788,6 +787,12 @@ class GeofenceEvaluator(CommitBacklog):
                 updates[3].append(" ".join(sorted(now_inside)))
         if cut is not None:
             rest[cut[0]] = cut[1]
+        if len(rest) > 1:
+            # Orgs given the least work in this transaction first: another org's trip waits
+            # for one transaction of each org flooding or catching up, wherever it is in the
+            # flush, whatever cut it. In an org: the trips not read back, those not walked,
+            # then the one cut short.
+            rest = dict(sorted(rest.items(), key=lambda item: work[item[0][0]]))
         metrics.GEOFENCE_EVALUATED.inc(evaluated)
         return events, updates, rest
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -287,16 +288,67 @@ async def test_a_dropped_flush_of_a_trip_evaluated_long_ago_is_swept(evaluator_o
     assert await db.fetchval('SELECT "geofenceId" FROM "GeofenceEvent"') == fid
 
 
+def _scaled_down(monkeypatch, events: int | None = None) -> None:
+    """The read-back bounds scaled down: 50 pings per trip, about 60 per transaction."""
+    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
+    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
+    if events is not None:
+        monkeypatch.setattr(geofence_events, "EVENTS_PER_TRANSACTION", events)
+
+
+def _crossings(start: datetime, n: int) -> list[tuple[str, datetime]]:
+    return [("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(n)]
+
+
+async def _catching_up(
+    db, org: str, trip: str, start: datetime, now: datetime, n: int = 30
+) -> tuple[object, ...]:
+    """A trip of ``org`` with ``n`` stored pings no evaluation took, in and out of the
+    circle at every ping from ``start`` (an outage: their flushes dropped), and one more
+    stored at ``start + n`` s: the flush row returned."""
+    await db.execute(_STATE, org, trip, now - timedelta(minutes=20), now)
+    await db.executemany(_PING, [
+        (trip, org, *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
+        for k in range(n)
+    ])  # fmt: skip
+    flush_at = start + timedelta(seconds=n)
+    await db.execute(_PING, trip, org, *INSIDE, flush_at)
+    return _row(trip, org, flush_at)
+
+
+async def _live(db, org: str, trip: str, at: datetime, now: datetime) -> tuple[object, ...]:
+    """A trip of ``org`` with nothing to read back: its flush row, entering the circle."""
+    await db.execute(_STATE, org, trip, now - timedelta(minutes=20), now)
+    await db.execute(_PING, trip, org, *INSIDE, at)
+    return _row(trip, org, at)
+
+
+def _recording(evaluator: GeofenceEvaluator, monkeypatch) -> list[set[tuple[str, str]]]:
+    """The (org, trip) of each transaction's events, in commit order."""
+    per_transaction: list[set[tuple[str, str]]] = []
+    store = evaluator._store
+
+    async def recording_store(conn, events, updates):  # type: ignore[no-untyped-def]
+        per_transaction.append({(e.org, e.ping[0]) for e in events})
+        return await store(conn, events, updates)
+
+    monkeypatch.setattr(evaluator, "_store", recording_store)
+    return per_transaction
+
+
+def _waited(per_transaction: list[set[tuple[str, str]]], key: tuple[str, str]) -> int:
+    """How many transactions stored events before the first of ``key``'s."""
+    return next(i for i, keys in enumerate(per_transaction) if key in keys)
+
+
 async def test_a_sweep_after_an_outage_reads_back_in_bounded_transactions(
     evaluator_of, db, monkeypatch
 ):
-    """Six trips whose last 30 pings no evaluation took (an outage: their flushes dropped),
-    each going in and out of the circle at every ping. The sweep reads them back at most
-    READ_BACK_MAX pings per transaction (scaled down: 60, GAP_MAX_PINGS 50), the other trips
-    in the next ones; every trip's 30 events are stored once, in time order (before: all 180
-    pings in one read, of up to 500 x 10,000 pings in production)."""
-    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
-    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
+    """Six trips whose last 31 pings no evaluation took. The sweep reads them back at most
+    READ_BACK_MAX pings per transaction, the other trips in the next ones; every trip's 30
+    events are stored once, in time order (before: all 186 pings in one read, of up to
+    500 x 10,000 pings in production)."""
+    _scaled_down(monkeypatch)
     cuts = metrics.GEOFENCE_CUTS.labels("read_back")
     cuts_before = cuts._value.get()
     now = datetime.now(UTC).replace(microsecond=0)
@@ -304,130 +356,27 @@ async def test_a_sweep_after_an_outage_reads_back_in_bounded_transactions(
     start = now - timedelta(minutes=10)
     trips = [f"trip_{i}" for i in range(6)]
     for trip in trips:
-        await db.execute(_STATE, "b", trip, now - timedelta(minutes=20), now)
-        await db.executemany(_PING, [
-            (trip, "b", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
-            for k in range(30)
-        ])  # fmt: skip
+        await _catching_up(db, "b", trip, start, now)
     evaluator = evaluator_of(waited=True)
-    assert await evaluator.sweep() == 6 * 30
+    assert await evaluator.sweep() == 6 * 31
     assert cuts._value.get() - cuts_before >= 2
     for trip in trips:
-        assert await _events_of(db, trip) == [
-            ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(30)
-        ]
+        assert await _events_of(db, trip) == _crossings(start, 31)
 
 
-async def test_a_read_back_cut_holds_another_orgs_live_trip_for_one_transaction(
-    evaluator_of, db, monkeypatch
-):
-    """One flush: org b's live trip (nothing to read back, one ping entering its circle),
-    first, and six trips of org a, each with 30 pings no evaluation took (a's outage). The
-    read-back bound (scaled down as above) cuts the evaluation into transactions; b's event
-    is stored in the first (before: the read-back followed the sorted trips, so b, sorting
-    after a, was deferred again in every transaction until all of a's catch-up was read)."""
-    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
-    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
-    now = datetime.now(UTC).replace(microsecond=0)
-    await circle_of(db, "a", now - timedelta(hours=3))
-    await circle_of(db, "b", now - timedelta(hours=3))
-    start = now - timedelta(minutes=10)
-    flush_at = start + timedelta(seconds=30)
-    await db.execute(_STATE, "b", "live", now - timedelta(minutes=20), now)
-    await db.execute(_PING, "live", "b", *INSIDE, flush_at)
-    rows = [_row("live", "b", flush_at)]
-    a_trips = [f"trip_{i}" for i in range(6)]
-    for trip in a_trips:
-        await db.execute(_STATE, "a", trip, start - timedelta(minutes=10), now)
-        await db.executemany(_PING, [
-            (trip, "a", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
-            for k in range(30)
-        ])  # fmt: skip
-        await db.execute(_PING, trip, "a", *INSIDE, flush_at)
-        rows.append(_row(trip, "a", flush_at))
-    evaluator = evaluator_of(waited=True)
-    stored_orgs: list[set[str]] = []
-    store = evaluator._store
-
-    async def recording_store(conn, events, updates):  # type: ignore[no-untyped-def]
-        stored_orgs.append({e.org for e in events})
-        return await store(conn, events, updates)
-
-    monkeypatch.setattr(evaluator, "_store", recording_store)
-    assert await evaluator.evaluate(rows) == 1 + 6 * 31
-    assert len(stored_orgs) >= 3  # the bound did cut
-    assert "b" in stored_orgs[0], stored_orgs
-    assert await _events_of(db, "live") == [("enter", flush_at)]
-    for trip in a_trips:  # a's own events: once each, in time order
-        assert await _events_of(db, trip) == [
-            ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(31)
-        ]
-
-
-async def test_a_read_back_cut_holds_a_later_orgs_live_trip_for_one_transaction(
-    evaluator_of, db, monkeypatch
-):
-    """As above, but org b's live ping comes last in the flush (requests arrive in any order;
-    an older flush of a's catch-up is chained before b's). Trips deferred by the cut go first
-    in the next transaction, orgs given no rows first: b's event is stored in the second
-    (before: behind a's remaining trips in every transaction, in the 5th of 5)."""
-    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
-    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
-    now = datetime.now(UTC).replace(microsecond=0)
-    await circle_of(db, "a", now - timedelta(hours=3))
-    await circle_of(db, "b", now - timedelta(hours=3))
-    start = now - timedelta(minutes=10)
-    flush_at = start + timedelta(seconds=30)
-    rows = []
-    a_trips = [f"trip_{i}" for i in range(10)]
-    for trip in a_trips:
-        await db.execute(_STATE, "a", trip, start - timedelta(minutes=10), now)
-        await db.executemany(_PING, [
-            (trip, "a", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
-            for k in range(30)
-        ])  # fmt: skip
-        await db.execute(_PING, trip, "a", *INSIDE, flush_at)
-        rows.append(_row(trip, "a", flush_at))
-    await db.execute(_STATE, "b", "live", now - timedelta(minutes=20), now)
-    await db.execute(_PING, "live", "b", *INSIDE, flush_at)
-    rows.append(_row("live", "b", flush_at))  # last in the flush
-    evaluator = evaluator_of(waited=True)
-    stored_orgs: list[set[str]] = []
-    store = evaluator._store
-
-    async def recording_store(conn, events, updates):  # type: ignore[no-untyped-def]
-        stored_orgs.append({e.org for e in events})
-        return await store(conn, events, updates)
-
-    monkeypatch.setattr(evaluator, "_store", recording_store)
-    assert await evaluator.evaluate(rows) == 1 + 10 * 31
-    assert await _events_of(db, "live") == [("enter", flush_at)]
-    first_b = next(i for i, orgs in enumerate(stored_orgs) if "b" in orgs)
-    # At most one transaction of a's catch-up before b's event.
-    assert first_b <= 1, f"b's event waited for {first_b} transactions of a: {stored_orgs}"
-
-
-async def test_read_back_rows_held_stay_bounded_when_the_walk_is_cut_too(
-    evaluator_of, db, monkeypatch
-):
-    """A sweep after an outage (ten trips of 30 unevaluated pings, each ping a crossing) in
-    an org whose events cut every transaction (EVENTS_PER_TRANSACTION, scaled down to 10).
-    The trips read back and not walked go to the next transaction without their read-back
-    rows (read again from their states), so the rows held stay within 2 x READ_BACK_MAX
-    (before: carried over, 60, 110, 160, 210, 260 rows: in production the whole catch-up)."""
-    monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
-    monkeypatch.setattr(geofence_events, "READ_BACK_MAX", 60)
-    monkeypatch.setattr(geofence_events, "EVENTS_PER_TRANSACTION", 10)
+async def test_rows_held_stay_bounded_when_the_walk_is_cut_too(evaluator_of, db, monkeypatch):
+    """A sweep after an outage in an org whose events cut every transaction (scaled down to
+    10 events). The trips read back and not walked go to the next transaction without their
+    read-back rows (read again from their states), so the rows held stay within
+    2 x READ_BACK_MAX (before: carried over, 60, 110, 160, 210, 260 rows: in production the
+    whole catch-up)."""
+    _scaled_down(monkeypatch, events=10)
     now = datetime.now(UTC).replace(microsecond=0)
     await circle_of(db, "b", now - timedelta(hours=3))
     start = now - timedelta(minutes=10)
     trips = [f"trip_{i}" for i in range(10)]
     for trip in trips:
-        await db.execute(_STATE, "b", trip, now - timedelta(minutes=20), now)
-        await db.executemany(_PING, [
-            (trip, "b", *(INSIDE if k % 2 == 0 else FAR), start + timedelta(seconds=k))
-            for k in range(30)
-        ])  # fmt: skip
+        await _catching_up(db, "b", trip, start, now)
     evaluator = evaluator_of(waited=True)
     held: list[int] = []  # rows per transaction: carried in + read back
     read_back = geofence_events._read_back
@@ -444,10 +393,124 @@ async def test_read_back_rows_held_stay_bounded_when_the_walk_is_cut_too(
 
     monkeypatch.setattr(evaluator, "_evaluate", recording_evaluate)
     monkeypatch.setattr(geofence_events, "_read_back", recording_read_back)
-    assert await evaluator.sweep() == 10 * 30
-    for trip in trips:  # exactly once, in order: this holds
-        assert await _events_of(db, trip) == [
-            ("enter" if k % 2 == 0 else "exit", start + timedelta(seconds=k)) for k in range(30)
-        ]
-    bound = 2 * geofence_events.READ_BACK_MAX
-    assert max(held) <= bound, f"rows held per transaction: {held}"
+    assert await evaluator.sweep() == 10 * 31
+    for trip in trips:
+        assert await _events_of(db, trip) == _crossings(start, 31)
+    assert max(held) <= 2 * geofence_events.READ_BACK_MAX, f"rows held: {held}"
+
+
+async def test_the_read_back_records_are_not_held_during_the_walk(evaluator_of, db, monkeypatch):
+    """The rows read back (asyncpg Records, up to 2 x READ_BACK_MAX) are copied into tuples
+    for the walk, and not held during it (before: twice the rows the bound says, while the
+    org rows stay locked)."""
+    _scaled_down(monkeypatch)
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "a", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    rows = [await _catching_up(db, "a", trip, start, now) for trip in ("t0", "t1")]
+
+    class Held(list):  # type: ignore[type-arg]
+        pass
+
+    refs: list[weakref.ref[Held]] = []
+    read_back = geofence_events._read_back
+
+    async def tracked(conn, keys, lo, hi):  # type: ignore[no-untyped-def]
+        out, done = await read_back(conn, keys, lo, hi)
+        held = Held(out)
+        del out
+        refs.append(weakref.ref(held))
+        return held, done
+
+    alive_in_walk: list[bool] = []
+    walk = geofence_events._walk
+
+    def tracked_walk(*args):  # type: ignore[no-untyped-def]
+        alive_in_walk.append(any(r() is not None for r in refs))
+        return walk(*args)
+
+    monkeypatch.setattr(geofence_events, "_read_back", tracked)
+    monkeypatch.setattr(geofence_events, "_walk", tracked_walk)
+    evaluator = evaluator_of(waited=True)
+    assert await evaluator.evaluate(rows) == 2 * 31
+    assert alive_in_walk and not any(alive_in_walk), "read-back Records held during the walk"
+
+
+# One org catching up (or flooding) and another org's live trip in the same flush: the live
+# trip's event waits for at most one transaction of it, wherever it is in the flush, whatever
+# cut the transaction (the read-back bound, the events bound or both); a's own events are
+# stored once each, in time order.
+
+
+async def _one_flush(db, evaluator_of, monkeypatch, order: str, a_trips: int, b_other=False):
+    """Org a's ``a_trips`` trips catching up and org b's live trip, in the flush in
+    ``order`` ("b first", "b last" or "b second"); with ``b_other``, first a trip of b
+    with one ping to read back. Evaluates the flush: the transactions b's event waited."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "a", now - timedelta(hours=3))
+    await circle_of(db, "b", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    flush_at = start + timedelta(seconds=30)
+    a = [await _catching_up(db, "a", f"trip_{i}", start, now) for i in range(a_trips)]
+    b = await _live(db, "b", "live", flush_at, now)
+    rows = {"b first": [b, *a], "b last": [*a, b], "b second": [a[0], b, *a[1:]]}[order]
+    if b_other:
+        await db.execute(_PING, "other", "b", *FAR, flush_at - timedelta(seconds=1))
+        rows.insert(0, await _live(db, "b", "other", flush_at, now))
+    evaluator = evaluator_of(waited=True)
+    per_transaction = _recording(evaluator, monkeypatch)
+    assert await evaluator.evaluate(rows) == 1 + b_other + a_trips * 31
+    assert len(per_transaction) >= 3  # the bounds did cut
+    assert await _events_of(db, "live") == [("enter", flush_at)]
+    for i in range(a_trips):
+        assert await _events_of(db, f"trip_{i}") == _crossings(start, 31)
+    return _waited(per_transaction, ("b", "live"))
+
+
+async def test_a_read_back_cut_holds_another_orgs_live_trip_for_one_transaction(
+    evaluator_of, db, monkeypatch
+):
+    """b's trip first in the flush; before, the read-back followed the sorted trips, so b,
+    sorting after a, was deferred in every transaction until all of a's catch-up was read."""
+    _scaled_down(monkeypatch)
+    assert await _one_flush(db, evaluator_of, monkeypatch, "b first", 6) == 0
+
+
+async def test_a_read_back_cut_holds_a_later_orgs_live_trip_for_one_transaction(
+    evaluator_of, db, monkeypatch
+):
+    """b's trip last (requests arrive in any order; an older flush of a's catch-up is chained
+    before b's): deferred, it goes first in the next transaction, b having been given no
+    rows (before: behind a's remaining trips in every transaction, in the 5th of 5)."""
+    _scaled_down(monkeypatch)
+    assert await _one_flush(db, evaluator_of, monkeypatch, "b last", 10) <= 1
+
+
+async def test_a_live_trip_of_an_org_that_read_back_a_ping_waits_one_transaction(
+    evaluator_of, db, monkeypatch
+):
+    """b's other trip read back one ping in the first transaction (another pod's flush not
+    evaluated yet: the usual case), a sixty: b's deferred trip goes first in the next
+    (before: any row read put b with a, and its event was stored in the third)."""
+    _scaled_down(monkeypatch)
+    assert await _one_flush(db, evaluator_of, monkeypatch, "b last", 10, b_other=True) <= 1
+
+
+async def test_a_read_back_cut_and_a_walk_cut_hold_another_orgs_live_trip_for_one(
+    evaluator_of, db, monkeypatch
+):
+    """The first transaction is cut by the read-back bound after b's trip and by the events
+    bound in a's first trip: b's trip, read but not walked, goes first in the next (before:
+    after the trips the read-back deferred, deferred again there, stored in the third)."""
+    _scaled_down(monkeypatch, events=10)
+    assert await _one_flush(db, evaluator_of, monkeypatch, "b second", 10) <= 1
+
+
+async def test_a_walk_cut_over_several_trips_holds_a_later_orgs_live_trip_for_one(
+    evaluator_of, db, monkeypatch
+):
+    """No read-back cut, the events bound cuts each transaction in one of a's three trips:
+    b's trip, given no work, goes first in the next (before: the flush's order, so it waited
+    behind every one of a's trips, stored in the 4th transaction)."""
+    monkeypatch.setattr(geofence_events, "EVENTS_PER_TRANSACTION", 10)
+    assert await _one_flush(db, evaluator_of, monkeypatch, "b last", 3) <= 1
