@@ -708,11 +708,14 @@ class GeofenceEvaluator(CommitBacklog):
             gap_lo.append(_us(lo))
             gap_hi.append(_us(hi))
         rest: dict[tuple[str, str], list[Record]] = {}
-        work: dict[str, int] = dict.fromkeys(orgs, 0)  # rows read back and pings walked
+        # How much of each bound that can cut this transaction each org took, and which cut.
+        took: dict[str, dict[str, float]] = {"read_back": {}, "events": {}, "time": {}}
+        cut_by: set[str] = set()
         if gap_keys:
             gap, read = await _read_back(conn, gap_keys, gap_lo, gap_hi)
             if read < len(gap_keys):
                 metrics.GEOFENCE_CUTS.labels("read_back").inc()
+                cut_by.add("read_back")
                 for key in gap_keys[read:]:
                     del pings[key]
                     swept_lo.pop(key, None)
@@ -728,7 +731,8 @@ class GeofenceEvaluator(CommitBacklog):
                 del gap  # (its records are copied: not held twice during the walk)
                 for key, recs in before.items():
                     recs.sort(key=_TS_OF)  # read newest first (the newest GAP_MAX_PINGS)
-                    work[key[0]] += len(recs)
+                    rows = took["read_back"]
+                    rows[key[0]] = rows.get(key[0], 0) + len(recs)
                     recs += pings[key]
                     pings[key] = recs
                 del before
@@ -756,10 +760,13 @@ class GeofenceEvaluator(CommitBacklog):
                 continue
             fences = sets[org]
             walked = 0
-            if evaluated and time.perf_counter() > walk_until:
+            started = time.perf_counter()
+            if evaluated and started > walk_until:
                 metrics.GEOFENCE_CUTS.labels("time").inc()
+                cut_by.add("time")
                 cut = (key, by_trip[key])
                 continue
+            events_before = len(events)
             while walked < len(recs):
                 # At least one ping per transaction: it makes at most one event per fence.
                 room = EVENTS_PER_TRANSACTION - len(events)
@@ -771,15 +778,19 @@ class GeofenceEvaluator(CommitBacklog):
                 walked += n
                 if n < len(chunk):
                     metrics.GEOFENCE_CUTS.labels("events").inc()
+                    cut_by.add("events")
                     break
                 await time_slice.check()
                 if walked < len(recs) and time.perf_counter() > walk_until:
                     metrics.GEOFENCE_CUTS.labels("time").inc()
+                    cut_by.add("time")
                     break
+            spent, made_events = took["time"], took["events"]
+            spent[org] = spent.get(org, 0) + time.perf_counter() - started
+            made_events[org] = made_events.get(org, 0) + len(events) - events_before
             if walked < len(recs):
                 cut = (key, by_trip[key])  # its state moves on: what is left is read back
             evaluated += walked
-            work[org] += walked
             if walked:
                 updates[0].append(org)
                 updates[1].append(trip)
@@ -788,11 +799,17 @@ class GeofenceEvaluator(CommitBacklog):
         if cut is not None:
             rest[cut[0]] = cut[1]
         if len(rest) > 1:
-            # Orgs given the least work in this transaction first: another org's trip waits
-            # for one transaction of each org flooding or catching up, wherever it is in the
-            # flush, whatever cut it. In an org: the trips not read back, those not walked,
-            # then the one cut short.
-            rest = dict(sorted(rest.items(), key=lambda item: work[item[0][0]]))
+            # The org that took most of each bound that cut (on a tie, the one cut short) goes
+            # last in the next: another org's trip waits for one transaction of each org
+            # flooding or catching up, wherever it is in the flush. The sort is stable: in an
+            # org, the trips not read back, those not walked, then the one cut short.
+            cut_org = cut[0][0] if cut is not None else None
+            last = {
+                max(took[b], key=lambda org: (took[b][org], org == cut_org))
+                for b in cut_by
+                if took[b]
+            }
+            rest = dict(sorted(rest.items(), key=lambda item: item[0][0] in last))
         metrics.GEOFENCE_EVALUATED.inc(evaluated)
         return events, updates, rest
 

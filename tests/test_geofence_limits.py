@@ -514,3 +514,61 @@ async def test_a_walk_cut_over_several_trips_holds_a_later_orgs_live_trip_for_on
     behind every one of a's trips, stored in the 4th transaction)."""
     monkeypatch.setattr(geofence_events, "EVENTS_PER_TRANSACTION", 10)
     assert await _one_flush(db, evaluator_of, monkeypatch, "b last", 3) <= 1
+
+
+async def _flooding(db, org: str, trip: str, start: datetime, now: datetime, n: int) -> list:
+    """A trip of ``org`` whose ``n`` flushed pings go in and out of the circle (one event
+    each), none to read back: its flush rows."""
+    await db.execute(_STATE, org, trip, start - timedelta(minutes=1), now)
+    rows = []
+    for k in range(n):
+        lat, lon = INSIDE if k % 2 == 0 else FAR
+        at = start + timedelta(seconds=k)
+        await db.execute(_PING, trip, org, lat, lon, at)
+        rows.append((trip, "drv_1", org, lat, lon, None, None, None, None, at, None))
+    return rows
+
+
+async def test_a_trip_read_back_and_not_walked_waits_for_one_transaction_of_a_flood(
+    evaluator_of, db, monkeypatch
+):
+    """Org f floods (one event per transaction, scaled down: it walks one ping in each); org
+    s's trip after it reads back 2 pings and is not walked. f, having made the events that
+    cut, goes last: s's event is in the second transaction (before, when orgs were ordered
+    by rows read plus pings walked, s's 2 rows put it after f's 1 ping every time: it
+    waited for all 20 of f's transactions)."""
+    monkeypatch.setattr(geofence_events, "EVENTS_PER_TRANSACTION", 1)
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "f", now - timedelta(hours=3))
+    await circle_of(db, "s", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    rows = await _flooding(db, "f", "flood", start, now, 20)
+    rows.append(await _catching_up(db, "s", "slow", start, now, n=2))
+    evaluator = evaluator_of(waited=True)
+    per_transaction = _recording(evaluator, monkeypatch)
+    assert await evaluator.evaluate(rows) == 20 + 3
+    assert await _events_of(db, "flood") == _crossings(start, 20)
+    assert await _events_of(db, "slow") == _crossings(start, 3)
+    assert _waited(per_transaction, ("s", "slow")) <= 1
+
+
+async def test_an_orgs_trip_waits_for_one_transaction_of_a_flood_cutting_on_a_tie(
+    evaluator_of, db, monkeypatch
+):
+    """Org g's first trip makes one event, org f's flood one and cuts (scaled down to 2
+    events); g's second trip, last, is not walked. On the tie the org cut short goes last:
+    g's second event is in the second transaction (before: g's 2 rows of work against f's 1
+    ping put f first again, and g waited for two of f's transactions)."""
+    monkeypatch.setattr(geofence_events, "EVENTS_PER_TRANSACTION", 2)
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "f", now - timedelta(hours=3))
+    await circle_of(db, "g", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    g1 = await _catching_up(db, "g", "one", start, now, n=1)
+    flood = await _flooding(db, "f", "flood", start, now, 8)
+    g2 = await _live(db, "g", "two", start, now)
+    evaluator = evaluator_of(waited=True)
+    per_transaction = _recording(evaluator, monkeypatch)
+    assert await evaluator.evaluate([g1, *flood, g2]) == 1 + 8 + 1
+    assert await _events_of(db, "flood") == _crossings(start, 8)
+    assert _waited(per_transaction, ("g", "two")) <= 1
