@@ -679,8 +679,8 @@ class GeofenceEvaluator(CommitBacklog):
         gap_hi: list[int] = []
         state_of = {(org, trip): (at, was) for org, trip, at, was in states}
         del states
-        # In the flush's order, as the walk below: trips deferred by the read-back bound go
-        # first in the next transaction, so another org's live trip waits for one of them.
+        # In the flush's order, as the walk below (the end says in which order what is left
+        # goes on).
         for key in by_trip:
             if key not in state_of:
                 continue
@@ -710,6 +710,7 @@ class GeofenceEvaluator(CommitBacklog):
         rest: dict[tuple[str, str], list[Record]] = {}
         # How much of each bound that can cut this transaction each org took, and which cut.
         took: dict[str, dict[str, float]] = {"read_back": {}, "events": {}, "time": {}}
+        read_of, made_of, spent_of = took["read_back"], took["events"], took["time"]
         cut_by: set[str] = set()
         if gap_keys:
             gap, read = await _read_back(conn, gap_keys, gap_lo, gap_hi)
@@ -731,8 +732,7 @@ class GeofenceEvaluator(CommitBacklog):
                 del gap  # (its records are copied: not held twice during the walk)
                 for key, recs in before.items():
                     recs.sort(key=_TS_OF)  # read newest first (the newest GAP_MAX_PINGS)
-                    rows = took["read_back"]
-                    rows[key[0]] = rows.get(key[0], 0) + len(recs)
+                    read_of[key[0]] = read_of.get(key[0], 0) + len(recs)
                     recs += pings[key]
                     pings[key] = recs
                 del before
@@ -785,9 +785,8 @@ class GeofenceEvaluator(CommitBacklog):
                     metrics.GEOFENCE_CUTS.labels("time").inc()
                     cut_by.add("time")
                     break
-            spent, made_events = took["time"], took["events"]
-            spent[org] = spent.get(org, 0) + time.perf_counter() - started
-            made_events[org] = made_events.get(org, 0) + len(events) - events_before
+            spent_of[org] = spent_of.get(org, 0) + time.perf_counter() - started
+            made_of[org] = made_of.get(org, 0) + len(events) - events_before
             if walked < len(recs):
                 cut = (key, by_trip[key])  # its state moves on: what is left is read back
             evaluated += walked
