@@ -324,6 +324,17 @@ async def _live(db, org: str, trip: str, at: datetime, now: datetime) -> tuple[o
     return _row(trip, org, at)
 
 
+async def _an_outage(db, trips: int) -> tuple[datetime, list[str]]:
+    """Org b's circle and ``trips`` trips catching up (see above): their start, their ids."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    await circle_of(db, "b", now - timedelta(hours=3))
+    start = now - timedelta(minutes=10)
+    ids = [f"trip_{i}" for i in range(trips)]
+    for trip in ids:
+        await _catching_up(db, "b", trip, start, now)
+    return start, ids
+
+
 def _recording(evaluator: GeofenceEvaluator, monkeypatch) -> list[set[tuple[str, str]]]:
     """The (org, trip) of each transaction's events, in commit order."""
     per_transaction: list[set[tuple[str, str]]] = []
@@ -346,18 +357,13 @@ async def test_a_sweep_after_an_outage_reads_back_in_bounded_transactions(
     evaluator_of, db, monkeypatch
 ):
     """Six trips whose last 31 pings no evaluation took. The sweep reads them back at most
-    READ_BACK_MAX pings per transaction, the other trips in the next ones; every trip's 30
+    READ_BACK_MAX pings per transaction, the other trips in the next ones; every trip's 31
     events are stored once, in time order (before: all 186 pings in one read, of up to
     500 x 10,000 pings in production)."""
     _scaled_down(monkeypatch)
     cuts = metrics.GEOFENCE_CUTS.labels("read_back")
     cuts_before = cuts._value.get()
-    now = datetime.now(UTC).replace(microsecond=0)
-    await circle_of(db, "b", now - timedelta(hours=3))
-    start = now - timedelta(minutes=10)
-    trips = [f"trip_{i}" for i in range(6)]
-    for trip in trips:
-        await _catching_up(db, "b", trip, start, now)
+    start, trips = await _an_outage(db, 6)
     evaluator = evaluator_of(waited=True)
     assert await evaluator.sweep() == 6 * 31
     assert cuts._value.get() - cuts_before >= 2
@@ -372,12 +378,7 @@ async def test_rows_held_stay_bounded_when_the_walk_is_cut_too(evaluator_of, db,
     2 x READ_BACK_MAX (before: carried over, 60, 110, 160, 210, 260 rows: in production the
     whole catch-up)."""
     _scaled_down(monkeypatch, events=10)
-    now = datetime.now(UTC).replace(microsecond=0)
-    await circle_of(db, "b", now - timedelta(hours=3))
-    start = now - timedelta(minutes=10)
-    trips = [f"trip_{i}" for i in range(10)]
-    for trip in trips:
-        await _catching_up(db, "b", trip, start, now)
+    start, trips = await _an_outage(db, 10)
     evaluator = evaluator_of(waited=True)
     held: list[int] = []  # rows per transaction: carried in + read back
     read_back = geofence_events._read_back
