@@ -715,7 +715,6 @@ class GeofenceEvaluator(CommitBacklog):
         if gap_keys:
             gap, read = await _read_back(conn, gap_keys, gap_lo, gap_hi)
             if read < len(gap_keys):
-                metrics.GEOFENCE_CUTS.labels("read_back").inc()
                 cut_by.add("read_back")
                 for key in gap_keys[read:]:
                     del pings[key]
@@ -737,7 +736,7 @@ class GeofenceEvaluator(CommitBacklog):
                     pings[key] = recs
                 del before
         events: list[Event] = []
-        cut: tuple[tuple[str, str], list[Record]] | None = None
+        cut: tuple[str, str] | None = None  # the trip cut short (it goes on as given)
         evaluated = 0
         time_slice = _TimeSlice()
         walk_until = time.perf_counter() + _TRANSACTION_WALK_S
@@ -762,9 +761,8 @@ class GeofenceEvaluator(CommitBacklog):
             walked = 0
             started = time.perf_counter()
             if evaluated and started > walk_until:
-                metrics.GEOFENCE_CUTS.labels("time").inc()
                 cut_by.add("time")
-                cut = (key, by_trip[key])
+                cut = key
                 continue
             events_before = len(events)
             while walked < len(recs):
@@ -777,18 +775,16 @@ class GeofenceEvaluator(CommitBacklog):
                 events += found
                 walked += n
                 if n < len(chunk):
-                    metrics.GEOFENCE_CUTS.labels("events").inc()
                     cut_by.add("events")
                     break
                 await time_slice.check()
                 if walked < len(recs) and time.perf_counter() > walk_until:
-                    metrics.GEOFENCE_CUTS.labels("time").inc()
                     cut_by.add("time")
                     break
             spent_of[org] = spent_of.get(org, 0) + time.perf_counter() - started
             made_of[org] = made_of.get(org, 0) + len(events) - events_before
             if walked < len(recs):
-                cut = (key, by_trip[key])  # its state moves on: what is left is read back
+                cut = key  # its state moves on: what is left is read back
             evaluated += walked
             if walked:
                 updates[0].append(org)
@@ -796,13 +792,15 @@ class GeofenceEvaluator(CommitBacklog):
                 updates[2].append(_us(recs[walked - 1][TS]))
                 updates[3].append(" ".join(sorted(now_inside)))
         if cut is not None:
-            rest[cut[0]] = cut[1]
+            rest[cut] = by_trip[cut]
+        for reason in cut_by:  # (each at most once a transaction)
+            metrics.GEOFENCE_CUTS.labels(reason).inc()
         if len(rest) > 1:
             # The org that took most of each bound that cut (on a tie, the one cut short) goes
             # last in the next: another org's trip waits for one transaction of each org
             # flooding or catching up, wherever it is in the flush. The sort is stable: in an
             # org, the trips not read back, those not walked, then the one cut short.
-            cut_org = cut[0][0] if cut is not None else None
+            cut_org = cut[0] if cut is not None else None
             last = {
                 max(took[b], key=lambda org: (took[b][org], org == cut_org))
                 for b in cut_by
