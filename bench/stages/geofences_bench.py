@@ -30,6 +30,7 @@ import aiohttp
 
 from devtools.procs import Process
 from ingest.geofence_shapes import FenceIndex, parse_shape
+from ingest.geofences_api import VALIDATIONS_PER_ORG
 
 from ..context import Context
 from ..load import tokens
@@ -43,7 +44,9 @@ FENCE_SEED = 1  # the fences of stages/geofence_index.py
 TRACK_SEED = 2
 STEP_M = 10.0  # per ping: a truck at 10 m/s pinging every second
 DRIVERS = 1024
-CREATE_INFLIGHT = 4
+# As many as the pod validates at once for one org: more would be answered 503 geofence_busy.
+CREATE_INFLIGHT = VALIDATIONS_PER_ORG
+CREATE_ATTEMPTS = 5
 DRAIN_TIMEOUT_S = 120.0
 _TRUNCATE = 'TRUNCATE "GeofenceEvent", "GeofenceState", "Geofence", "GeofenceOrg"'
 
@@ -89,9 +92,16 @@ async def _create(
             body: dict[str, Any] = {"name": name, "geometry": geometry}
             if radius is not None:
                 body["radiusM"] = radius
-            async with gate, s.post(url + "/api/v1/geofences", json=body, headers=headers) as r:
-                if r.status != 201:
-                    raise RuntimeError(f"creating a fence: {r.status} {await r.text()}")
+            async with gate:
+                for _ in range(CREATE_ATTEMPTS):  # a 503 or 429 is retried as its Retry-After says
+                    async with s.post(url + "/api/v1/geofences", json=body, headers=headers) as r:
+                        if r.status == 201:
+                            return
+                        answer = f"{r.status} {await r.text()}"
+                        if r.status not in (429, 503):
+                            break
+                        await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+                raise RuntimeError(f"creating a fence: {answer}")
 
         await asyncio.gather(*(create(*g) for g in geometries))
     return time.monotonic() - started
