@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -19,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from .jwt_keys import MIN_SECRET_BYTES, InvalidKey, load_private_key, verification_key
-from .schema import Error, encoder
+from .schema import CONTROL_CHARS, Error, encoder, storable_id
 from .settings import Settings
 from .typedefs import VERIFIER
 
@@ -218,14 +219,23 @@ class Verifier:
         return verified
 
 
+_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
+
+
 def _principal(claims: dict[str, Any]) -> Principal:
     sub, role, org = claims.get("sub"), claims.get("role"), claims.get("org")
     if role not in ("driver", "dispatcher"):
         raise AuthError("invalid token: claim 'role' must be 'driver' or 'dispatcher'")
-    if not isinstance(sub, str) or not sub:
-        raise AuthError("invalid token: claim 'sub' must be a non-empty string")
-    if not isinstance(org, str) or not org:
-        raise AuthError("invalid token: claim 'org' must be a non-empty string")
+    # Both reach logs; the org is stored with every ping and keys every org-scoped row, so it
+    # is an id like the others (a NUL would fail the flush: a 500 for a signed token).
+    if not isinstance(sub, str) or not sub or _CONTROL.search(sub):
+        raise AuthError(
+            "invalid token: claim 'sub' must be a non-empty string without control characters"
+        )
+    if not isinstance(org, str) or not storable_id(org):
+        raise AuthError(
+            "invalid token: claim 'org' must be 1-64 characters without control characters"
+        )
     return Principal(sub=sub, role=role, org=org)
 
 
@@ -290,6 +300,7 @@ def issue_token(
 ) -> str:
     """Sign a token with the configured HS256 secret, or with ``key``, a PEM private key
     whose type (RSA or EC) chooses the algorithm (RS256 or ES256/384/512)."""
+    _principal({"sub": sub, "role": role, "org": org})  # never sign one the service refuses
     signing_key, alg = _signing_key(settings, key)
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "role": role, "org": org, "iat": now, "exp": now + ttl_s}

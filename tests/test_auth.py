@@ -126,8 +126,10 @@ BAD_TOKENS = [
         (signed(sub=None), 'invalid token: Token is missing the "sub" claim'),
         (signed(role=None), "invalid token: claim 'role' must be 'driver' or 'dispatcher'"),
         (signed(role="admin"), "invalid token: claim 'role' must be 'driver' or 'dispatcher'"),
-        (signed(org=None), "invalid token: claim 'org' must be a non-empty string"),
-        (signed(org=""), "invalid token: claim 'org' must be a non-empty string"),
+        *[(signed(org=org), "invalid token: claim 'org' must be 1-64 characters without control characters")
+          for org in (None, "", 7, "o\x00rg", "org\n", "o\x1frg", "o\x85rg", "o" * 65)],
+        *[(signed(sub=sub), "invalid token: claim 'sub' must be a non-empty string without control characters")
+          for sub in ("", "drv\x00", "drv\n", "d\x7frv")],
         (signed(nbf=int(time.time()) + 3600), "invalid token: The token is not yet valid (nbf)"),
 ]  # fmt: skip
 
@@ -307,6 +309,15 @@ def test_public_key_forms_and_bad_keys(rsa_key, ec_key):
     for bad in ("not a key", pem_public(ed25519.Ed25519PrivateKey.generate())):
         with pytest.raises(SettingsError, match="JWT_PUBLIC_KEY"):
             Verifier(load_settings({}, jwt_public_key=bad))
+
+
+def test_issue_token_never_signs_a_token_the_service_refuses():
+    s = load_settings({}, jwt_secret=SECRET)
+    for org in ("o\x00rg", "o" * 65, ""):
+        with pytest.raises(AuthError, match="claim 'org' must be 1-64 characters"):
+            issue_token(s, "drv_1", "driver", org)
+    with pytest.raises(AuthError, match="claim 'sub' must be"):
+        issue_token(s, "drv\n", "driver", "org_1")
 
 
 def test_issue_token_chooses_the_algorithm_from_the_key_type(rsa_key, ec_key):
