@@ -69,6 +69,7 @@ from .live import Live
 from .query import MAX_TIME
 from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LiveGeofence, StoredLocation
+from .sql_arrays import ids, numbers, split
 
 log = logging.getLogger("ingest.geofences")
 
@@ -119,14 +120,14 @@ FENCED_ORGS = 'SELECT "orgId" FROM "GeofenceOrg" WHERE "fences" > 0'
 # UPDATE), each in key order (no deadlock between pods). Locking a state row makes no new row
 # version (an upsert would: two versions per trip per flush, with the update after). A trip
 # with no state row yet is not returned: _MAKE_STATES makes it, outside the transaction.
-_LOCK = """
+_LOCK = f"""
 WITH o AS (
     SELECT "orgId", "version" FROM "GeofenceOrg"
     WHERE "orgId" = ANY($1::text[]) AND "fences" > 0
     ORDER BY "orgId" FOR SHARE
 ), s AS (
     SELECT "orgId", "tripId", "evaluatedTo", "inside" FROM "GeofenceState"
-    WHERE ("orgId", "tripId") IN (SELECT * FROM unnest($2::text[], $3::text[]))
+    WHERE ("orgId", "tripId") IN (SELECT * FROM unnest({split("$2")}, {split("$3")}))
     ORDER BY "orgId", "tripId" FOR UPDATE
 )
 SELECT "orgId", NULL AS "tripId", "version", NULL AS "evaluatedTo", NULL AS "inside" FROM o
@@ -138,9 +139,9 @@ _FENCES = """
 SELECT "id", "name", "geometry", "radiusM", "createdAt" FROM "Geofence"
 WHERE "orgId" = $1 AND "id" = ANY($2::text[])
 """
-_INSERT_STATES = """
+_INSERT_STATES = f"""
 INSERT INTO "GeofenceState" ("orgId", "tripId", "evaluatedTo", "inside")
-SELECT o, t, NULL, '{}' FROM unnest($1::text[], $2::text[]) AS u(o, t) ORDER BY o, t
+SELECT o, t, NULL, '{{}}' FROM unnest({split("$1")}, {split("$2")}) AS u(o, t) ORDER BY o, t
 ON CONFLICT ("orgId", "tripId") DO"""
 # A trip's first evaluation: its state row made, in autocommit, before the transaction that
 # locks it (sorted, holding no other lock: it waits at most for another pod's same insert).
@@ -161,7 +162,8 @@ RETURNING "orgId", "tripId", "evaluatedTo", "inside"
 # them). Times are epoch microseconds (int8): an array of them costs the client a fraction of
 # what timestamptz's encoding does.
 _GAP = f"""
-SELECT t.i, l.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])
+SELECT t.i, l.* FROM unnest(
+    {split("$1")}, {split("$2")}, {split("$3")}::int8[], {split("$4")}::int8[])
     WITH ORDINALITY AS t(org, trip, lo, hi, i)
 CROSS JOIN LATERAL (
     SELECT "driverId", "latitude", "longitude", "accuracy", "speed", "heading", "altitude",
@@ -199,7 +201,8 @@ WITH updated AS (
     UPDATE "GeofenceState" s
     SET "evaluatedTo" = {_US_SQL.format("u.us")}, "inside" = string_to_array(u.inside, ' '),
         "updatedAt" = now()
-    FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS u(o, t, us, inside)
+    FROM unnest({split("$1")}, {split("$2")}, {split("$3")}::int8[], $4::text[])
+        AS u(o, t, us, inside)
     WHERE s."orgId" = u.o AND s."tripId" = u.t
 )
 INSERT INTO "GeofenceEvent" ("orgId", "geofenceId", "timestamp", "tripId", "event", "driverId",
@@ -281,7 +284,9 @@ async def _read_back(
     each), as (index in ``keys``, row), and how many of ``keys`` they cover: all, unless
     more than READ_BACK_MAX were found; then trips in groups until that many are read."""
     orgs, trips = [o for o, _ in keys], [t for _, t in keys]
-    rows = await conn.fetch(_GAP, orgs, trips, lo, hi, GAP_MAX_PINGS, READ_BACK_MAX + 1)
+    rows = await conn.fetch(
+        _GAP, ids(orgs), ids(trips), numbers(lo), numbers(hi), GAP_MAX_PINGS, READ_BACK_MAX + 1
+    )
     if len(rows) <= READ_BACK_MAX:  # nearly always: a few or none
         return [(r[0] - 1, r) for r in rows], len(keys)
     del rows  # (the groups' rows replace them: at most 2 x READ_BACK_MAX held at once)
@@ -290,7 +295,10 @@ async def _read_back(
     done = 0
     while done < len(keys) and len(out) < READ_BACK_MAX:
         part = slice(done, done + step)
-        args = (orgs[part], trips[part], lo[part], hi[part], GAP_MAX_PINGS, READ_BACK_MAX)
+        args = (
+            ids(orgs[part]), ids(trips[part]), numbers(lo[part]), numbers(hi[part]),
+            GAP_MAX_PINGS, READ_BACK_MAX,
+        )  # fmt: skip
         out += [(done + r[0] - 1, r) for r in await conn.fetch(_GAP, *args)]
         done += len(orgs[part])
     return out, done
@@ -401,7 +409,9 @@ class CommitBacklog:
         updated within _SWEEP_WINDOW is found by the sweep."""
         keys = sorted(self._unmade)
         try:
-            await pool.execute(_REFRESH_STATES, [k[0] for k in keys], [k[1] for k in keys])
+            await pool.execute(
+                _REFRESH_STATES, ids([k[0] or "" for k in keys]), ids([k[1] for k in keys])
+            )
         except Exception as exc:  # kept, for the next turn
             log.warning("geofence_states_not_made", extra={"trips": len(keys), "error": repr(exc)})
             return
@@ -628,7 +638,8 @@ class GeofenceEvaluator(CommitBacklog):
                     events, updates, rest = await self._evaluate(conn, by_trip, made)
                     stored = await self._store(conn, events, updates)
             except _NoStates as new:  # rolled back: no lock held
-                await conn.execute(_MAKE_STATES, *zip(*new.keys, strict=True))
+                made_orgs, made_trips = ids([k[0] for k in new.keys]), ids([k[1] for k in new.keys])
+                await conn.execute(_MAKE_STATES, made_orgs, made_trips)
                 made = True
                 continue
             del events  # (only the stored ones are held while they are published)
@@ -655,7 +666,7 @@ class GeofenceEvaluator(CommitBacklog):
         versions: dict[str, int] = {}
         states: list[tuple[str, str, datetime | None, list[str]]] = []
         for org, trip, version, evaluated_to, was_inside in await conn.fetch(
-            _LOCK, orgs, [o for o, _ in keys], [t for _, t in keys]
+            _LOCK, orgs, ids([o for o, _ in keys]), ids([t for _, t in keys])
         ):
             if trip is None:
                 versions[org] = version
@@ -667,7 +678,9 @@ class GeofenceEvaluator(CommitBacklog):
             if new and not made:
                 raise _NoStates(new)
             if new:
-                states += await conn.fetch(_NEW_STATES, [o for o, _ in new], [t for _, t in new])
+                states += await conn.fetch(
+                    _NEW_STATES, ids([o for o, _ in new]), ids([t for _, t in new])
+                )
         sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
         pings: dict[tuple[str, str], list[Record]] = {}
         inside: dict[tuple[str, str], frozenset[str]] = {}
@@ -844,7 +857,9 @@ class GeofenceEvaluator(CommitBacklog):
                 p[SPEED], p[HEADING], p[ALT],
             ), strict=True):  # fmt: skip
                 col.append(value)
-        inserted = {tuple(r) for r in await conn.fetch(_UPDATE_AND_INSERT, *updates, *cols)}
+        orgs, trips, times, inside = updates
+        states = (ids(orgs), ids(trips), numbers(times), inside)
+        inserted = {tuple(r) for r in await conn.fetch(_UPDATE_AND_INSERT, *states, *cols)}
         stored = [
             e for e in events if (e.org, e.fence, e.ping[TS], e.ping[TRIP], e.kind) in inserted
         ]

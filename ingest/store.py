@@ -25,15 +25,16 @@ import asyncpg
 from .buffer import FlushBatch, Pending, Refused
 from .partitions import PARENT
 from .records import COLUMNS, ORG, TRIP, TS, Record
+from .sql_arrays import ids, split
 
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)
 # The flush's id (first row: the transaction id too), then the owner of every known trip.
-_OWNERS = """
+_OWNERS = f"""
 WITH flush AS (
     INSERT INTO "IngestFlush" ("id") VALUES ($3) RETURNING pg_current_xact_id()::xid::text
 ), owners AS (
     SELECT t."orgId", t."tripId", t."driverId" FROM "IngestTrip" t
-    WHERE (t."orgId", t."tripId") IN (SELECT * FROM unnest($1::text[], $2::text[]))
+    WHERE (t."orgId", t."tripId") IN (SELECT * FROM unnest({split("$1")}, {split("$2")}))
     FOR SHARE OF t
 )
 SELECT * FROM flush, (VALUES (NULL::text, NULL::text, NULL::text)) AS n
@@ -41,44 +42,46 @@ UNION ALL
 SELECT NULL, * FROM owners
 """
 # Serialises the trip starts of one driver across pods, so the daily limit holds.
-_LOCK_DRIVERS = """
+_LOCK_DRIVERS = f"""
 SELECT pg_advisory_xact_lock(hashtextextended(w.org || ':' || w.driver, 7))
-FROM unnest($1::text[], $2::text[]) AS w(org, driver)
+FROM unnest({split("$1")}, {split("$2")}) AS w(org, driver)
 """
-_TRIPS_STARTED = """
+_TRIPS_STARTED = f"""
 SELECT w.org, w.driver, count(t.*)::int
-FROM unnest($1::text[], $2::text[]) AS w(org, driver)
+FROM unnest({split("$1")}, {split("$2")}) AS w(org, driver)
 LEFT JOIN "IngestTrip" t ON t."orgId" = w.org AND t."driverId" = w.driver
      AND t."createdAt" > now() - interval '1 day'
 GROUP BY w.org, w.driver
 """
 # In key order: two pods claiming the same new trips then wait for each other in one order
 # (in arrival order, each could hold a trip the other waits for: a deadlock).
-_CLAIM_TRIPS = """
+_CLAIM_TRIPS = f"""
 INSERT INTO "IngestTrip" ("orgId", "tripId", "driverId")
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ORDER BY 1, 2
+SELECT * FROM unnest({split("$1")}, {split("$2")}, {split("$3")}) ORDER BY 1, 2
 ON CONFLICT DO NOTHING
 RETURNING "orgId", "tripId"
 """
-_UNCLAIM_TRIPS = """
-DELETE FROM "IngestTrip" WHERE ("orgId", "tripId") IN (SELECT * FROM unnest($1::text[], $2::text[]))
+_UNCLAIM_TRIPS = f"""
+DELETE FROM "IngestTrip"
+WHERE ("orgId", "tripId") IN (SELECT * FROM unnest({split("$1")}, {split("$2")}))
 """
 # Read in a statement of its own, so that it sees trips another pod committed meanwhile.
-_OWNERS_AGAIN = """
+_OWNERS_AGAIN = f"""
 SELECT t."orgId", t."tripId", t."driverId"
-FROM unnest($1::text[], $2::text[]) AS w(org, trip)
+FROM unnest({split("$1")}, {split("$2")}) AS w(org, trip)
 JOIN "IngestTrip" t ON t."orgId" = w.org AND t."tripId" = w.trip
 FOR SHARE OF t
 """
 # Of the batch ids of requests naming new trips, those stored before: such a request is a
 # replay, which claims no trip (nor one of its driver's trips a day).
-_STORED_BATCHES = """
+_STORED_BATCHES = f"""
 SELECT "orgId", "driverId", "batchId" FROM "IngestBatch"
-WHERE ("orgId", "driverId", "batchId") IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
+WHERE ("orgId", "driverId", "batchId") IN (
+    SELECT * FROM unnest({split("$1")}, {split("$2")}, {split("$3")}))
 """
-_CLAIM_BATCHES = """
+_CLAIM_BATCHES = f"""
 INSERT INTO "IngestBatch" ("orgId", "driverId", "batchId")
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+SELECT * FROM unnest({split("$1")}, {split("$2")}, {split("$3")})
 ON CONFLICT DO NOTHING
 RETURNING "orgId", "driverId", "batchId"
 """
@@ -128,7 +131,9 @@ async def _owners(
     posting to it, not in a replay, who has started fewer than ``trips_per_day`` trips in the
     last day; the trips claimed here; the replays seen among the requests naming new trips."""
     keys = list(dict.fromkeys((p.org, p.trip) for p in pending))
-    rows = await conn.fetch(_OWNERS, [k[0] for k in keys], [k[1] for k in keys], batch.flush_id)
+    rows = await conn.fetch(
+        _OWNERS, ids([k[0] for k in keys]), ids([k[1] for k in keys]), batch.flush_id
+    )
     owners: Owners = {}
     for r in rows:
         if r[1] is None:  # the flush's own row
@@ -145,11 +150,9 @@ async def _owners(
     if len(new) > 1:
         new = _repeats_last(pending, new)
     drivers = sorted({(p.org, p.driver_id) for p in new})  # sorted: pods lock in one order
-    await conn.execute(_LOCK_DRIVERS, [d[0] for d in drivers], [d[1] for d in drivers])
-    started = {
-        (r[0], r[1]): r[2]
-        for r in await conn.fetch(_TRIPS_STARTED, [d[0] for d in drivers], [d[1] for d in drivers])
-    }
+    orgs, driver_ids = ids([d[0] for d in drivers]), ids([d[1] for d in drivers])
+    await conn.execute(_LOCK_DRIVERS, orgs, driver_ids)
+    started = {(r[0], r[1]): r[2] for r in await conn.fetch(_TRIPS_STARTED, orgs, driver_ids)}
     claim: list[tuple[str, str, str]] = []
     claimed: set[tuple[str, str]] = set()
     for p in new:
@@ -163,13 +166,17 @@ async def _owners(
         won = {
             (r[0], r[1])
             for r in await conn.fetch(
-                _CLAIM_TRIPS, [c[0] for c in claim], [c[1] for c in claim], [c[2] for c in claim]
+                _CLAIM_TRIPS,
+                ids([c[0] for c in claim]),
+                ids([c[1] for c in claim]),
+                ids([c[2] for c in claim]),
             )
         }
         owners.update({(org, trip): driver for org, trip, driver in claim if (org, trip) in won})
         lost = [(org, trip) for org, trip, _ in claim if (org, trip) not in won]
         if lost:  # another pod started the same trip meanwhile: its driver owns it
-            for r in await conn.fetch(_OWNERS_AGAIN, [k[0] for k in lost], [k[1] for k in lost]):
+            lost_orgs, lost_trips = ids([k[0] for k in lost]), ids([k[1] for k in lost])
+            for r in await conn.fetch(_OWNERS_AGAIN, lost_orgs, lost_trips):
                 owners[(r[0], r[1])] = r[2]
     return owners, won, replays
 
@@ -200,9 +207,10 @@ async def _stored_batches(conn: asyncpg.Connection, pending: list[Pending]) -> s
     return {(r[0], r[1], r[2]) for r in await conn.fetch(_STORED_BATCHES, *_batch_keys(keyed))}
 
 
-def _batch_keys(keyed: list[Pending]) -> tuple[list[str], list[str], list[str | None]]:
-    """The orgs, drivers and batch ids of ``keyed``, as arrays for unnest()."""
-    return [p.org for p in keyed], [p.driver_id for p in keyed], [p.batch_id for p in keyed]
+def _batch_keys(keyed: list[Pending]) -> tuple[str, str, str]:
+    """The orgs, drivers and batch ids of ``keyed`` (all with a batch id), for unnest()."""
+    batch_ids = [p.batch_id or "" for p in keyed]
+    return ids([p.org for p in keyed]), ids([p.driver_id for p in keyed]), ids(batch_ids)
 
 
 def _allowed(
@@ -261,7 +269,9 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int
         if new_trips and (unused := new_trips - {(p.org, p.trip) for p in fresh}):
             # Trips only replays named: a replay stores nothing, so it starts no trip either
             # (it would own a trip with no ping, and use up one of the driver's trips a day).
-            await conn.execute(_UNCLAIM_TRIPS, [k[0] for k in unused], [k[1] for k in unused])
+            await conn.execute(
+                _UNCLAIM_TRIPS, ids([k[0] for k in unused]), ids([k[1] for k in unused])
+            )
             for key in unused:
                 del owners[key]
         if len(fresh) == len(batch.pending):

@@ -163,7 +163,7 @@ async def test_a_fence_change_waiting_for_an_evaluations_locks_is_a_503(
     await fence(client, org="org_a")
     evaluation = sessions[0]
     async with evaluation.transaction():
-        await evaluation.fetch(geofence_events._LOCK, ["org_a", "org_b"], [], [])
+        await evaluation.fetch(geofence_events._LOCK, ["org_a", "org_b"], "", "")
         started = time.monotonic()
         r = await client.post(
             FENCES, json={"name": "Yard", "geometry": SQUARE}, headers=dispatcher("org_b")

@@ -1,0 +1,36 @@
+"""Lists of ids as query parameters, one text each, split by PostgreSQL.
+
+asyncpg checks every element of an array parameter against collections.abc before encoding
+it (two isinstance calls through ABCMeta per text element): about 0.4 µs per id, 0.5 ms for
+the owner check and batch-id claim of a flush of 256 requests, on the event loop that takes
+the requests. Joined into one text, the same ids cost a C join and PostgreSQL's
+string_to_array.
+
+The separator is a control character, which no id holds: trip, driver, batch and device ids
+are schema.Ident, the org claim is checked as one (auth.py), fence ids are the service's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+SEP = "\x1f"  # the unit separator
+
+
+def split(param: str) -> str:
+    """SQL for the text[] that ``param`` (a placeholder such as $1, given ids()) holds."""
+    return f"string_to_array({param}, E'\\x1f')"
+
+
+def ids(values: Sequence[str]) -> str:
+    """``values`` as one parameter for split(). Raises ValueError on an empty id or one that
+    holds the separator: either would shift every id after it onto another row's."""
+    joined = SEP.join(values)
+    if values and (joined.count(SEP) != len(values) - 1 or "" in values):
+        raise ValueError("an id is empty or holds a control character")
+    return joined
+
+
+def numbers(values: Sequence[int]) -> str:
+    """Integers as one parameter for split(...)::int8[] (an int costs asyncpg one ABCMeta check)."""
+    return SEP.join(map(str, values))
