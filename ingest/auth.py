@@ -203,8 +203,13 @@ class Verifier:
         except jwt.PyJWTError as exc:  # InvalidKeyError is not an InvalidTokenError
             raise AuthError(f"invalid token: {exc}") from None
         principal = _principal(claims)
+        raw_exp = claims["exp"]
         try:
-            exp = float(claims["exp"])
+            # A JSON number: PyJWT takes a numeric string (or true) as well, and a string of
+            # 400 digits would become an exp of inf, a token that never expires.
+            if isinstance(raw_exp, bool) or not isinstance(raw_exp, int | float):
+                raise TypeError(raw_exp)
+            exp = float(raw_exp)
         except (TypeError, ValueError, OverflowError):
             raise AuthError("invalid token: claim 'exp' must be a number") from None
         return self._remember(token, principal, exp)
@@ -226,17 +231,28 @@ def _principal(claims: dict[str, Any]) -> Principal:
     sub, role, org = claims.get("sub"), claims.get("role"), claims.get("org")
     if role not in ("driver", "dispatcher"):
         raise AuthError("invalid token: claim 'role' must be 'driver' or 'dispatcher'")
-    # Both reach logs; the org is stored with every ping and keys every org-scoped row, so it
-    # is an id like the others (a NUL would fail the flush: a 500 for a signed token).
-    if not isinstance(sub, str) or not sub or _CONTROL.search(sub):
+    # Both reach logs, queries and Redis names; the org is stored with every ping and keys
+    # every org-scoped row, so it is an id like the others. A NUL, or a lone surrogate (JSON
+    # may escape one, and PyJWT's json reads it), fails the statement or command it is in: a
+    # 500 for a signed token.
+    if not isinstance(sub, str) or not sub or _CONTROL.search(sub) or not _utf8(sub):
         raise AuthError(
             "invalid token: claim 'sub' must be a non-empty string without control characters"
         )
-    if not isinstance(org, str) or not storable_id(org):
+    if not isinstance(org, str) or not storable_id(org) or not _utf8(org):
         raise AuthError(
             "invalid token: claim 'org' must be 1-64 characters without control characters"
         )
     return Principal(sub=sub, role=role, org=org)
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # With AUTH_DISABLED and no token: a dispatcher of the "dev" org, who may also post as anyone.
