@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from . import auth, metrics, trip_export
-from .query import INTEGER, MAX_TIME, MIN_TIME, BadQuery, parse_time
+from .query import INTEGER, MAX_TIME, MIN_TIME, BadQuery, parse_limit, parse_time
 from .reads import rows_readable, run_read
 from .responses import error, json_response
 from .schema import LatestLocation, LocationPage, StoredLocation, storable_id
@@ -106,12 +106,9 @@ async def history(request: web.Request) -> web.StreamResponse:
         start = parse_time(q["from"], "from") if q.get("from") else _MIN
         end = parse_time(q["to"], "to") if q.get("to") else _MAX
         after = decode_cursor(q["cursor"]) if q.get("cursor") else _MIN - timedelta(days=1)
-        limit = int(q.get("limit", DEFAULT_PAGE))
-        if not 1 <= limit <= MAX_PAGE:
-            raise BadQuery(f"limit: must be between 1 and {MAX_PAGE}")
-    except ValueError as exc:  # BadQuery, or int() of a non-number
-        detail = str(exc) if isinstance(exc, BadQuery) else "limit: must be an integer"
-        return error(400, "invalid_query", detail)
+        limit = parse_limit(q, DEFAULT_PAGE, MAX_PAGE)
+    except BadQuery as exc:
+        return error(400, "invalid_query", str(exc))
     if not storable_id(trip):
         return _not_found(trip)
     if fmt != "json":  # the whole trip (or from/to), streamed; limit and cursor do not apply

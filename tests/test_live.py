@@ -287,6 +287,23 @@ async def test_history_pages_across_a_month_boundary(client):
     assert unknown.status == 404
 
 
+async def test_history_limit_is_read_as_every_other_limit(client):
+    """ASCII digits from 1 to 5000 (the cold review found int() taking "1_0", "+5", " 5" and
+    full-width digits here, which nearby and the events refuse); an empty one is the default."""
+    await ping(client, batch(3))
+    url = "/api/v1/tracking/trips/trip_1/locations"
+    for bad in ("1_0", "+5", " 5", "\uff15", "0", "5001", "abc", "1.5", "9" * 5000):
+        resp = await client.get(url, params={"limit": bad}, headers=dispatcher())
+        assert resp.status == 400, bad
+        assert await resp.json() == {
+            "error": "invalid_query", "detail": "limit: must be an integer between 1 and 5000"
+        }  # fmt: skip
+    for good, count in (("2", 2), ("5000", 3), ("", 3)):
+        resp = await client.get(url, params={"limit": good}, headers=dispatcher())
+        assert resp.status == 200, good
+        assert len((await resp.json())["locations"]) == count
+
+
 async def test_history_reads_only_the_partitions_of_the_range(db):
     from ingest.read_api import _PAGE_SQL
 
