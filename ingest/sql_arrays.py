@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import asyncpg
+
 SEP = "\x1f"  # the unit separator
 
 
@@ -23,11 +25,13 @@ def split(param: str) -> str:
 
 
 def ids(values: Sequence[str]) -> str:
-    """``values`` as one parameter for split(). Raises ValueError on an empty id or one that
-    holds the separator: either would shift every id after it onto another row's."""
+    """``values`` as one parameter for split(). An empty id, or one that holds the separator,
+    would shift every id after it onto another row's: it raises asyncpg's DataError, as an
+    array element PostgreSQL cannot take does, so that a flush finds the request it came
+    from and refuses that one alone (flush.py), never a whole flush."""
     joined = SEP.join(values)
     if values and (joined.count(SEP) != len(values) - 1 or "" in values):
-        raise ValueError("an id is empty or holds a control character")
+        raise asyncpg.DataError("an id is empty or holds a control character")
     return joined
 
 
