@@ -3,9 +3,9 @@
 The service's own ``GeofenceEvaluator.evaluate`` (steps 1 to 5 of ingest/geofence_events.py:
 locks, read-back probe, the walk through the fence index, states and events stored, events
 published), on a database of its own and a Redis prefix of its own, fed flushes of the
-headline cell's shape: 256 trips x 20 pings (``--pings``), 1,024 trucks driving straight lines across the
-city of the geofence stage (``--step-m`` metres per ping), each trip in every fourth flush, as
-the wrk load sends them. The flush's rows are COPYed first, as the service commits them
+headline cell's shape: 256 trips x 20 pings (``--pings``) of 1,024 trucks driving straight
+lines across the city of the geofence stage (``--step-m`` metres per ping), each trip in every
+fourth flush, as the wrk load sends them. The flush's rows are COPYed first, as the service commits them
 before evaluating. Python's CPU (this process: the evaluator, asyncpg, redis-py) and the CPU
 of the PostgreSQL backends serving the database are read around each ``evaluate`` call and
 given per trip and per ping. ``--profile`` adds cProfile's top functions.
@@ -98,8 +98,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     name = f"ingest_geofence_eval_{uuid.uuid4().hex[:8]}"
     prefix = f"gfeval{os.getpid()}:"
     conn = await migrated_database(args.database_url, name)
-    s = load_settings({}, database_url=with_database(args.database_url, name),
-                      redis_url=args.redis_url, redis_prefix=prefix, jwt_secret="x" * 32)  # fmt: skip
+    s = load_settings(
+        {}, database_url=with_database(args.database_url, name), redis_url=args.redis_url,
+        redis_prefix=prefix, jwt_secret="x" * 32,
+    )  # fmt: skip
     pool = redis = None
     try:
         start = datetime.now(UTC) + timedelta(seconds=5)  # after every fence's creation
@@ -169,8 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     res = asyncio.run(run(args))
     print(
-        f"{args.fences} {args.layout} fences, {args.step_m:g} m per ping, {TRIPS} trips x {args.pings}"
-        f" pings per flush, {res['flushes']} flushes: Python {res['python_us_per_trip']} us"
+        f"{args.fences} {args.layout} fences, {args.step_m:g} m per ping, {TRIPS} trips x"
+        f" {args.pings} pings per flush, {res['flushes']} flushes: Python {res['python_us_per_trip']} us"
         f" per trip ({res['python_us_per_ping']} per ping), PostgreSQL"
         f" {res['postgres_us_per_trip']} us per trip ({res['postgres_us_per_ping']} per ping),"
         f" {res['events_per_1k_pings']} events per 1,000 pings"
