@@ -5,8 +5,8 @@ locks, read-back probe, the walk through the fence index, states and events stor
 published), on a database of its own and a Redis prefix of its own, fed flushes of the
 headline cell's shape: 256 trips x 20 pings (``--pings``) of 1,024 trucks driving straight
 lines across the city of the geofence stage (``--step-m`` metres per ping), each trip in every
-fourth flush, as the wrk load sends them. The flush's rows are COPYed first, as the service commits them
-before evaluating. Python's CPU (this process: the evaluator, asyncpg, redis-py) and the CPU
+fourth flush, as the wrk load sends them. The flush's rows are COPYed first, as the service
+commits them before evaluating. Python's CPU (this process: the evaluator, asyncpg, redis-py) and the CPU
 of the PostgreSQL backends serving the database are read around each ``evaluate`` call and
 given per trip and per ping. ``--profile`` adds cProfile's top functions.
 
@@ -172,8 +172,9 @@ def main() -> None:
     res = asyncio.run(run(args))
     print(
         f"{args.fences} {args.layout} fences, {args.step_m:g} m per ping, {TRIPS} trips x"
-        f" {args.pings} pings per flush, {res['flushes']} flushes: Python {res['python_us_per_trip']} us"
-        f" per trip ({res['python_us_per_ping']} per ping), PostgreSQL"
+        f" {args.pings} pings per flush, {res['flushes']} flushes:"
+        f" Python {res['python_us_per_trip']} us per trip ({res['python_us_per_ping']} per ping),"
+        f" PostgreSQL"
         f" {res['postgres_us_per_trip']} us per trip ({res['postgres_us_per_ping']} per ping),"
         f" {res['events_per_1k_pings']} events per 1,000 pings"
     )
