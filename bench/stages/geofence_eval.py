@@ -6,9 +6,9 @@ published), on a database of its own and a Redis prefix of its own, fed flushes 
 headline cell's shape: 256 trips x 20 pings (``--pings``) of 1,024 trucks driving straight
 lines across the city of the geofence stage (``--step-m`` metres per ping), each trip in every
 fourth flush, as the wrk load sends them. The flush's rows are COPYed first, as the service
-commits them before evaluating. Python's CPU (this process: the evaluator, asyncpg, redis-py) and the CPU
-of the PostgreSQL backends serving the database are read around each ``evaluate`` call and
-given per trip and per ping. ``--profile`` adds cProfile's top functions.
+commits them before evaluating. Python's CPU (this process: the evaluator, asyncpg, redis-py)
+and the CPU of the PostgreSQL backends serving the database are read around each ``evaluate``
+call and given per trip and per ping. ``--profile`` adds cProfile's top functions.
 
     .venv/bin/python -m bench.stages.geofence_eval [--flushes 60] [--layout city|sites]
         [--step-m 10] [--pings 20] [--fences 1000] [--profile]
