@@ -11,14 +11,12 @@ batch-id claim and the geofence evaluator.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
 
-from ingest.typedefs import GEOFENCES
-
 from .conftest import auth, batch, in_one_flush, iso, now_ms, post_ping
+from .test_geofences import INSIDE, OUTSIDE, SQUARE, settled
 
 # Valid ids (1-64 characters, no control character) that an array literal, an escape string,
 # string_to_array's NULL handling or a lookalike of the separator would read specially.
@@ -100,25 +98,6 @@ async def test_tricky_ids_of_two_orgs_in_one_flush_stay_on_their_own_rows(
     assert (B, "new_trip", "NULL", "\\x1f") in stored
 
 
-LAT0, LON0 = 12.97, 77.59
-SQUARE = {
-    "type": "Polygon",
-    "coordinates": [[
-        [LON0 - 0.01, LAT0 - 0.01], [LON0 + 0.01, LAT0 - 0.01], [LON0 + 0.01, LAT0 + 0.01],
-        [LON0 - 0.01, LAT0 + 0.01], [LON0 - 0.01, LAT0 - 0.01],
-    ]],
-}  # fmt: skip
-
-
-async def settled(client: Any) -> None:
-    evaluator = client.server.app[GEOFENCES]
-    for _ in range(250):
-        if not evaluator.pending:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("geofence evaluation never settled")
-
-
 async def test_geofence_states_and_events_of_tricky_trip_ids_stay_with_their_org(
     client: Any, db: asyncpg.Connection
 ) -> None:
@@ -131,11 +110,10 @@ async def test_geofence_states_and_events_of_tricky_trip_ids_stay_with_their_org
         assert r.status == 201, await r.text()
         fences[org] = (await r.json())["id"]
     start = now_ms(1)
-    inside, outside = (LAT0, LON0), (LAT0 - 0.05, LON0)
     posts, expected = [], set()
     for i, ident in enumerate(TRICKY):
         # Org A's trip goes in and stays; org B's same trip id goes in and out again.
-        for org, points in ((A, [outside, inside]), (B, [outside, inside, outside])):
+        for org, points in ((A, [OUTSIDE, INSIDE]), (B, [OUTSIDE, INSIDE, OUTSIDE])):
             body = {
                 "tripId": ident, "driverId": "drv", "batchId": f"{org}-{i}",
                 "locations": [
