@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -20,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from .jwt_keys import MIN_SECRET_BYTES, InvalidKey, load_private_key, verification_key
-from .schema import CONTROL_CHARS, Error, encoder, storable_id
+from .schema import CONTROL, Error, encoder, storable_id, utf8
 from .settings import Settings
 from .typedefs import VERIFIER
 
@@ -224,9 +223,6 @@ class Verifier:
         return verified
 
 
-_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
-
-
 def _principal(claims: dict[str, Any]) -> Principal:
     sub, role, org = claims.get("sub"), claims.get("role"), claims.get("org")
     if role not in ("driver", "dispatcher"):
@@ -235,24 +231,15 @@ def _principal(claims: dict[str, Any]) -> Principal:
     # every org-scoped row, so it is an id like the others. A NUL, or a lone surrogate (JSON
     # may escape one, and PyJWT's json reads it), fails the statement or command it is in: a
     # 500 for a signed token.
-    if not isinstance(sub, str) or not sub or _CONTROL.search(sub) or not _utf8(sub):
+    if not isinstance(sub, str) or not sub or CONTROL.search(sub) or not utf8(sub):
         raise AuthError(
             "invalid token: claim 'sub' must be a non-empty string without control characters"
         )
-    if not isinstance(org, str) or not storable_id(org) or not _utf8(org):
+    if not isinstance(org, str) or not storable_id(org) or not utf8(org):
         raise AuthError(
             "invalid token: claim 'org' must be 1-64 characters without control characters"
         )
     return Principal(sub=sub, role=role, org=org)
-
-
-def _utf8(text: str) -> bool:
-    """Whether ``text`` can be encoded as UTF-8 (it holds no lone surrogate)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # With AUTH_DISABLED and no token: a dispatcher of the "dev" org, who may also post as anyone.

@@ -16,6 +16,19 @@ CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"  # as a regex character range
 NO_CONTROL = f"^[^{CONTROL_CHARS}]+(?!\\n)$"
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_CONTROL)]
 _IDENT = re.compile(f"[^{CONTROL_CHARS}]{{1,64}}")
+CONTROL = re.compile(f"[{CONTROL_CHARS}]")  # one control character, anywhere
+
+
+def utf8(value: str) -> bool:
+    """Whether ``value`` encodes to UTF-8: a lone surrogate (a JSON escape such as "\\ud800",
+    or a header's bytes that are not UTF-8) does not, and PostgreSQL and Redis cannot take it."""
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def storable_id(value: str) -> bool:

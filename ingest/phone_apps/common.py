@@ -19,7 +19,7 @@ from aiohttp import web
 from ..auth import DEV_PRINCIPAL, Principal
 from ..body import read_body as decoded_body
 from ..responses import error, retry_later
-from ..schema import CONTROL_CHARS, Location, PingBatch, Rejected
+from ..schema import CONTROL, Location, PingBatch, Rejected, utf8
 from ..submit import Submitted, submit
 from ..typedefs import SETTINGS
 
@@ -32,7 +32,6 @@ KMH = 1 / 3.6  # m/s in one km/h
 _INT32_MAX = 2_147_483_647
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-_CONTROL = re.compile(f"[{CONTROL_CHARS}]")  # the rule of schema.Ident
 _DECIMAL = re.compile(r"([+-]?)([0-9]*)(?:\.([0-9]*))?")  # epoch seconds or ms, as text
 
 
@@ -53,13 +52,10 @@ def ident(value: str, field: str, strip: bool = True) -> str:
     "drv_1", the driver the native endpoint keeps it apart from."""
     if strip:
         value = value.strip()
-    if not 1 <= len(value) <= 64 or _CONTROL.search(value):
+    if not 1 <= len(value) <= 64 or CONTROL.search(value):
         raise FormatError(f"{field}: must be 1-64 characters, without control characters")
-    if not value.isascii():  # a header's bytes that are not UTF-8 arrive as lone surrogates
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise FormatError(f"{field}: must be valid UTF-8") from None
+    if not utf8(value):  # a header's bytes that are not UTF-8 arrive as lone surrogates
+        raise FormatError(f"{field}: must be valid UTF-8")
     return value
 
 
