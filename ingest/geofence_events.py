@@ -69,7 +69,7 @@ from .live import Live
 from .query import MAX_TIME
 from .records import ACC, ALT, DRIVER, HEADING, LAT, LON, ORG, SPEED, TRIP, TS, Record
 from .schema import LiveGeofence, StoredLocation
-from .sql_arrays import ids, numbers, split
+from .sql_arrays import columns, ids, numbers, split
 
 log = logging.getLogger("ingest.geofences")
 
@@ -409,9 +409,7 @@ class CommitBacklog:
         updated within _SWEEP_WINDOW is found by the sweep."""
         keys = sorted(self._unmade)
         try:
-            await pool.execute(
-                _REFRESH_STATES, ids([k[0] or "" for k in keys]), ids([k[1] for k in keys])
-            )
+            await pool.execute(_REFRESH_STATES, *columns([(o or "", t) for o, t in keys], 2))
         except Exception as exc:  # kept, for the next turn
             log.warning("geofence_states_not_made", extra={"trips": len(keys), "error": repr(exc)})
             return
@@ -638,8 +636,7 @@ class GeofenceEvaluator(CommitBacklog):
                     events, updates, rest = await self._evaluate(conn, by_trip, made)
                     stored = await self._store(conn, events, updates)
             except _NoStates as new:  # rolled back: no lock held
-                made_orgs, made_trips = ids([k[0] for k in new.keys]), ids([k[1] for k in new.keys])
-                await conn.execute(_MAKE_STATES, made_orgs, made_trips)
+                await conn.execute(_MAKE_STATES, *columns(new.keys, 2))
                 made = True
                 continue
             del events  # (only the stored ones are held while they are published)
@@ -666,7 +663,7 @@ class GeofenceEvaluator(CommitBacklog):
         versions: dict[str, int] = {}
         states: list[tuple[str, str, datetime | None, list[str]]] = []
         for org, trip, version, evaluated_to, was_inside in await conn.fetch(
-            _LOCK, orgs, ids([o for o, _ in keys]), ids([t for _, t in keys])
+            _LOCK, orgs, *columns(keys, 2)
         ):
             if trip is None:
                 versions[org] = version
@@ -678,9 +675,7 @@ class GeofenceEvaluator(CommitBacklog):
             if new and not made:
                 raise _NoStates(new)
             if new:
-                states += await conn.fetch(
-                    _NEW_STATES, ids([o for o, _ in new]), ids([t for _, t in new])
-                )
+                states += await conn.fetch(_NEW_STATES, *columns(new, 2))
         sets = {org: await self._fence_set(conn, org, v) for org, v in versions.items()}
         pings: dict[tuple[str, str], list[Record]] = {}
         inside: dict[tuple[str, str], frozenset[str]] = {}

@@ -35,6 +35,11 @@ def ids(values: Sequence[str]) -> str:
     return joined
 
 
+def columns(rows: Sequence[Sequence[str]], width: int) -> tuple[str, ...]:
+    """Each of the ``width`` columns of ``rows`` (tuples of ids) as one parameter: ids()."""
+    return tuple(ids([row[i] for row in rows]) for i in range(width))
+
+
 def numbers(values: Sequence[int]) -> str:
     """Integers as one parameter for split(...)::int8[] (an int costs asyncpg one ABCMeta check)."""
     return SEP.join(map(str, values))

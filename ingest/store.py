@@ -25,7 +25,7 @@ import asyncpg
 from .buffer import FlushBatch, Pending, Refused
 from .partitions import PARENT
 from .records import COLUMNS, ORG, TRIP, TS, Record
-from .sql_arrays import ids, split
+from .sql_arrays import columns, ids, split
 
 _COLS = ", ".join(f'"{c}"' for c in COLUMNS)
 # The flush's id (first row: the transaction id too), then the owner of every known trip.
@@ -131,9 +131,7 @@ async def _owners(
     posting to it, not in a replay, who has started fewer than ``trips_per_day`` trips in the
     last day; the trips claimed here; the replays seen among the requests naming new trips."""
     keys = list(dict.fromkeys((p.org, p.trip) for p in pending))
-    rows = await conn.fetch(
-        _OWNERS, ids([k[0] for k in keys]), ids([k[1] for k in keys]), batch.flush_id
-    )
+    rows = await conn.fetch(_OWNERS, *columns(keys, 2), batch.flush_id)
     owners: Owners = {}
     for r in rows:
         if r[1] is None:  # the flush's own row
@@ -150,9 +148,9 @@ async def _owners(
     if len(new) > 1:
         new = _repeats_last(pending, new)
     drivers = sorted({(p.org, p.driver_id) for p in new})  # sorted: pods lock in one order
-    orgs, driver_ids = ids([d[0] for d in drivers]), ids([d[1] for d in drivers])
-    await conn.execute(_LOCK_DRIVERS, orgs, driver_ids)
-    started = {(r[0], r[1]): r[2] for r in await conn.fetch(_TRIPS_STARTED, orgs, driver_ids)}
+    driver_keys = columns(drivers, 2)
+    await conn.execute(_LOCK_DRIVERS, *driver_keys)
+    started = {(r[0], r[1]): r[2] for r in await conn.fetch(_TRIPS_STARTED, *driver_keys)}
     claim: list[tuple[str, str, str]] = []
     claimed: set[tuple[str, str]] = set()
     for p in new:
@@ -163,20 +161,11 @@ async def _owners(
             claim.append((p.org, p.trip, p.driver_id))
     won: set[tuple[str, str]] = set()
     if claim:
-        won = {
-            (r[0], r[1])
-            for r in await conn.fetch(
-                _CLAIM_TRIPS,
-                ids([c[0] for c in claim]),
-                ids([c[1] for c in claim]),
-                ids([c[2] for c in claim]),
-            )
-        }
+        won = {(r[0], r[1]) for r in await conn.fetch(_CLAIM_TRIPS, *columns(claim, 3))}
         owners.update({(org, trip): driver for org, trip, driver in claim if (org, trip) in won})
         lost = [(org, trip) for org, trip, _ in claim if (org, trip) not in won]
         if lost:  # another pod started the same trip meanwhile: its driver owns it
-            lost_orgs, lost_trips = ids([k[0] for k in lost]), ids([k[1] for k in lost])
-            for r in await conn.fetch(_OWNERS_AGAIN, lost_orgs, lost_trips):
+            for r in await conn.fetch(_OWNERS_AGAIN, *columns(lost, 2)):
                 owners[(r[0], r[1])] = r[2]
     return owners, won, replays
 
@@ -269,9 +258,7 @@ async def commit(conn: asyncpg.Connection, batch: FlushBatch, trips_per_day: int
         if new_trips and (unused := new_trips - {(p.org, p.trip) for p in fresh}):
             # Trips only replays named: a replay stores nothing, so it starts no trip either
             # (it would own a trip with no ping, and use up one of the driver's trips a day).
-            await conn.execute(
-                _UNCLAIM_TRIPS, ids([k[0] for k in unused]), ids([k[1] for k in unused])
-            )
+            await conn.execute(_UNCLAIM_TRIPS, *columns(list(unused), 2))
             for key in unused:
                 del owners[key]
         if len(fresh) == len(batch.pending):
