@@ -28,11 +28,11 @@ import statistics
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from devtools.procs import cpu_seconds
 from ingest import partitions
 from ingest.geofence_events import GeofenceEvaluator
 from ingest.geofence_shapes import parse_shape, vertices
@@ -47,18 +47,10 @@ from .geofences_bench import FENCE_SEED, TRACK_SEED
 
 TRIPS, TRUCKS = 256, 1024
 ORG = "org_bench"
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICKS
+    return sum(cpu_seconds(pids).values())
 
 
 async def _fences(conn: asyncpg.Connection, count: int, layout: str) -> None:
