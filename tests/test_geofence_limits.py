@@ -289,6 +289,64 @@ async def test_a_dropped_flush_of_a_trip_evaluated_long_ago_is_swept(evaluator_o
     assert await db.fetchval('SELECT "geofenceId" FROM "GeofenceEvent"') == fid
 
 
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+async def test_the_sweep_probes_each_trip_and_reads_the_fences_once(evaluator_of, db):
+    """An org of 200 fences and 300 trips with 40 pings each in their settle time (stored,
+    not evaluated yet) after 20 evaluated, as under load, and one trip with a ping no
+    evaluation took. The sweep
+    finds only that trip, and its statement reads each fence once and each trip's pings by
+    its index (before: the oldest fence was looked up per stored ping, and every stored ping
+    hash-joined: 86 s per sweep at 1,024 trips x 450 pings x 1,000 fences, every 2 s)."""
+    now = datetime.now(UTC).replace(microsecond=0)  # (stored times are in milliseconds)
+    fences = 200
+    geometry = json.dumps({"type": "Point", "coordinates": [LON0, LAT0]})
+    await db.executemany(_FENCE, [
+        ("b", f"gf_{i}", geometry, now - timedelta(hours=1)) for i in range(fences)
+    ])  # fmt: skip
+    await db.execute(_ORG, "b")
+    evaluated_to = now - timedelta(minutes=5)
+    trips = [f"busy_{i}" for i in range(300)]
+    await db.executemany(_STATE, [("b", t, evaluated_to, now) for t in [*trips, "dropped"]])
+    # Each trip: 20 pings evaluated a while ago, then 40 in their settle time (stored, not
+    # evaluated yet).
+    await db.copy_records_to_table(
+        "TripLocation",
+        columns=["tripId", "driverId", "orgId", "latitude", "longitude", "timestamp", "createdAt"],
+        records=[
+            (t, "drv_1", "b", *FAR, evaluated_to + timedelta(seconds=k), now - timedelta(seconds=10 * (k < 1)))
+            for t in trips
+            for k in range(-19, 41)
+        ],
+    )  # fmt: skip
+    await db.execute(_PING, "dropped", "b", *INSIDE, evaluated_to + timedelta(seconds=1))
+    await db.execute('ANALYZE "Geofence", "GeofenceState", "TripLocation"')
+    window = timedelta(seconds=3)
+    args = (["b"], geofence_events._SWEEP_WINDOW, window, geofence_events._SWEEP_MAX_TRIPS)
+    assert [tuple(r) for r in await db.fetch(geofence_events._UNEVALUATED, *args)] == [
+        ("b", "dropped")
+    ]
+    plan = json.loads(
+        await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + geofence_events._UNEVALUATED, *args)
+    )[0]["Plan"]
+    nodes = _plan_nodes(plan)
+    fence_rows = sum(
+        n["Actual Rows"] * n["Actual Loops"] for n in nodes if n.get("Relation Name") == "Geofence"
+    )
+    assert fence_rows <= fences, f"the fences were read {fence_rows / fences:.0f} times"
+    # (Empty partitions, months ahead, may be scanned: nothing to read.)
+    scanned = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+        for n in nodes
+        if n["Node Type"] == "Seq Scan" and n.get("Relation Name", "").startswith("TripLocation")
+    )
+    assert scanned == 0, f"{scanned} stored pings scanned"
+    evaluator = evaluator_of(waited=True)
+    assert await evaluator.sweep() == 200  # one enter per circle, on the dropped trip only
+
+
 def _scaled_down(monkeypatch, events: int | None = None) -> None:
     """The read-back bounds scaled down: 50 pings per trip, about 60 per transaction."""
     monkeypatch.setattr(geofence_events, "GAP_MAX_PINGS", 50)
