@@ -92,6 +92,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         " FLUSH_CONCURRENCY=2; repeatable",
     )
     p.add_argument(
+        "--geofence-pairs",
+        type=int,
+        metavar="N",
+        help="geofence rounds 0, 1000, 0, ... with N rounds of 1000 fences, in each layout"
+        " (default: the plan's); more pairs narrow the confidence interval of the ratio",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="with --quick: also profile the service (default and --full always do)",
@@ -117,6 +124,9 @@ async def _main(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(
             plan, cells=tuple(Cell(k, int(b), int(c), *rest) for k, b, c, *rest in cells)
         )
+    if args.geofence_pairs:
+        rounds = (0, 1000) * args.geofence_pairs + (0,)
+        plan = dataclasses.replace(plan, geofence_rounds=rounds, geofence_site_rounds=rounds)
     settings = dict(s.split("=", 1) for s in args.set)
     only = set(filter(None, args.only.split(",")))
     if unknown := only - set(STAGES):
@@ -196,7 +206,8 @@ async def _stages(
             )
             ctx.say(
                 f"geofences ({layout}): 1000 ÷ 0 fences, stored pings/s: {g['ratio_pps']}"
-                f" (pairs {g['pair_ratios']})"
+                f" (pairs {g['pair_ratios']}; bracketed {g['bracketed_ratios']},"
+                f" 95% interval {g['interval']})"
             )
     if "storage" in stages:
         ctx.say(f"storage: {plan.storage_rows:,} rows per fill, before and after migration 005")

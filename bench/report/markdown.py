@@ -253,4 +253,14 @@ def _geofences(gf: dict[str, Any]) -> list[str]:
     L += ["", f"Means: {means}. Stored pings/s with {gf['fences']} fences ÷ with none:"
           f" {_f(gf['ratio_pps'], '{:.0%}')} (each 1000 round ÷ the 0 round before it:"
           f" {', '.join(f'{x:.0%}' for x in gf['pair_ratios'])})."]  # fmt: skip
+    if iv := gf.get("interval"):
+        verdict = (
+            "measurably slower"
+            if iv["measurably_slower"]
+            else f"not measurably slower at this resolution (±{iv['half_width']:.1%})"
+        )
+        L += ["", f"Each 1000 round ÷ the mean of the 0 rounds either side of it:"
+              f" {', '.join(f'{x:.1%}' for x in gf['bracketed_ratios'])}; geometric mean"
+              f" {iv['ratio']:.1%}, 95% interval {iv['low']:.1%} to {iv['high']:.1%}"
+              f" ({iv['n']} rounds): {verdict}."]  # fmt: skip
     return L

@@ -33,7 +33,9 @@ def write(ctx: Context, out: Path, res: dict[str, Any]) -> None:
                              for r in nb["cases"]]  # fmt: skip
     for key in ("geofences", "geofences_sites"):
         if gf := res.get(key):
-            summary[key] = {k: gf.get(k) for k in ("by_fences", "ratio_pps", "pair_ratios")}
+            summary[key] = {
+                k: gf.get(k) for k in ("by_fences", "ratio_pps", "pair_ratios", "interval")
+            }
     if st := res.get("storage"):
         summary["storage"] = st["results"]
     print(json.dumps(summary, indent=1))

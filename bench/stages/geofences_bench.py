@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import statistics
 import time
@@ -191,8 +192,8 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def _compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means per fence count, their ratio, and the ratio of each 1000 round to the 0 round
-    just before it (how much the ratio moves from pair to pair: the noise)."""
+    """Means per fence count, their ratio, the ratio of each 1000 round to the 0 round just
+    before it, and the bracketed ratios with their confidence interval (see _interval)."""
 
     def mean(fences: int, key: str) -> float | None:
         vals = [r[key] for r in rows if r["fences"] == fences and r[key] is not None]
@@ -209,4 +210,48 @@ def _compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     base, fenced = by.get("0", {}).get("stored_pps"), by.get(str(FENCES), {}).get("stored_pps")
     ratio = round(fenced / base, 3) if base and fenced else None
-    return {"by_fences": by, "ratio_pps": ratio, "pair_ratios": pairs}
+    bracketed = _bracketed(rows)
+    return {"by_fences": by, "ratio_pps": ratio, "pair_ratios": pairs,
+            "bracketed_ratios": [round(x, 3) for x in bracketed],
+            "interval": _interval(bracketed)}  # fmt: skip
+
+
+def _bracketed(rows: list[dict[str, Any]]) -> list[float]:
+    """Each fenced round's stored pings/s over the mean of the unfenced rounds on either side
+    of it (the one before, for a last round): a drift of the machine over the three rounds
+    cancels out, where the ratio to the round before would take it for the fences' cost."""
+    out = []
+    for i, r in enumerate(rows):
+        if not r["fences"] or not r["stored_pps"]:
+            continue
+        near = [
+            rows[j]["stored_pps"]
+            for j in (i - 1, i + 1)
+            if 0 <= j < len(rows) and not rows[j]["fences"] and rows[j]["stored_pps"]
+        ]
+        if near:
+            out.append(r["stored_pps"] / statistics.fmean(near))
+    return out
+
+
+# Student's t, two-sided 95%, by degrees of freedom (beyond the table: the normal's 1.96).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+        20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def _interval(ratios: list[float]) -> dict[str, Any] | None:
+    """The geometric mean of ``ratios`` and its 95% confidence interval (t over their logs):
+    the fences slow ingest measurably when the interval lies wholly below 1; it lies around
+    1, within +-``half_width``, when they do not at this resolution."""
+    if len(ratios) < 2:
+        return None
+    logs = [math.log(x) for x in ratios]
+    df = len(logs) - 1
+    t = _T95.get(df) or next((v for k, v in sorted(_T95.items()) if k >= df), 1.96)
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    mid = statistics.fmean(logs)
+    low, high = math.exp(mid - half), math.exp(mid + half)
+    return {"n": len(logs), "ratio": round(math.exp(mid), 4), "low": round(low, 4),
+            "high": round(high, 4), "half_width": round((high - low) / 2, 4),
+            "measurably_slower": high < 1.0}  # fmt: skip
