@@ -9,7 +9,6 @@ data's shape (months of partitions, NULL evaluated times, generic plans, many or
 
 from __future__ import annotations
 
-import json
 import random
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -19,15 +18,16 @@ from ingest import geofence_events, partitions
 from . import test_geofence_limits
 from .test_geofence_limits import (
     _FENCE,
+    _GEOMETRY,
     _ORG,
     _PING,
     _STATE,
     FAR,
     INSIDE,
-    _plan_nodes,
+    _plan,
+    _rows_read,
     circle_of,
 )
-from .test_geofences import LAT0, LON0
 
 evaluator_of = test_geofence_limits.evaluator_of  # the fixture, used here too
 
@@ -45,7 +45,6 @@ ORDER BY s."orgId", s."tripId" LIMIT $4
 """
 _NEW = geofence_events._UNEVALUATED
 _SETTLE = timedelta(seconds=3)
-_GEOMETRY = json.dumps({"type": "Point", "coordinates": [LON0, LAT0]})
 _PING_AT = """
 INSERT INTO "TripLocation" ("tripId", "driverId", "orgId", "latitude", "longitude", "timestamp",
     "createdAt")
@@ -62,20 +61,6 @@ async def _found(
 ) -> list[tuple]:
     args = (orgs, geofence_events._SWEEP_WINDOW, settle, limit)
     return [tuple(r) for r in await db.fetch(statement, *args)]
-
-
-async def _plan(db, statement: str, *args: Any) -> list[dict[str, Any]]:
-    text = await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, *args)
-    return _plan_nodes(json.loads(text)[0]["Plan"])
-
-
-def _rows_read(nodes: list[dict[str, Any]], relation: str) -> float:
-    """Rows the plan's scans of ``relation`` returned or filtered out, over all loops."""
-    return sum(
-        (n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)) * n.get("Actual Loops", 0)
-        for n in nodes
-        if n.get("Relation Name") == relation
-    )
 
 
 def _months_back(now: datetime, n: int) -> list[date]:
