@@ -11,6 +11,12 @@ HEADLINE = (20, 256)  # batch, connections: the cell the targets are stated for
 LIMITS = ("pipeline", "decode", "copy")
 
 
+def bracketed_rounds(pairs: int) -> tuple[int, ...]:
+    """Fences of each geofence round: ``pairs`` rounds of 1000, each between two rounds of 0
+    (geofences_bench._bracketed)."""
+    return (0, 1000) * pairs + (0,)
+
+
 @dataclass(frozen=True)
 class Plan:
     name: str
@@ -28,10 +34,9 @@ class Plan:
     nearby_ref_s: float = 3.0  # each in-process Redis reference case
     nearby_during_s: float = 5.0  # nearby while ingest runs; 0: not measured
     # Fences of each geofence round, in order (--quick runs the stage only with --only).
-    # Each 1000 round sits between two 0 rounds (geofences_bench._bracketed).
-    geofence_rounds: tuple[int, ...] = (0, 1000) * 3 + (0,)
+    geofence_rounds: tuple[int, ...] = bracketed_rounds(3)
     # ... and with the fences of depots and customers' sites (load/city.py LAYOUTS).
-    geofence_site_rounds: tuple[int, ...] = (0, 1000) * 2 + (0,)
+    geofence_site_rounds: tuple[int, ...] = bracketed_rounds(2)
     storage_rows: int = 200_000  # rows per fill of the storage stage
 
 
@@ -64,5 +69,5 @@ def full() -> Plan:
         cells.append(Cell("copy", b, 1))
     return Plan("full", tuple(cells), 10, 2.0, 10.0, (1000, 10_000), 4.0,
                 ("frame", "send_str", "encode"), 60.0, 10.0, nearby_s=10.0, nearby_ref_s=5.0,
-                nearby_during_s=10.0, geofence_rounds=(0, 1000) * 5 + (0,),
-                geofence_site_rounds=(0, 1000) * 3 + (0,))  # fmt: skip
+                nearby_during_s=10.0, geofence_rounds=bracketed_rounds(5),
+                geofence_site_rounds=bracketed_rounds(3))  # fmt: skip

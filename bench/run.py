@@ -125,7 +125,7 @@ async def _main(args: argparse.Namespace) -> int:
             plan, cells=tuple(Cell(k, int(b), int(c), *rest) for k, b, c, *rest in cells)
         )
     if args.geofence_pairs:
-        rounds = (0, 1000) * args.geofence_pairs + (0,)
+        rounds = plans.bracketed_rounds(args.geofence_pairs)
         plan = dataclasses.replace(plan, geofence_rounds=rounds, geofence_site_rounds=rounds)
     settings = dict(s.split("=", 1) for s in args.set)
     only = set(filter(None, args.only.split(",")))
